@@ -1,0 +1,83 @@
+import dataclasses
+
+import pytest
+import yaml
+
+from train.config import DataConfig, load_config, save_config
+from train.errors import ConfigError
+
+
+@dataclasses.dataclass
+class Optim:
+    lr: float = 3e-4
+    warmup: int = 200
+    schedule: str = "cosine"
+
+
+@dataclasses.dataclass
+class Stage:
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: Optim = dataclasses.field(default_factory=Optim)
+    targets: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "v_proj"])
+    init_from: str | None = None
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  lr: 1.0e-3\ndata:\n  max_tokens: 1024\n")
+    cfg = load_config(Stage, f, ["optim.lr=1e-4", "data.max_tokens=2048", "targets=[q_proj]", "init_from=x"])
+    assert cfg.optim.lr == pytest.approx(1e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.data.max_tokens == 2048 and cfg.targets == ["q_proj"] and cfg.init_from == "x"
+    assert cfg.optim.warmup == 200  # untouched default
+
+
+def test_int_and_exponent_strings_are_accepted_for_float(tmp_path):
+    assert load_config(Stage, None, ["optim.lr=1"]).optim.lr == 1.0
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  lr: 3e-4\n")  # YAML 1.1 parses this as the string '3e-4'
+    assert load_config(Stage, f).optim.lr == pytest.approx(3e-4)
+
+
+def test_unknown_key_names_it_and_lists_valid_keys(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(Stage, None, ["optim.lrr=1e-4"])
+    msg = str(e.value)
+    assert "optim.lrr" in msg and "optim.lr" in msg and "optim.warmup" in msg
+
+
+def test_unknown_key_in_file_names_the_file(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("dataa: {}\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown key dataa"):
+        load_config(Stage, f)
+
+
+@pytest.mark.parametrize("override,key,expected", [
+    ("data.max_tokens=lots", "data.max_tokens", "int"),
+    ("data.packing=3", "data.packing", "bool"),
+    ("optim.lr=true", "optim.lr", "float"),
+    ("targets=q_proj", "targets", "list[str]"),
+])
+def test_wrong_type_names_key_value_and_type(override, key, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(Stage, None, [override])
+    msg = str(e.value)
+    assert key in msg and expected in msg and override.split("=")[1] in msg.lower()
+
+
+def test_malformed_override_and_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(Stage, None, ["optim.lr"])
+    f = tmp_path / "broken.yaml"
+    f.write_text("optim: [\n")
+    with pytest.raises(ConfigError, match="broken.yaml: invalid YAML"):
+        load_config(Stage, f)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(Stage, tmp_path / "missing.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(Stage, None, ["optim.lr=5e-5", "data.packing=true"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["optim"]["lr"] == 5e-5
+    assert load_config(Stage, tmp_path / "config.yaml") == cfg

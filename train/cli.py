@@ -1,0 +1,95 @@
+"""Command line: `tdg <subcommand>` or `python -m train <subcommand>`.
+
+Errors a user can fix (bad input, bad config) are printed as one line without a traceback and
+exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from train.errors import TdgError
+
+EXIT_USER_ERROR = 2
+
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser(
+        "prepare", help="grade rationales and write a prepared data set",
+        description="Read rationales (TDG layout <root>/<subject>/*.jsonl with question/answer/generated_answer, "
+                    "or flat jsonl with id/question/rationale/gold[/subject][/label]), grade each final answer "
+                    "(last \\boxed{}) against the gold answer, and write parquet shards, stats.json and DONE.json "
+                    "to OUTPUT. Prints a per-subject table.",
+    )
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help="files or directories to read; directories are searched recursively for *.jsonl")
+    p.add_argument("--output", required=True, metavar="DIR",
+                   help="output directory; written to a temporary sibling and renamed when complete")
+    p.add_argument("--grader", choices=["math-verify", "hendrycks"], default="math-verify",
+                   help="answer equivalence: math-verify (symbolic, default) or hendrycks (the MATH paper's "
+                        "string normalisation)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="grading worker processes (default: number of CPUs)")
+    p.add_argument("--on-error", choices=["fail", "skip"], default="fail",
+                   help="bad input lines/files: fail (exit non-zero naming FILE:LINE) or skip and count them")
+    p.add_argument("--timeout", type=float, default=5.0,
+                   help="seconds one answer may take to grade; slower ones count as ungradable (negative)")
+    p.add_argument("--tokenizer", metavar="DIR", default=None,
+                   help="tokenizer directory for token-length percentiles (default: approximate by words+symbols)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo", help="run the pipeline on the embedded synthetic data (CPU, minutes)",
+        description="Generate the embedded synthetic arithmetic data set, train its tokenizer and prepare it. "
+                    "Every step is skipped when its output is complete, so rerunning resumes.",
+    )
+    p.add_argument("--output", default="demo_out", metavar="DIR", help="where every stage writes (default demo_out)")
+    p.add_argument("--questions", type=int, default=600, help="training questions to generate (8 rationales each)")
+    p.add_argument("--test-questions", type=int, default=150, help="held-out test questions to generate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="grading worker processes")
+    p.add_argument("--vocab-size", type=int, default=512, help="sentencepiece vocabulary size")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tdg", description="Distill reasoning from LLMs with negative data (NAT, NCE, ASC).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_prepare(sub)
+    _add_demo(sub)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "prepare":
+        from train.data.prepare import PrepareOptions, format_stats, prepare
+
+        stats = prepare(PrepareOptions(
+            inputs=args.input, output=args.output, grader=args.grader, workers=args.workers,
+            on_error=args.on_error, timeout=args.timeout, tokenizer=args.tokenizer, overwrite=args.overwrite,
+            show_progress=not args.no_progress))
+        if stats.get("skipped_existing"):
+            print(f"{args.output} is already prepared (DONE.json found); pass --overwrite to redo it")
+        print(format_stats(stats))
+        return 0
+    if args.command == "demo":
+        from train.stages.demo import DemoOptions, run_demo
+
+        run_demo(DemoOptions(output=args.output, questions=args.questions, test_questions=args.test_questions,
+                             seed=args.seed, workers=args.workers, vocab_size=args.vocab_size))
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except TdgError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR

@@ -1,0 +1,1 @@
+"""Data: readers for the TDG and flat layouts, graders, prepare, synthetic data, tokenizer, batching."""

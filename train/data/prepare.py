@@ -1,0 +1,170 @@
+"""`tdg prepare`: read rationales, grade their final answers, write a prepared data set.
+
+Output directory (written to a temporary sibling and renamed into place only when complete):
+    data-00000.parquet ...   one row per rationale (see SCHEMA), rows grouped by question
+    stats.json               per-subject counts and length percentiles, plus skip counts
+    DONE.json                inputs' hashes and the options used (written last)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from train.data.answers import last_boxed
+from train.data.grading import OK, grade_pairs
+from train.data.readers import Question, read_inputs
+from train.errors import InputError
+from train.manifest import file_digest, read_done, write_done
+
+SCHEMA = pa.schema([
+    ("id", pa.string()), ("qid", pa.string()), ("subject", pa.string()), ("level", pa.string()),
+    ("question", pa.string()), ("rationale", pa.string()), ("gold", pa.string()),
+    ("pred", pa.string()),  # extracted final answer; null when the rationale has no boxed answer
+    ("label", pa.string()),  # pos | neg
+    ("status", pa.string()),  # graded | given | no_boxed | timeout | error
+])
+ROWS_PER_SHARD = 50_000
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+@dataclass
+class PrepareOptions:
+    inputs: list[str]
+    output: str
+    grader: str = "math-verify"
+    workers: int = 2
+    on_error: str = "fail"  # fail | skip
+    timeout: float = 5.0  # seconds per answer before it counts as ungradable
+    tokenizer: str | None = None  # for token-length percentiles; else word/symbol counts
+    overwrite: bool = False
+    show_progress: bool = True
+
+
+def _grade(questions: list[Question], opts: PrepareOptions) -> list[dict]:
+    rows, pairs, to_grade = [], [], []
+    for q in questions:
+        for r in q.rationales:
+            pred = last_boxed(r.text)
+            row = {"id": r.id, "qid": q.qid, "subject": q.subject, "level": q.level, "question": q.question,
+                   "rationale": r.text, "gold": q.gold, "pred": pred}
+            if r.label is not None:
+                row.update(label=r.label, status="given")
+            elif pred is None:
+                row.update(label="neg", status="no_boxed")
+            else:
+                to_grade.append(len(rows))
+                pairs.append((q.gold, pred))
+            rows.append(row)
+    grades = grade_pairs(pairs, opts.grader, opts.workers, opts.timeout, show_progress=opts.show_progress)
+    for i, g in zip(to_grade, grades, strict=True):
+        rows[i].update(label="pos" if g.equal else "neg", status="graded" if g.status == OK else g.status)
+    return rows
+
+
+def _lengths(rows: list[dict], tokenizer: str | None) -> np.ndarray:
+    texts = [r["question"] + "\n" + r["rationale"] for r in rows]
+    if tokenizer is None:
+        return np.array([len(_WORD.findall(t)) for t in texts])
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+    return np.array([len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]])
+
+
+def compute_stats(rows: list[dict], lengths: np.ndarray, length_unit: str) -> dict:
+    by_subject: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(rows):
+        by_subject[r["subject"]].append(i)
+    table = {}
+    for subject in [*sorted(by_subject), "ALL"]:
+        idx = list(range(len(rows))) if subject == "ALL" else by_subject[subject]
+        labels_by_q: dict[str, set] = defaultdict(set)
+        status = Counter()
+        for i in idx:
+            labels_by_q[rows[i]["qid"]].add(rows[i]["label"])
+            status[rows[i]["status"]] += 1
+        lens = lengths[idx] if idx else np.zeros(1)
+        pos = sum(rows[i]["label"] == "pos" for i in idx)
+        table[subject] = {
+            "questions": len(labels_by_q), "rationales": len(idx), "positives": pos, "negatives": len(idx) - pos,
+            "no_boxed": status["no_boxed"], "ungradable": status["timeout"] + status["error"],
+            "q_no_pos": sum("pos" not in s for s in labels_by_q.values()),
+            "q_no_neg": sum("neg" not in s for s in labels_by_q.values()),
+            "len_p50": int(np.percentile(lens, 50)), "len_p90": int(np.percentile(lens, 90)),
+            "len_p99": int(np.percentile(lens, 99)), "len_max": int(lens.max()),
+        }
+    return {"subjects": table, "length_unit": length_unit}
+
+
+def format_stats(stats: dict) -> str:
+    cols = ["questions", "rationales", "positives", "negatives", "no_boxed", "ungradable", "q_no_pos",
+            "q_no_neg", "len_p50", "len_p90", "len_p99", "len_max"]
+    heads = ["subject", "quest", "rats", "pos", "neg", "no_box", "ungrad", "q_no_pos", "q_no_neg",
+             "p50", "p90", "p99", "max"]
+    names = list(stats["subjects"])
+    w0 = max(len(n) for n in [*names, "subject"])
+    lines = [f"{heads[0]:<{w0}} " + " ".join(f"{h:>8}" for h in heads[1:])]
+    for n in names:
+        s = stats["subjects"][n]
+        lines.append(f"{n:<{w0}} " + " ".join(f"{s[c]:>8}" for c in cols))
+    all_ = stats["subjects"]["ALL"]
+    frac = all_["positives"] / max(1, all_["rationales"])
+    lines.append(f"positive fraction {frac:.3f}; lengths in {stats['length_unit']}")
+    if stats.get("skipped"):
+        lines.append("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(stats["skipped"].items())))
+    return "\n".join(lines)
+
+
+def _write_shards(rows: list[dict], out: Path) -> list[str]:
+    names = []
+    for k, start in enumerate(range(0, max(1, len(rows)), ROWS_PER_SHARD)):
+        chunk = rows[start:start + ROWS_PER_SHARD]
+        table = pa.Table.from_pylist(chunk, schema=SCHEMA)
+        name = f"data-{k:05d}.parquet"
+        pq.write_table(table, out / name, row_group_size=4096, compression="zstd")
+        names.append(name)
+    return names
+
+
+def prepare(opts: PrepareOptions) -> dict:
+    """Run prepare; returns the stats dict. Raises InputError (fail mode) before writing anything."""
+    out = Path(opts.output)
+    if out.exists():
+        done = read_done(out)
+        if done is not None and not opts.overwrite:
+            return {"skipped_existing": True, **json.loads((out / "stats.json").read_text())}
+        if not opts.overwrite:
+            raise InputError(str(out), None, "output exists and is not a finished prepare run; "
+                             "pass --overwrite to replace it", "output_exists")
+    t0 = time.time()
+    result = read_inputs(opts.inputs, on_error=opts.on_error)
+    if not result.questions:
+        raise InputError(", ".join(opts.inputs), None, "no usable records in the input", "empty_input")
+    input_files_digest = {str(f): file_digest(f) for f in result.files}
+    rows = _grade(result.questions, opts)
+    lengths = _lengths(rows, opts.tokenizer)
+    stats = compute_stats(rows, lengths, "tokens" if opts.tokenizer else "words+symbols (approx. tokens)")
+    stats["skipped"] = dict(result.skipped)
+    stats["seconds"] = round(time.time() - t0, 2)
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shards = _write_shards(rows, tmp)
+    (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
+    options = {k: v for k, v in vars(opts).items() if k not in ("show_progress", "overwrite")}
+    write_done(tmp, config=options, inputs=input_files_digest, metrics={"shards": shards, **stats["subjects"]["ALL"]})
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return stats

@@ -1,0 +1,211 @@
+"""Readers for the two input layouts; every problem is reported as `FILE:LINE: what is wrong`.
+
+TDG layout: `<root>/<subject>/*.jsonl`, each line `{"question", "answer", "generated_answer": [...]}`
+where `answer` is a worked solution whose last `\\boxed{}` is the gold answer.
+Flat layout: `*.jsonl` lines `{"id", "question", "rationale", "gold"}` with optional `"subject"`
+and optional `"label"` (`pos`/`neg`/bool) that, when present, is used instead of grading.
+
+Each input line's layout is recognised by its fields, so a directory may mix both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from train.data.answers import last_boxed
+from train.errors import InputError
+
+_SUBJECT_DIR = re.compile(r"^(?:train|test|val)_[^_]+_(.+)_\d+$")
+
+
+@dataclass
+class Rationale:
+    id: str
+    text: str
+    label: str | None = None  # "pos"/"neg" when the input gave it; None means grade it
+
+
+@dataclass
+class Question:
+    qid: str
+    subject: str
+    question: str
+    gold: str
+    source: str  # FILE:LINE
+    rationales: list[Rationale] = field(default_factory=list)
+    level: str = ""
+
+
+def question_id(question: str) -> str:
+    """Stable id of a question: a hash of its text, so reruns and reorderings keep ids."""
+    return hashlib.sha1(question.encode("utf-8")).hexdigest()[:16]
+
+
+def subject_from_dir(name: str) -> str:
+    """`train_gpt3.5_algebra_8` -> `algebra`; any other directory name is used as it is."""
+    m = _SUBJECT_DIR.match(name)
+    return m.group(1) if m else name
+
+
+def gold_answer(answer: str) -> str:
+    """The gold final answer of a worked solution: its last boxed expression, else the whole text."""
+    boxed = last_boxed(answer)
+    return boxed if boxed is not None else answer.strip()
+
+
+def _natural_key(p: Path) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.as_posix())]
+
+
+def find_jsonl(path: Path) -> list[Path]:
+    """The jsonl files under `path` (itself if a file), in natural order (2.jsonl before 10.jsonl)."""
+    if path.is_file():
+        return [path]
+    if not path.exists():
+        raise InputError(str(path), None, "no such file or directory", "unreadable_file")
+    files = sorted((p for p in path.rglob("*.jsonl") if not p.is_dir()), key=_natural_key)
+    if not files:
+        raise InputError(str(path), None, "directory contains no .jsonl files", "no_jsonl_files")
+    return files
+
+
+def _need(rec: dict, key: str, types: type | tuple, where: tuple[str, int]) -> object:
+    if key not in rec:
+        raise InputError(where[0], where[1], f"missing field {key!r}", "missing_field")
+    value = rec[key]
+    if not isinstance(value, types) or isinstance(value, bool) and types is not bool:
+        names = types.__name__ if isinstance(types, type) else "/".join(t.__name__ for t in types)
+        raise InputError(
+            where[0], where[1], f"field {key!r} must be {names}, got {type(value).__name__}", "wrong_type"
+        )
+    return value
+
+
+def _parse_label(value: object, where: tuple[str, int]) -> str:
+    if value is True or value in ("pos", "positive", 1):
+        return "pos"
+    if value is False or value in ("neg", "negative", 0):
+        return "neg"
+    raise InputError(where[0], where[1], f"field 'label' must be pos/neg or a bool, got {value!r}", "wrong_type")
+
+
+def _parse_line(rec: object, subject: str, where: tuple[str, int]) -> Question:
+    if not isinstance(rec, dict):
+        raise InputError(where[0], where[1], "line is not a JSON object", "wrong_type")
+    source = f"{where[0]}:{where[1]}"
+    level = str(rec.get("level", ""))
+    if "generated_answer" in rec:
+        question = _need(rec, "question", str, where)
+        answer = _need(rec, "answer", str, where)
+        generated = _need(rec, "generated_answer", list, where)
+        if not generated:
+            raise InputError(where[0], where[1], "field 'generated_answer' is empty", "empty_generated_answer")
+        for i, r in enumerate(generated):
+            if not isinstance(r, str):
+                raise InputError(
+                    where[0], where[1], f"generated_answer[{i}] must be str, got {type(r).__name__}", "wrong_type"
+                )
+        q = Question(question_id(question), str(rec.get("subject", subject)), question, gold_answer(answer),
+                     source, level=level)
+        q.rationales = [Rationale("", r) for r in generated]
+        return q
+    if "rationale" in rec:
+        rid = _need(rec, "id", (str, int), where)
+        question = _need(rec, "question", str, where)
+        rationale = _need(rec, "rationale", str, where)
+        gold = _need(rec, "gold", str, where)
+        subj = _need(rec, "subject", str, where) if "subject" in rec else subject
+        label = _parse_label(rec["label"], where) if "label" in rec else None
+        q = Question(question_id(question), subj, question, gold_answer(gold), source, level=level)
+        q.rationales = [Rationale(str(rid), rationale, label)]
+        return q
+    raise InputError(
+        where[0], where[1],
+        "line has neither TDG fields (question, answer, generated_answer) "
+        "nor flat fields (id, question, rationale, gold)",
+        "missing_field",
+    )
+
+
+def _read_file(path: Path, subject: str) -> Iterator[Question | InputError]:
+    """Each non-blank line as a Question, or the InputError that says what is wrong with it."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InputError(str(path), None, f"cannot read: {e.strerror}", "unreadable_file") from None
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        where = (str(path), lineno)
+        try:
+            text = raw.decode("utf-8")
+            try:
+                rec = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise InputError(str(path), lineno, f"invalid JSON: {e.msg} at column {e.colno}",
+                                 "invalid_json") from None
+            yield _parse_line(rec, subject, where)
+        except UnicodeDecodeError as e:
+            yield InputError(str(path), lineno, f"not valid UTF-8 (byte {e.start})", "not_utf8")
+        except InputError as e:
+            yield e
+
+
+@dataclass
+class ReadResult:
+    questions: list[Question]
+    skipped: Counter  # reason -> count (only with on_error="skip")
+    files: list[Path]
+
+
+def read_inputs(paths: list[str | Path], on_error: str = "fail") -> ReadResult:
+    """Read every input; merge rationales of the same question; give rationales stable ids.
+
+    on_error="fail" raises the first InputError; "skip" drops the bad line or file and counts it.
+    """
+    by_qid: dict[str, Question] = {}
+    skipped: Counter = Counter()
+    files_read: list[Path] = []
+    seen_ids: dict[str, str] = {}
+
+    def fail_or_skip(err: InputError) -> None:
+        if on_error == "fail":
+            raise err
+        skipped[err.reason] += 1
+
+    for root in map(Path, paths):
+        try:
+            files = find_jsonl(root)
+        except InputError as e:
+            fail_or_skip(e)
+            continue
+        for f in files:
+            subject = subject_from_dir(f.parent.name) if root.is_dir() else "default"
+            try:
+                items = list(_read_file(f, subject))
+            except InputError as e:
+                fail_or_skip(e)
+                continue
+            files_read.append(f)
+            for q in items:
+                if isinstance(q, InputError):
+                    fail_or_skip(q)
+                    continue
+                merged = by_qid.setdefault(q.qid, Question(q.qid, q.subject, q.question, q.gold, q.source,
+                                                           level=q.level))
+                for r in q.rationales:
+                    r.id = r.id or f"{q.qid}-{len(merged.rationales)}"
+                    if r.id in seen_ids:
+                        path, line = q.source.rsplit(":", 1)
+                        fail_or_skip(InputError(path, int(line), f"duplicate id {r.id!r} (first at {seen_ids[r.id]})",
+                                                "duplicate_id"))
+                        continue
+                    seen_ids[r.id] = q.source
+                    merged.rationales.append(r)
+    return ReadResult(list(by_qid.values()), skipped, files_read)

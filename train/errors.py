@@ -1,0 +1,20 @@
+"""Errors a user can act on. The CLI prints them without a traceback."""
+
+from __future__ import annotations
+
+
+class TdgError(Exception):
+    """Base class: a message that names the file, line, key or rank at fault."""
+
+
+class ConfigError(TdgError):
+    """A config file or override is wrong (unknown key, wrong type, inconsistent values)."""
+
+
+class InputError(TdgError):
+    """An input file is wrong. `reason` is a short machine-readable tag used for skip counts."""
+
+    def __init__(self, path: str, line: int | None, message: str, reason: str):
+        self.path, self.line, self.reason = path, line, reason
+        where = f"{path}:{line}" if line is not None else path
+        super().__init__(f"{where}: {message}")
