@@ -56,12 +56,74 @@ def _add_demo(sub) -> None:
     p.add_argument("--vocab-size", type=int, default=512, help="sentencepiece vocabulary size")
 
 
+STAGES = {
+    "neg": ("train the negative teacher: a LoRA adapter on the NEGATIVE rationales",
+            "train.stages.neg", "NegConfig"),
+    "nat": ("train NAT: a positive LoRA + attention gate over the frozen neg adapter, on POSITIVE rationales",
+            "train.stages.nat", "NatConfig"),
+}
+
+
+def config_keys_help(cls) -> str:
+    """Every config key with its type, default and the comment beside it in train/config.py."""
+    import dataclasses
+    import inspect
+    import re
+    import typing
+
+    from train.config import _type_name
+
+    lines = []
+
+    def comments(c) -> dict[str, str]:
+        found = {}
+        for klass in reversed(c.__mro__):
+            if dataclasses.is_dataclass(klass):
+                for m in re.finditer(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(klass), re.M):
+                    found[m.group(1)] = m.group(2).strip()
+        return found
+
+    def walk(c, prefix: str) -> None:
+        hints, docs = typing.get_type_hints(c), comments(c)
+        for f in dataclasses.fields(c):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {prefix + f.name} ({_type_name(tp)}, default {default!r})")
+            if f.name in docs:
+                lines.append(f"      {docs[f.name]}")
+
+    walk(cls, "")
+    return "config keys (set in the YAML file or as key=value overrides):\n" + "\n".join(lines)
+
+
+def _add_stage(sub, name: str) -> None:
+    import importlib
+
+    summary, module, cls_name = STAGES[name]
+    cls = getattr(importlib.import_module("train.config"), cls_name)
+    p = sub.add_parser(
+        name, help=summary, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"{summary}. Launch one process per device with torchrun or srun (see slurm/); "
+                    "a plain call runs as a single process. Finished outputs (DONE.json) are skipped; "
+                    "a partial run resumes from its latest complete checkpoint. Exit status 75 means "
+                    "'stopped by a signal after a checkpoint: resubmit to continue'.",
+        epilog=config_keys_help(cls))
+    p.add_argument("--config", metavar="FILE", help="stage config (YAML); see configs/ for examples")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. optim.lr=1e-4 data.max_tokens=2048")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tdg", description="Distill reasoning from LLMs with negative data (NAT, NCE, ASC).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_prepare(sub)
     _add_demo(sub)
+    for name in STAGES:
+        _add_stage(sub, name)
     return parser
 
 
@@ -83,6 +145,14 @@ def _run(args: argparse.Namespace) -> int:
         run_demo(DemoOptions(output=args.output, questions=args.questions, test_questions=args.test_questions,
                              seed=args.seed, workers=args.workers, vocab_size=args.vocab_size))
         return 0
+    if args.command in STAGES:
+        import importlib
+
+        from train import config
+
+        _, module, cls_name = STAGES[args.command]
+        cfg = config.load_config(getattr(config, cls_name), args.config, args.overrides)
+        return importlib.import_module(module).main(cfg)
     raise AssertionError(args.command)
 
 

@@ -30,7 +30,7 @@ class DataConfig:
     packing: bool = False  # one row per micro-batch, samples concatenated, attention kept per sample
     mask_prompt: bool = True  # no loss on the question tokens
     group_size: int = 512  # samples per length-grouping window (bigger: less padding, less random)
-    seed: int = 0
+    seed: int = 0  # seeds the batch order (the same on every rank; differs per epoch)
 
 
 def _type_name(tp: Any) -> str:
@@ -93,11 +93,18 @@ def _build(cls: type[T], raw: dict, prefix: str = "") -> T:
                 f"unknown key {prefix}{k!s}; valid keys here: {', '.join(sorted(prefix + f for f in fields))}"
             )
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()}
-    obj = cls(**kwargs)
+    return cls(**kwargs)
+
+
+def _validate_tree(obj: Any) -> None:
+    """Run `validate()` on every section, defaults included, innermost first."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _validate_tree(value)
     validate = getattr(obj, "validate", None)
     if validate is not None:
         validate()
-    return obj
 
 
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
@@ -144,7 +151,9 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
         _set_dotted(raw, key, value)
     where = f"{path}: " if path is not None else ""
     try:
-        return _build(cls, raw)
+        cfg = _build(cls, raw)
+        _validate_tree(cfg)
+        return cfg
     except ConfigError as e:
         raise ConfigError(f"{where}{e}") from None
 
@@ -156,3 +165,113 @@ def to_dict(cfg: Any) -> dict:
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config (every default filled in) as YAML."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+# --- stage config sections ------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The base model: a local Hugging Face directory (never fetched from a hub)."""
+
+    path: str = ""  # local HF model dir (config.json + safetensors)
+    tokenizer: str = ""  # tokenizer dir; empty means `path`
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    trust_remote_code: bool = False  # run model code shipped in the model dir (off unless you trust it)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+
+    def validate(self) -> None:
+        if not self.path:
+            raise ConfigError("model.path: required (a local Hugging Face model directory)")
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    r: int = 8  # LoRA rank (the paper: 8)
+    alpha: float = 16.0  # LoRA alpha; the update is scaled by alpha / r (the paper: 16)
+    dropout: float = 0.05  # dropout on the LoRA input while training (the paper: 0.05)
+    target_modules: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "v_proj"])  # layer names
+
+    def validate(self) -> None:
+        if self.r < 1 or not self.target_modules:
+            raise ConfigError("lora: r must be >= 1 and target_modules non-empty")
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = 3e-4  # peak learning rate (the paper: 3e-4)
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    warmup_steps: int = 200  # linear warmup, in optimizer steps (the paper: 200)
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    epochs: int = 1  # passes over the data (the paper: 20)
+    max_steps: int = 0  # > 0 stops after this many optimizer steps (over all epochs)
+    grad_clip: float = 1.0  # clip the global gradient norm to this
+    grad_accum: int = 1  # micro-batches per rank per optimizer step
+
+    def validate(self) -> None:
+        if self.grad_accum < 1 or self.epochs < 1 or self.lr <= 0:
+            raise ConfigError("optim: grad_accum and epochs must be >= 1, lr > 0")
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    """The DeepSpeed loop: where it writes, how often it checkpoints and logs."""
+
+    output_dir: str = ""
+    ds_config: str = "zero2"  # a name in ds_configs/ (zero2, zero3, zero3_offload) or a JSON path
+    seed: int = 0  # seeds LoRA init and dropout (re-seeded per step: resume is exact)
+    save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end / on a stop signal)
+    keep_last: int = 2  # complete checkpoints kept; older ones deleted after a new one is complete
+    log_every: int = 1  # TensorBoard scalars every N optimizer steps
+    peak_tflops: float = 0.0  # per device, for MFU; 0 = look the GPU up (none on CPU)
+    progress: bool = True  # tqdm progress bar on rank 0
+
+    def validate(self) -> None:
+        if not self.output_dir:
+            raise ConfigError("engine.output_dir: required")
+        if self.keep_last < 1:
+            raise ConfigError("engine.keep_last: must be >= 1")
+
+
+@dataclasses.dataclass
+class TrainStageConfig:
+    """Sections every training stage shares."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+
+    def validate(self) -> None:
+        if self.data.max_len > self.data.max_tokens:
+            raise ConfigError(f"data.max_len ({self.data.max_len}) must be <= data.max_tokens "
+                              f"({self.data.max_tokens}): a batch must hold the longest sample")
+
+
+@dataclasses.dataclass
+class NegConfig(TrainStageConfig):
+    """Stage `neg`: a LoRA adapter trained on the NEGATIVE rationales."""
+
+
+@dataclasses.dataclass
+class NatSection:
+    neg_adapter: str = ""  # output dir of stage neg (its `adapter/` is used)
+    gate_dim: int = 128  # width of the gate's Q, K and of V's bottleneck (the paper: 128)
+    beta: float = 0.5  # alpha = 2*beta*a_neg - beta lies in [-beta, beta] (the paper: 0.5)
+    temperature: float = 1.0  # softmax temperature of the gate (the paper: 1)
+
+    def validate(self) -> None:
+        if not self.neg_adapter:
+            raise ConfigError("nat.neg_adapter: required (the output directory of stage neg)")
+        if self.gate_dim < 1 or self.temperature <= 0 or not 0 < self.beta <= 1:
+            raise ConfigError("nat: gate_dim >= 1, temperature > 0 and 0 < beta <= 1 required")
+
+
+@dataclasses.dataclass
+class NatConfig(TrainStageConfig):
+    """Stage `nat`: a positive LoRA plus the attention gate over the frozen neg adapter."""
+
+    nat: NatSection = dataclasses.field(default_factory=NatSection)

@@ -1,0 +1,41 @@
+"""Helpers shared by the bench scripts: where the data is, and how a result row is recorded."""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import time
+from pathlib import Path
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tdg-math-gpt35"
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+HEADER = ("| date | benchmark | device | versions | baseline | measured | ratio | goal |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- |\n")
+
+
+def versions() -> str:
+    import importlib.metadata as md
+
+    parts = [f"py{platform.python_version()}"]
+    for pkg in ("torch", "deepspeed", "transformers", "math-verify"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            parts.append(f"{pkg} {md.version(pkg)}")
+    return ", ".join(parts)
+
+
+def device() -> str:
+    import os
+
+    return f"CPU x{os.cpu_count()} ({platform.machine()})"
+
+
+def record(benchmark: str, baseline: str, measured: str, ratio: str, goal: str, dev: str | None = None) -> None:
+    """Append one row to bench/RESULTS.md (creating the table if needed) and print it."""
+    if not RESULTS.exists():
+        RESULTS.write_text("# Benchmark results\n\nEach row is one run of a script in bench/; ratios are "
+                           "measured against a baseline run in the same process or session.\n\n" + HEADER)
+    row = (f"| {time.strftime('%Y-%m-%d')} | {benchmark} | {dev or device()} | {versions()} | {baseline} | "
+           f"{measured} | {ratio} | {goal} |\n")
+    with open(RESULTS, "a") as f:
+        f.write(row)
+    print(row, end="")

@@ -1,0 +1,1 @@
+"""The one DeepSpeed training loop every training stage uses (neg, nat, distill, ranker)."""

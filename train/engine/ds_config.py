@@ -1,0 +1,65 @@
+"""Fill a DeepSpeed JSON from the stage config, so batch sizes and precision have one source.
+
+Keys set to "auto" are filled in; a concrete value the user wrote that disagrees with the
+stage config is an error naming both values (DeepSpeed would otherwise fail later, or train
+with a batch size nobody asked for).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from train.config import OptimConfig
+from train.errors import ConfigError
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+
+
+def resolve_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix == ".json" or p.exists():
+        return p
+    return DS_CONFIG_DIR / f"{name_or_path}.json"
+
+
+def _fill(cfg: dict, key: str, value, where: str) -> None:
+    current = cfg.get(key, "auto")
+    if current == "auto":
+        cfg[key] = value
+    elif current != value:
+        raise ConfigError(f"{where}: {key} is {current!r} but the stage config implies {value!r} "
+                          "(set it to \"auto\" or make them agree)")
+
+
+def build_ds_config(name_or_path: str, optim: OptimConfig, world: int, bf16: bool,
+                    load_universal: bool = False) -> dict:
+    path = resolve_path(name_or_path)
+    try:
+        cfg = json.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"engine.ds_config: cannot read {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    where = str(path)
+    # A micro-batch is one token-budgeted batch from our sampler; DeepSpeed only does the bookkeeping.
+    _fill(cfg, "train_micro_batch_size_per_gpu", 1, where)
+    _fill(cfg, "gradient_accumulation_steps", optim.grad_accum, where)
+    _fill(cfg, "train_batch_size", world * optim.grad_accum, where)
+    _fill(cfg, "gradient_clipping", optim.grad_clip, where)
+    bf16_cfg = cfg.setdefault("bf16", {})
+    if bf16_cfg.get("enabled", "auto") == "auto":
+        bf16_cfg["enabled"] = bf16
+    if cfg.get("fp16", {}).get("enabled") is True and bf16_cfg["enabled"]:
+        raise ConfigError(f"{where}: fp16 and bf16 are both enabled")
+    zero = cfg.setdefault("zero_optimization", {})
+    if "offload_optimizer" in zero:  # ZeRO-Offload needs DeepSpeed's CPU Adam, configured here
+        cfg["optimizer"] = {"type": "AdamW", "params": {"lr": optim.lr, "betas": list(optim.betas),
+                                                         "weight_decay": optim.weight_decay}}
+    if load_universal:
+        cfg.setdefault("checkpoint", {})["load_universal"] = True
+    return cfg
+
+
+def zero_stage(cfg: dict) -> int:
+    return int(cfg.get("zero_optimization", {}).get("stage", 0))

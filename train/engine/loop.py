@@ -1,0 +1,259 @@
+"""The DeepSpeed training loop shared by every training stage.
+
+A stage supplies a `TrainTask` (model with its trainable parameters marked, tokenized data,
+loss, how to save the result); the loop supplies everything else: DeepSpeed initialisation,
+length-grouped or packed batches split over ranks, warmup + cosine LR, gradient accumulation
+and clipping, TensorBoard, progress bar, checkpoints with the exact data position, resume (on
+any world size), stop signals, verified final save and DONE.json.
+
+Loss normalisation: a task returns the SUM of its loss over its units (target tokens by
+default). All ranks know every batch of a step, so the loop divides by the step's global unit
+count, and the gradient is exactly that of the mean over the whole global batch, however the
+tokens fall across ranks and micro-batches.
+
+Randomness (dropout): the torch RNG is re-seeded from (seed, step, rank, micro-batch) before
+every micro-batch, so a resumed run draws the same numbers as an uninterrupted one without
+saving RNG state, whatever the world size.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from train.config import TrainStageConfig, save_config
+from train.data.batching import TokenBudgetBatcher
+from train.data.dataset import TokenizedSet, collate
+from train.engine import checkpoint as ckpt
+from train.engine import distributed as dist_
+from train.engine.ds_config import build_ds_config
+from train.engine.flops import flops_per_token, peak_flops
+from train.engine.schedule import warmup_cosine
+from train.engine.signals import EXIT_CHECKPOINTED, StopRequest
+from train.manifest import write_done
+
+LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class TrainTask:
+    name: str
+    model: torch.nn.Module  # parameters to train have requires_grad=True
+    data: TokenizedSet
+    loss_fn: LossFn  # (module, batch) -> (sum of loss over units, {term name: sum over units})
+    save_fn: Callable[[torch.nn.Module, Path], dict]  # rank 0, full (gathered) params: write results
+    pad_id: int
+    units: Callable[[np.ndarray], int] | None = None  # normaliser of a batch; default: target tokens
+    scalars_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None  # extra TensorBoard scalars
+    collate_fn: Callable[[np.ndarray], dict] | None = None
+
+
+@dataclass
+class TrainResult:
+    exit_code: int  # 0 finished, EXIT_CHECKPOINTED stopped by a signal after a checkpoint
+    metrics: dict
+
+
+def _target_tokens(data: TokenizedSet) -> Callable[[np.ndarray], int]:
+    targets = data.lengths - data.prompt_lens
+    return lambda idx: int(targets[idx].sum())
+
+
+def _plan_total_steps(batcher: TokenBudgetBatcher, pos: ckpt.Position, epochs: int, world: int, accum: int,
+                      max_steps: int) -> int:
+    """Steps done plus the steps still ahead from `pos` on this world size (capped by max_steps)."""
+    per_step = world * accum
+    total = pos.global_step
+    for epoch in range(pos.epoch, epochs):
+        cursor = batcher.batch_index_at(epoch, pos.samples_in_epoch) if epoch == pos.epoch else 0
+        total += (len(batcher.batches(epoch)) - cursor) // per_step
+    return min(total, max_steps) if max_steps > 0 else total
+
+
+class _Logger:
+    """TensorBoard on rank 0 only; other ranks get a no-op."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out / "tb"))
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _seed_for(seed: int, step: int, rank: int, micro: int) -> int:
+    return (seed * 1_000_003 + step * 10_007 + rank * 101 + micro) % (2**63 - 1)
+
+
+def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, inputs: dict[str, str]) -> TrainResult:
+    import deepspeed
+
+    out = Path(cfg.engine.output_dir)
+    world, rank = dist_.world(), dist_.rank()
+    accum = cfg.optim.grad_accum
+    root = out / "checkpoints"
+    if dist_.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    dist_.barrier()
+
+    batcher = TokenBudgetBatcher(task.data.lengths, cfg.data.max_tokens, seed=cfg.data.seed,
+                                 packing=cfg.data.packing, group_size=cfg.data.group_size)
+    units = task.units or _target_tokens(task.data)
+    collate_fn = task.collate_fn or (lambda idx: collate(task.data, idx, task.pad_id, cfg.data.packing,
+                                                         cfg.data.mask_prompt))
+    resume = ckpt.latest(root)
+    pos = resume or ckpt.Position(world_size=world)
+    total_steps = _plan_total_steps(batcher, pos, cfg.optim.epochs, world, accum, cfg.optim.max_steps)
+    if total_steps <= pos.global_step and resume is None:
+        raise ValueError(f"{task.name}: no full optimizer step fits the data: {len(batcher.batches(0))} batches "
+                         f"for {world} ranks x {accum} accumulation; lower data.max_tokens or optim.grad_accum")
+
+    universal = resume is not None and resume.world_size != world
+    ds_cfg = build_ds_config(cfg.engine.ds_config, cfg.optim, world, bf16=not dist_.on_cpu(),
+                             load_universal=universal)
+    trainable = [p for p in task.model.parameters() if p.requires_grad]
+    n_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable)
+    schedule = lambda step: warmup_cosine(step, cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio)  # noqa: E731
+    client_opt = None
+    if "optimizer" not in ds_cfg:
+        client_opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                       weight_decay=cfg.optim.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(
+        model=task.model, model_parameters=trainable, optimizer=client_opt, config=ds_cfg,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+    )
+    if resume is not None:
+        tag = resume.tag
+        if universal:
+            if dist_.is_main():
+                tag = ckpt.to_universal(root, resume)
+            tag = dist_.broadcast_object(tag)
+        load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=False)
+        if load_path is None:
+            raise RuntimeError(f"{root / tag}: DeepSpeed could not load this checkpoint")
+        if dist_.is_main():
+            how = f" (converted from {resume.world_size} to {world} ranks)" if universal else ""
+            print(f"[{task.name}] resumed from {root / resume.tag} at step {resume.global_step}{how}", flush=True)
+
+    log = _Logger(out, dist_.is_main())
+    fpt = flops_per_token(engine.module, n_trainable, float(np.mean(task.data.lengths)))
+    peak = peak_flops(cfg.engine.peak_tflops)
+    bar = None
+    if dist_.is_main() and cfg.engine.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=pos.global_step, desc=task.name, unit="step", dynamic_ncols=True)
+
+    saved_at = resume.global_step if resume is not None else -1
+
+    def save_checkpoint() -> None:
+        nonlocal saved_at
+        if pos.global_step == saved_at:  # nothing trained since the last checkpoint
+            return
+        saved_at = pos.global_step
+        pos.tag, pos.world_size = f"step{pos.global_step}", world
+        engine.save_checkpoint(str(root), tag=pos.tag, client_state={"tdg_position": asdict(pos)},
+                               exclude_frozen_parameters=True)
+        dist_.barrier()
+        if dist_.is_main():
+            ckpt.mark_complete(root, pos)
+            ckpt.prune(root, cfg.engine.keep_last)
+        dist_.barrier()
+
+    per_step = world * accum
+    last_loss, first_loss, t_start, tokens_seen = math.nan, math.nan, time.time(), 0
+    exit_code = 0
+    engine.train()
+    with StopRequest() as stop:
+        while pos.epoch < cfg.optim.epochs and pos.global_step < total_steps:
+            batches = batcher.batches(pos.epoch)
+            cursor = batcher.batch_index_at(pos.epoch, pos.samples_in_epoch)
+            while cursor + per_step <= len(batches) and pos.global_step < total_steps:
+                t0 = time.time()
+                step_batches = batches[cursor:cursor + per_step]
+                global_units = max(1, sum(units(b) for b in step_batches))
+                sums: dict[str, torch.Tensor] = {}
+                for micro in range(accum):
+                    torch.manual_seed(_seed_for(cfg.engine.seed, pos.global_step, rank, micro))
+                    batch = {k: v.to(device) for k, v in collate_fn(step_batches[micro * world + rank]).items()}
+                    loss_sum, terms = task.loss_fn(engine, batch)
+                    engine.backward(loss_sum * (per_step / global_units))
+                    engine.step()
+                    for k, v in {"loss": loss_sum, **terms}.items():
+                        sums[k] = sums.get(k, 0.0) + v.detach().float()
+                cursor += per_step
+                pos.global_step += 1
+                pos.samples_in_epoch = batcher.samples_before(pos.epoch, cursor)
+                step_tokens = int(sum(task.data.lengths[b].sum() for b in step_batches))
+                tokens_seen += step_tokens
+                names = sorted(sums)
+                reduced = torch.stack([sums[k] for k in names]).to(device)
+                if torch.distributed.is_initialized():
+                    torch.distributed.all_reduce(reduced)
+                means = {k: float(v) / global_units for k, v in zip(names, reduced.tolist(), strict=True)}
+                last_loss = means["loss"]
+                first_loss = last_loss if math.isnan(first_loss) else first_loss
+                dt = max(time.time() - t0, 1e-9)
+                if pos.global_step % cfg.engine.log_every == 0:
+                    grad_norm = engine.get_global_grad_norm()
+                    scalars = {f"{task.name}/{k}": v for k, v in means.items()}
+                    scalars.update({"train/lr": engine.get_lr()[0], "train/tokens_per_s": step_tokens / dt,
+                                    "train/samples_per_s": sum(len(b) for b in step_batches) / dt,
+                                    "train/epoch": pos.epoch})
+                    if grad_norm is not None:
+                        scalars["train/grad_norm"] = float(grad_norm)
+                    if peak > 0:
+                        scalars["train/mfu"] = fpt * step_tokens / dt / (peak * world)
+                    if task.scalars_fn is not None:
+                        scalars.update(task.scalars_fn(engine.module))
+                    log.scalars(scalars, pos.global_step)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{engine.get_lr()[0]:.2e}")
+                if cfg.engine.save_every and pos.global_step % cfg.engine.save_every == 0:
+                    save_checkpoint()
+                if dist_.any_rank(stop.requested, device):
+                    save_checkpoint()
+                    exit_code = EXIT_CHECKPOINTED
+                    break
+            if exit_code:
+                break
+            if cursor + per_step > len(batches):  # this epoch's data is used up
+                pos.epoch, pos.samples_in_epoch = pos.epoch + 1, 0
+    if bar is not None:
+        bar.close()
+    log.close()
+    if exit_code:
+        if dist_.is_main():
+            print(f"[{task.name}] stop requested: checkpointed at step {pos.global_step}; exit {exit_code} "
+                  "(resubmit to continue)", flush=True)
+        return TrainResult(exit_code, {"global_step": pos.global_step})
+
+    save_checkpoint()
+    metrics = {"global_step": pos.global_step, "first_loss": first_loss, "final_loss": last_loss,
+               "tokens": tokens_seen, "seconds": round(time.time() - t_start, 2), "world_size": world,
+               "trainable_params": n_trainable}
+    with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+        if dist_.is_main():
+            metrics.update(task.save_fn(engine.module, out) or {})
+    dist_.barrier()
+    if dist_.is_main():
+        write_done(out, config=asdict(cfg), inputs=inputs, metrics=metrics)
+    dist_.barrier()
+    return TrainResult(0, metrics)

@@ -1,0 +1,1 @@
+"""Model loading, LoRA adapters on disk (PEFT format), and the NAT layer."""

@@ -1,0 +1,87 @@
+"""Base models and tokenizers from local directories; the tiny from-scratch default.
+
+Nothing is fetched from a hub (`local_files_only`), and `trust_remote_code` stays off unless
+the config asks for it. Under ZeRO-3 the model is created already partitioned (transformers'
+`HfDeepSpeedConfig` hook), so a 70B teacher never sits whole in one process's memory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from train.config import ModelConfig
+from train.errors import ConfigError
+
+_DS_HOOK = None  # HfDeepSpeedConfig must stay referenced while ZeRO-3 models are built
+
+
+def resolve_dtype(name: str, on_cpu: bool) -> torch.dtype:
+    if name == "auto":
+        return torch.float32 if on_cpu else torch.bfloat16
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def tokenizer_dir(mcfg: ModelConfig) -> str:
+    return mcfg.tokenizer or mcfg.path
+
+
+def check_model_dir(path: str, key: str = "model.path") -> Path:
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"{key}: {path} is not a local Hugging Face model directory (no config.json)")
+    return p
+
+
+def load_base_model(mcfg: ModelConfig, on_cpu: bool, ds_config: dict | None = None):
+    """AutoModelForCausalLM from `mcfg.path`; partitioned at load time when ds_config is ZeRO-3."""
+    global _DS_HOOK
+    from transformers import AutoModelForCausalLM
+
+    check_model_dir(mcfg.path)
+    if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        _DS_HOOK = HfDeepSpeedConfig(ds_config)
+    model = AutoModelForCausalLM.from_pretrained(
+        mcfg.path, local_files_only=True, dtype=resolve_dtype(mcfg.dtype, on_cpu),
+        attn_implementation=mcfg.attn_implementation, trust_remote_code=mcfg.trust_remote_code)
+    model.config.use_cache = False
+    if mcfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def linear_module_names(model: torch.nn.Module) -> set[str]:
+    """Leaf names (e.g. q_proj) of the Linear layers LoRA can target (the lm head excluded)."""
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")}
+
+
+def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
+    available = linear_module_names(model)
+    missing = [t for t in targets if t not in available]
+    if missing:
+        raise ConfigError(f"lora.target_modules: {', '.join(missing)} not in the model; "
+                          f"its linear layers are: {', '.join(sorted(available))}")
+
+
+def build_tiny_model(config_json: str | Path, tokenizer: str | Path, out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a randomly initialised Llama (sizes from `config_json`) + tokenizer as a HF model dir."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from train.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    spec = json.loads(Path(config_json).read_text())
+    cfg = LlamaConfig(**spec, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    out = Path(out_dir)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out

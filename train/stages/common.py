@@ -1,0 +1,56 @@
+"""What every training stage does around the engine: skip when done, set up, load data."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from train.config import TrainStageConfig
+from train.data.dataset import IGNORE, TokenizedSet, read_prepared, tokenize
+from train.data.tokenizer import load_tokenizer
+from train.engine import distributed as dist_
+from train.engine.ds_config import build_ds_config
+from train.engine.loop import TrainTask, run_training
+from train.errors import InputError
+from train.manifest import dir_digest, file_digest, read_done
+from train.models.loading import tokenizer_dir
+
+
+def load_stage_data(cfg: TrainStageConfig, labels: tuple[str, ...]) -> tuple[TokenizedSet, object]:
+    tok = load_tokenizer(tokenizer_dir(cfg.model), cfg.model.trust_remote_code)
+    table = read_prepared(cfg.data.path, labels=labels)
+    if table.num_rows == 0:
+        raise InputError(cfg.data.path, None, f"no {'/'.join(labels)} rationales in the prepared data", "empty_input")
+    data = tokenize(table, tok, cfg.data.max_len)
+    if len(data) == 0:
+        raise InputError(cfg.data.path, None, f"every prompt is longer than data.max_len={cfg.data.max_len}",
+                         "empty_input")
+    return data, tok
+
+
+def causal_lm_loss(module: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sum of next-token cross-entropy over the target tokens (labels != IGNORE)."""
+    logits = module(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                    position_ids=batch.get("position_ids"), use_cache=False).logits
+    labels = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+    return loss, {}
+
+
+def run_stage(name: str, cfg: TrainStageConfig, build: Callable[[TrainStageConfig, dict], TrainTask],
+              extra_inputs: dict[str, str] | None = None) -> int:
+    """Skip if DONE.json exists; otherwise set up distributed, build the task, train. Returns exit code."""
+    out = Path(cfg.engine.output_dir)
+    if read_done(out) is not None:
+        print(f"[{name}] {out} already has DONE.json: nothing to do", flush=True)
+        return 0
+    device = dist_.setup()
+    ds_cfg = build_ds_config(cfg.engine.ds_config, cfg.optim, dist_.world(), bf16=not dist_.on_cpu())
+    task = build(cfg, ds_cfg)
+    inputs = {"data": dir_digest(cfg.data.path), "model_config": file_digest(Path(cfg.model.path) / "config.json"),
+              **(extra_inputs or {})}
+    return run_training(task, cfg, device, inputs).exit_code

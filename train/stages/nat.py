@@ -1,0 +1,97 @@
+"""Stage `nat`: positive LoRA + attention gate over the frozen neg adapter, on POSITIVE rationales.
+
+Output: `pos/` (PEFT adapter), `gate.safetensors`, `nat.json` (points at the base model and the
+neg adapter; `train.models.nat.load_nat_teacher(dir, mode)` rebuilds the teacher), config.yaml,
+tb/ (with per-layer alpha mean/std), checkpoints/, DONE.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from train.config import NatConfig
+from train.engine import distributed as dist_
+from train.engine.loop import TrainTask
+from train.errors import ConfigError
+from train.manifest import dir_digest
+from train.models.adapters import expected_lora_shapes, save_adapter
+from train.models.loading import check_target_modules, load_base_model
+from train.models.nat import (
+    GATE_FILE,
+    NAT_JSON,
+    add_nat_layers,
+    gate_shapes,
+    load_lora_branch,
+    pos_adapter_state,
+    save_gate,
+)
+from train.stages.common import causal_lm_loss, load_stage_data, run_stage
+from train.stages.neg import peft_lora_config
+
+
+def neg_adapter_dir(cfg: NatConfig) -> Path:
+    """`nat.neg_adapter` may name the neg stage's output dir or its adapter/ dir."""
+    d = Path(cfg.nat.neg_adapter)
+    for candidate in (d / "adapter", d):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    raise ConfigError(f"nat.neg_adapter: {d} holds no PEFT adapter (no adapter_config.json in it or in "
+                      f"{d / 'adapter'}); run stage neg first")
+
+
+def _check_matches_neg(cfg: NatConfig, neg_dir: Path) -> None:
+    neg = json.loads((neg_dir / "adapter_config.json").read_text())
+    mine = {"r": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "target_modules": sorted(cfg.lora.target_modules)}
+    theirs = {"r": neg["r"], "lora_alpha": neg["lora_alpha"], "target_modules": sorted(neg["target_modules"])}
+    for key in mine:
+        if mine[key] != theirs[key]:
+            raise ConfigError(f"lora: {key} is {mine[key]!r} here but {theirs[key]!r} in the neg adapter "
+                              f"{neg_dir}; both branches of a NAT layer share r, alpha and target modules")
+
+
+def build(cfg: NatConfig, ds_cfg: dict) -> TrainTask:
+    neg_dir = neg_adapter_dir(cfg)
+    _check_matches_neg(cfg, neg_dir)
+    data, tok = load_stage_data(cfg, labels=("pos",))
+    base = load_base_model(cfg.model, on_cpu=dist_.on_cpu(), ds_config=ds_cfg)
+    check_target_modules(base, cfg.lora.target_modules)
+    expected_pos = expected_lora_shapes(base, cfg.lora.target_modules, cfg.lora.r)
+    base.requires_grad_(False)
+    torch.manual_seed(cfg.engine.seed)
+    layers = add_nat_layers(base, cfg.lora.target_modules, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout,
+                            cfg.nat.gate_dim, cfg.nat.beta, cfg.nat.temperature)
+    load_lora_branch(layers, neg_dir, "neg")
+    for layer in layers.values():
+        for part in (layer.lora_A_pos, layer.lora_B_pos, layer.gate_q, layer.gate_k, layer.gate_v1, layer.gate_v2):
+            part.requires_grad_(True)
+    expected_gate = gate_shapes(layers)
+
+    def save(module: torch.nn.Module, out: Path) -> dict:
+        save_adapter(pos_adapter_state(layers), peft_lora_config(cfg), out / "pos", expected_pos)
+        save_gate(layers, out / GATE_FILE, expected_gate)
+        spec = {"base_model": str(Path(cfg.model.path).resolve()), "neg_adapter": str(neg_dir.resolve()),
+                "pos_adapter": "pos", "gate": GATE_FILE, "r": cfg.lora.r, "alpha": cfg.lora.alpha,
+                "target_modules": list(cfg.lora.target_modules), "gate_dim": cfg.nat.gate_dim,
+                "beta": cfg.nat.beta, "temperature": cfg.nat.temperature,
+                "attn_implementation": cfg.model.attn_implementation}
+        (out / NAT_JSON).write_text(json.dumps(spec, indent=1))
+        return {"samples": len(data), **_alpha_summary(layers)}
+
+    def scalars(module: torch.nn.Module) -> dict[str, float]:
+        return {f"alpha/{name}/{stat}": float(v) for name, layer in layers.items() if layer.alpha_stats is not None
+                for stat, v in zip(("mean", "std"), layer.alpha_stats.tolist(), strict=True)}
+
+    return TrainTask(name="nat", model=base, data=data, loss_fn=causal_lm_loss, save_fn=save,
+                     pad_id=tok.pad_token_id, scalars_fn=scalars)
+
+
+def _alpha_summary(layers) -> dict:
+    means = [float(layer.alpha_stats[0]) for layer in layers.values() if layer.alpha_stats is not None]
+    return {"alpha_mean": sum(means) / len(means)} if means else {}
+
+
+def main(cfg: NatConfig) -> int:
+    return run_stage("nat", cfg, build, extra_inputs={"neg_adapter": dir_digest(neg_adapter_dir(cfg))})
