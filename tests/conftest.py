@@ -52,3 +52,58 @@ def write_lines(path: Path, lines: list) -> Path:
             f.write(line if isinstance(line, bytes) else line.encode())
             f.write(b"\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory, synthetic_raw) -> Path:
+    from train.data.prepare import PrepareOptions, prepare
+
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    prepare(PrepareOptions(inputs=[str(synthetic_raw / "train")], output=str(out), grader="hendrycks", workers=1,
+                           show_progress=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def base_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    from train.models.loading import build_tiny_model
+
+    return build_tiny_model(REPO / "configs" / "tiny" / "model.json", tokenizer_dir,
+                            tmp_path_factory.mktemp("base") / "model", seed=0)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+
+
+def stage_env() -> dict:
+    """The environment of a launched stage: CPU DeepSpeed, and none of this process's rendezvous."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    return {**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def stage_cmd(stage: str, overrides: list[str], nproc: int = 2) -> list[str]:
+    import sys
+
+    if nproc == 1:
+        return [sys.executable, "-m", "train", stage, *overrides]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+            "127.0.0.1", "--master_port", str(free_port()), "-m", "train", stage, *overrides]
+
+
+def run_stage(stage: str, overrides: list[str], nproc: int = 2, timeout: int = 600):
+    """Run a stage as users do (torchrun for 2 ranks); return the CompletedProcess."""
+    import subprocess
+
+    return subprocess.run(stage_cmd(stage, overrides, nproc), env=stage_env(), capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)

@@ -59,11 +59,11 @@ def build(cfg: NatConfig, ds_cfg: dict) -> TrainTask:
     base = load_base_model(cfg.model, on_cpu=dist_.on_cpu(), ds_config=ds_cfg)
     check_target_modules(base, cfg.lora.target_modules)
     expected_pos = expected_lora_shapes(base, cfg.lora.target_modules, cfg.lora.r)
-    base.requires_grad_(False)
     torch.manual_seed(cfg.engine.seed)
     layers = add_nat_layers(base, cfg.lora.target_modules, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout,
                             cfg.nat.gate_dim, cfg.nat.beta, cfg.nat.temperature)
     load_lora_branch(layers, neg_dir, "neg")
+    base.requires_grad_(False)  # after wrapping: the new layers' parameters, neg included, default to trainable
     for layer in layers.values():
         for part in (layer.lora_A_pos, layer.lora_B_pos, layer.gate_q, layer.gate_k, layer.gate_v1, layer.gate_v2):
             part.requires_grad_(True)

@@ -1,0 +1,205 @@
+"""The DeepSpeed engine and stages neg/nat, run for real: DeepSpeed on CPU, gloo, 2 processes."""
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, run_stage, stage_cmd, stage_env
+from train.data.dataset import collate, read_prepared, tokenize
+from train.data.tokenizer import load_tokenizer
+
+pytestmark = pytest.mark.slow
+STEPS = 12
+
+
+def overrides(prepared, base, out, *extra) -> list[str]:
+    return [f"model.path={base}", f"data.path={prepared}", "data.max_len=384", "data.max_tokens=2048",
+            "optim.lr=5e-3", "optim.warmup_steps=2", "optim.epochs=5", f"optim.max_steps={STEPS}",
+            "engine.save_every=2", "engine.progress=false", f"engine.output_dir={out}", *extra]
+
+
+def _ok(result) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+@pytest.fixture(scope="module")
+def neg_runs(tmp_path_factory, prepared_dir, base_model_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("neg")
+    outs = {}
+    for zero in ("zero2", "zero3"):
+        outs[zero] = root / zero
+        _ok(run_stage("neg", overrides(prepared_dir, base_model_dir, outs[zero], f"engine.ds_config={zero}")))
+    return outs
+
+
+@pytest.fixture(scope="module")
+def nat_runs(tmp_path_factory, prepared_dir, base_model_dir, neg_runs) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("nat")
+    outs = {}
+    for zero in ("zero2", "zero3"):
+        outs[zero] = root / zero
+        _ok(run_stage("nat", overrides(prepared_dir, base_model_dir, outs[zero], f"engine.ds_config={zero}",
+                                       f"nat.neg_adapter={neg_runs['zero3']}", "nat.gate_dim=16")))
+    return outs
+
+
+def _batch(prepared, base, labels, n=24):
+    tok = load_tokenizer(base)
+    data = tokenize(read_prepared(prepared, labels=labels).slice(0, n), tok, 384)
+    return collate(data, list(range(len(data))), tok.pad_token_id, packing=False)
+
+
+def _mean_ce(model, batch) -> float:
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                                             ignore_index=-100).item()
+
+
+def _base(base_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True).eval()
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_neg_trains_and_saves_an_adapter_plain_peft_loads(zero, neg_runs, prepared_dir, base_model_dir):
+    from peft import PeftModel
+
+    out = neg_runs[zero]
+    metrics = json.loads((out / "DONE.json").read_text())["metrics"]
+    assert metrics["global_step"] == STEPS and metrics["world_size"] == 2
+    assert metrics["final_loss"] < metrics["first_loss"]
+    batch = _batch(prepared_dir, base_model_dir, ("neg",))
+    base_ce = _mean_ce(_base(base_model_dir), batch)
+    tuned = PeftModel.from_pretrained(_base(base_model_dir), out / "adapter").eval()
+    assert _mean_ce(tuned, batch) < base_ce - 0.05  # the loss fell on the data it trained on
+    state = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert len(state) == 2 * 2 * 2  # 2 layers x (q_proj, v_proj) x (A, B)
+    assert all(t.numel() > 0 for t in state.values())
+    v_b = next(t for k, t in state.items() if "v_proj.lora_B" in k)
+    assert v_b.shape == (32, 8) and v_b.abs().sum() > 0  # GQA: v_proj is 64 -> 32
+    events = list((out / "tb").glob("events.out.tfevents.*"))
+    assert events, "no TensorBoard log"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(events[0])).Reload().Tags()["scalars"]
+    assert {"neg/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/samples_per_s"} <= set(tags)
+
+
+def test_zero3_gathers_the_same_adapter_as_zero2(neg_runs):
+    z2 = load_file(neg_runs["zero2"] / "adapter" / "adapter_model.safetensors")
+    z3 = load_file(neg_runs["zero3"] / "adapter" / "adapter_model.safetensors")
+    assert z2.keys() == z3.keys()
+    for k in z2:
+        torch.testing.assert_close(z3[k], z2[k], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_nat_trains_and_its_teacher_modes_are_consistent(zero, nat_runs, neg_runs, prepared_dir, base_model_dir):
+    from peft import PeftModel
+
+    from train.models.nat import load_nat_teacher
+
+    out = nat_runs[zero]
+    metrics = json.loads((out / "DONE.json").read_text())["metrics"]
+    assert metrics["global_step"] == STEPS and metrics["final_loss"] < metrics["first_loss"]
+    batch = _batch(prepared_dir, base_model_dir, ("pos",))
+    base_ce = _mean_ce(_base(base_model_dir), batch)
+    assert _mean_ce(load_nat_teacher(out, "nat"), batch) < base_ce - 0.05
+    # mode neg is exactly the neg adapter as PEFT computes it
+    neg_peft = PeftModel.from_pretrained(_base(base_model_dir), neg_runs["zero3"] / "adapter").eval()
+    with torch.no_grad():
+        a = load_nat_teacher(out, "neg")(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        b = neg_peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # the pos adapter is a plain PEFT adapter
+    PeftModel.from_pretrained(_base(base_model_dir), out / "pos")
+    gate = load_file(out / "gate.safetensors")
+    assert any("gate_v2.weight" in k and t.abs().sum() > 0 for k, t in gate.items())  # V2 left zero-init
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(next((out / "tb").glob("events*")))).Reload().Tags()["scalars"]
+    assert any(t.startswith("alpha/") and t.endswith("/mean") for t in tags)
+    assert any(t.startswith("alpha/") and t.endswith("/std") for t in tags)
+
+
+def _start_and_signal(args: list[str], out: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    """Start a run, wait for its first complete checkpoint, SIGTERM ONE rank, wait for exit."""
+    proc = subprocess.Popen(stage_cmd("neg", args, nproc), env=stage_env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not list((out / "checkpoints").glob("step*/COMPLETE.json")):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    workers = [c for c in psutil.Process(proc.pid).children(recursive=True) if "train" in " ".join(c.cmdline())]
+    assert len(workers) == nproc
+    workers[-1].send_signal(signal.SIGTERM)  # Slurm often signals only some ranks
+    stdout, _ = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, "")
+
+
+def test_sigterm_checkpoints_then_resume_matches_uninterrupted_run(tmp_path, neg_runs, prepared_dir,
+                                                                    base_model_dir):
+    out = tmp_path / "interrupted"
+    args = overrides(prepared_dir, base_model_dir, out, "engine.ds_config=zero3")
+    stopped = _start_and_signal(args, out)
+    assert "stop requested: checkpointed at step" in stopped.stdout, stopped.stdout[-3000:]
+    assert not (out / "DONE.json").exists()
+    step = int(stopped.stdout.split("checkpointed at step ")[1].split(";")[0])
+    assert 2 <= step < STEPS and (out / "checkpoints" / f"step{step}" / "COMPLETE.json").is_file()
+    resumed = run_stage("neg", args)
+    _ok(resumed)
+    assert f"resumed from {out / 'checkpoints' / f'step{step}'}" in resumed.stdout
+    final = load_file(out / "adapter" / "adapter_model.safetensors")
+    reference = load_file(neg_runs["zero3"] / "adapter" / "adapter_model.safetensors")
+    for k in reference:
+        torch.testing.assert_close(final[k], reference[k], rtol=0, atol=1e-6)
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path, prepared_dir, base_model_dir):
+    out = tmp_path / "shrunk"
+    args = overrides(prepared_dir, base_model_dir, out, "engine.ds_config=zero3")
+    stopped = _start_and_signal(args, out)
+    assert "stop requested" in stopped.stdout, stopped.stdout[-3000:]
+    step = int(stopped.stdout.split("checkpointed at step ")[1].split(";")[0])
+    resumed = run_stage("neg", args, nproc=1)
+    _ok(resumed)
+    assert f"resumed from {out / 'checkpoints' / f'step{step}'} at step {step} (converted from 2 to 1 ranks)" \
+        in resumed.stdout
+    done = json.loads((out / "DONE.json").read_text())["metrics"]
+    assert done["world_size"] == 1 and done["global_step"] == STEPS  # continued to the planned end
+    state = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert all(t.numel() > 0 for t in state.values())
+
+
+def test_finished_stage_is_skipped(neg_runs, prepared_dir, base_model_dir):
+    out = neg_runs["zero2"]
+    before = (out / "DONE.json").read_text()
+    result = run_stage("neg", overrides(prepared_dir, base_model_dir, out), nproc=1)
+    _ok(result)
+    assert "already has DONE.json" in result.stdout and (out / "DONE.json").read_text() == before
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["nat"], "nat.neg_adapter"),
+    (["nat", "nat.neg_adapter=/nonexistent/neg"], "holds no PEFT adapter"),
+    (["neg", "lora.target_modules=[q_proj,foo_proj]"], "lora.target_modules: foo_proj not in the model"),
+    (["neg", "optim.grad_accum=2", "engine.ds_config={ds}"], "gradient_accumulation_steps is 4 but the stage"),
+    (["neg", "data.max_len=4096"], "data.max_len (4096) must be <= data.max_tokens"),
+])
+def test_bad_configs_fail_with_named_errors(extra, message, tmp_path, prepared_dir, base_model_dir):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"gradient_accumulation_steps": 4, "zero_optimization": {"stage": 2}}))
+    stage, rest = extra[0], [e.format(ds=ds) for e in extra[1:]]
+    result = run_stage(stage, overrides(prepared_dir, base_model_dir, tmp_path / "out", *rest), nproc=1)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
