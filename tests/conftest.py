@@ -75,14 +75,6 @@ def base_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
 
@@ -97,6 +89,8 @@ def stage_cmd(stage: str, overrides: list[str], nproc: int = 2) -> list[str]:
 
     if nproc == 1:
         return [sys.executable, "-m", "train", stage, *overrides]
+    from train.engine.distributed import free_port
+
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
             "127.0.0.1", "--master_port", str(free_port()), "-m", "train", stage, *overrides]
 

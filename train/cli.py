@@ -45,18 +45,24 @@ def _add_prepare(sub) -> None:
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo", help="run the pipeline on the embedded synthetic data (CPU, minutes)",
-        description="Generate the embedded synthetic arithmetic data set, train its tokenizer and prepare it. "
+        description="Generate the embedded synthetic arithmetic data set, train its tokenizer, prepare it, build "
+                    "a tiny Llama, then train stage neg and stage nat with torchrun (DeepSpeed ZeRO-3 on CPU). "
                     "Every step is skipped when its output is complete, so rerunning resumes.",
     )
     p.add_argument("--output", default="demo_out", metavar="DIR", help="where every stage writes (default demo_out)")
     p.add_argument("--questions", type=int, default=600, help="training questions to generate (8 rationales each)")
     p.add_argument("--test-questions", type=int, default=150, help="held-out test questions to generate")
+    p.add_argument("--pretrain-questions", type=int, default=3000,
+                   help="fresh questions whose gold solutions pre-train the tiny base model")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="grading worker processes")
     p.add_argument("--vocab-size", type=int, default=512, help="sentencepiece vocabulary size")
+    p.add_argument("--nproc", type=int, default=2, help="processes per training stage (torchrun)")
 
 
 STAGES = {
+    "sft": ("fine-tune on chosen rationales (LoRA or full): the usual distillation baseline, or pre-training",
+            "train.stages.sft", "SftConfig"),
     "neg": ("train the negative teacher: a LoRA adapter on the NEGATIVE rationales",
             "train.stages.neg", "NegConfig"),
     "nat": ("train NAT: a positive LoRA + attention gate over the frozen neg adapter, on POSITIVE rationales",
@@ -143,7 +149,8 @@ def _run(args: argparse.Namespace) -> int:
         from train.stages.demo import DemoOptions, run_demo
 
         run_demo(DemoOptions(output=args.output, questions=args.questions, test_questions=args.test_questions,
-                             seed=args.seed, workers=args.workers, vocab_size=args.vocab_size))
+                             pretrain_questions=args.pretrain_questions,
+                             seed=args.seed, workers=args.workers, vocab_size=args.vocab_size, nproc=args.nproc))
         return 0
     if args.command in STAGES:
         import importlib

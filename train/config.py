@@ -219,7 +219,7 @@ class OptimConfig:
 class EngineConfig:
     """The DeepSpeed loop: where it writes, how often it checkpoints and logs."""
 
-    output_dir: str = ""
+    output_dir: str = ""  # where this stage writes: results, config.yaml, tb/, checkpoints/, DONE.json
     ds_config: str = "zero2"  # a name in ds_configs/ (zero2, zero3, zero3_offload) or a JSON path
     seed: int = 0  # seeds LoRA init and dropout (re-seeded per step: resume is exact)
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end / on a stop signal)
@@ -254,6 +254,23 @@ class TrainStageConfig:
 @dataclasses.dataclass
 class NegConfig(TrainStageConfig):
     """Stage `neg`: a LoRA adapter trained on the NEGATIVE rationales."""
+
+
+@dataclasses.dataclass
+class SftSection:
+    labels: list[str] = dataclasses.field(default_factory=lambda: ["pos"])  # which rationales: pos, neg or both
+    full: bool = False  # full fine-tune (writes a model dir) instead of a LoRA adapter
+
+    def validate(self) -> None:
+        if not self.labels or set(self.labels) - {"pos", "neg"}:
+            raise ConfigError(f"sft.labels: a non-empty subset of [pos, neg], got {self.labels}")
+
+
+@dataclasses.dataclass
+class SftConfig(TrainStageConfig):
+    """Stage `sft`: plain causal-LM fine-tuning (LoRA or full) on chosen rationales."""
+
+    sft: SftSection = dataclasses.field(default_factory=SftSection)
 
 
 @dataclasses.dataclass

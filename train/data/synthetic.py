@@ -141,3 +141,22 @@ def generate(root: str | Path, n_train: int = 600, n_test: int = 150, rationales
                     for i in range(start, min(start + PER_FILE, count)):
                         f.write(json.dumps(make_question(seed, split, i, subject, rationales)) + "\n")
     return root
+
+
+def write_gold_solutions(path: str | Path, n: int, seed: int = 0) -> Path:
+    """Flat-layout jsonl of `n` fresh questions with their correct worked solution (label pos).
+
+    The demo pre-trains its tiny base model on these, standing in for what a real base model
+    already knows before distillation starts. They are questions of their own split, so they
+    overlap neither the training rationales nor the test set.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    subjects = list(SUBJECT_OPS)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            subject = subjects[i % len(subjects)]
+            q = make_question(seed, "pretrain", i, subject, rationales=0)
+            f.write(json.dumps({"id": f"pretrain-{i}", "question": q["question"], "rationale": q["answer"],
+                                "gold": q["answer"], "subject": subject, "label": "pos"}) + "\n")
+    return path

@@ -22,6 +22,15 @@ def _env_from_slurm() -> None:
         os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on right now (for single-node rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def on_cpu() -> bool:
     return os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
 
@@ -34,11 +43,7 @@ def setup() -> torch.device:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:  # a single process: any free port will do
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+        os.environ["MASTER_PORT"] = str(free_port())
     if on_cpu():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed

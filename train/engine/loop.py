@@ -177,7 +177,8 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
         dist_.barrier()
 
     per_step = world * accum
-    last_loss, first_loss, t_start, tokens_seen = math.nan, math.nan, time.time(), 0
+    losses: list[float] = []  # per optimizer step, for the start/end summary in DONE.json
+    t_start, tokens_seen = time.time(), 0
     exit_code = 0
     engine.train()
     with StopRequest() as stop:
@@ -207,8 +208,7 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
                 if torch.distributed.is_initialized():
                     torch.distributed.all_reduce(reduced)
                 means = {k: float(v) / global_units for k, v in zip(names, reduced.tolist(), strict=True)}
-                last_loss = means["loss"]
-                first_loss = last_loss if math.isnan(first_loss) else first_loss
+                losses.append(means["loss"])
                 dt = max(time.time() - t0, 1e-9)
                 if pos.global_step % cfg.engine.log_every == 0:
                     grad_norm = engine.get_global_grad_norm()
@@ -225,7 +225,7 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
                     log.scalars(scalars, pos.global_step)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{engine.get_lr()[0]:.2e}")
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{engine.get_lr()[0]:.2e}")
                 if cfg.engine.save_every and pos.global_step % cfg.engine.save_every == 0:
                     save_checkpoint()
                 if dist_.any_rank(stop.requested, device):
@@ -246,7 +246,10 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
         return TrainResult(exit_code, {"global_step": pos.global_step})
 
     save_checkpoint()
-    metrics = {"global_step": pos.global_step, "first_loss": first_loss, "final_loss": last_loss,
+    window = max(1, min(5, len(losses) // 2))  # single steps are noisy: average a few
+    metrics = {"global_step": pos.global_step,
+               "first_loss": float(np.mean(losses[:window])) if losses else math.nan,
+               "final_loss": float(np.mean(losses[-window:])) if losses else math.nan,
                "tokens": tokens_seen, "seconds": round(time.time() - t_start, 2), "world_size": world,
                "trainable_params": n_trainable}
     with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):

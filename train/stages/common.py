@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,7 +47,8 @@ def run_stage(name: str, cfg: TrainStageConfig, build: Callable[[TrainStageConfi
     """Skip if DONE.json exists; otherwise set up distributed, build the task, train. Returns exit code."""
     out = Path(cfg.engine.output_dir)
     if read_done(out) is not None:
-        print(f"[{name}] {out} already has DONE.json: nothing to do", flush=True)
+        if os.environ.get("RANK", "0") == "0":  # before the process group exists: ask the launcher's env
+            print(f"[{name}] {out} already has DONE.json: nothing to do", flush=True)
         return 0
     device = dist_.setup()
     ds_cfg = build_ds_config(cfg.engine.ds_config, cfg.optim, dist_.world(), bf16=not dist_.on_cpu())

@@ -4,41 +4,55 @@ Steps (each skipped when its output is already complete, so a rerun resumes):
   1. synthetic data (train + held-out test) in the TDG layout   -> OUT/raw
   2. a sentencepiece tokenizer trained on the train text         -> OUT/tokenizer
   3. prepare: grade every rationale, write the prepared data set -> OUT/prepared
+  4. a tiny Llama (grouped-query attention) from configs/tiny,
+     pre-trained (stage sft, full) on gold solutions of fresh questions -> OUT/pretrain/model
+  5. stage neg, then stage nat: 2 processes, DeepSpeed ZeRO-3    -> OUT/neg, OUT/nat
+Training stages run as separate `torchrun` launches, exactly as a user would start them.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from train.data.prepare import PrepareOptions, format_stats, prepare
-from train.data.synthetic import generate
+from train.data.synthetic import generate, write_gold_solutions
 from train.data.tokenizer import train_tokenizer
+from train.engine.distributed import free_port
+from train.errors import TdgError
 from train.manifest import read_done, write_done
+from train.models.loading import build_tiny_model
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "tiny"
 
 
 @dataclass
 class DemoOptions:
     output: str = "demo_out"
     questions: int = 600
+    pretrain_questions: int = 3000
     test_questions: int = 150
     seed: int = 0
     workers: int = 2
     vocab_size: int = 512
+    nproc: int = 2  # processes per training stage
 
 
 def _log(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def _raw_texts(raw_train: Path):
-    for f in sorted(raw_train.rglob("*.jsonl")):
+def _raw_texts(raw: Path):
+    """Every text of the train and pretrain splits (never the test split)."""
+    for f in sorted([*(raw / "train").rglob("*.jsonl"), *(raw / "pretrain").rglob("*.jsonl")]):
         for line in f.read_text(encoding="utf-8").splitlines():
             rec = json.loads(line)
             yield rec["question"]
-            yield rec["answer"]
-            yield from rec["generated_answer"]
+            yield from (rec["answer"], *rec["generated_answer"]) if "answer" in rec else (rec["rationale"],)
 
 
 def run_demo(opts: DemoOptions) -> dict:
@@ -47,15 +61,50 @@ def run_demo(opts: DemoOptions) -> dict:
     if read_done(raw) is None:
         _log(f"generating {opts.questions} train + {opts.test_questions} test questions -> {raw}")
         generate(raw, n_train=opts.questions, n_test=opts.test_questions, seed=opts.seed)
+        write_gold_solutions(raw / "pretrain" / "gold.jsonl", opts.pretrain_questions, seed=opts.seed)
         write_done(raw, config=vars(opts), inputs={}, metrics={})
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         _log(f"training a {opts.vocab_size}-piece sentencepiece tokenizer -> {tok_dir}")
-        train_tokenizer(_raw_texts(raw / "train"), tok_dir, vocab_size=opts.vocab_size)
+        train_tokenizer(_raw_texts(raw), tok_dir, vocab_size=opts.vocab_size)
     prepared = out / "prepared"
     _log(f"prepare -> {prepared}")
     stats = prepare(PrepareOptions(inputs=[str(raw / "train")], output=str(prepared), workers=opts.workers,
                                    tokenizer=str(tok_dir)))
     print(format_stats(stats))
-    _log(f"done: {out}")
+    pre_data = out / "prepared_pretrain"
+    prepare(PrepareOptions(inputs=[str(raw / "pretrain")], output=str(pre_data), workers=opts.workers,
+                           show_progress=False))
+    base_init = out / "base_init"
+    if not (base_init / "config.json").is_file():
+        _log(f"building a tiny Llama from {CONFIGS / 'model.json'} -> {base_init}")
+        build_tiny_model(CONFIGS / "model.json", tok_dir, base_init, seed=opts.seed)
+    _run_stage("pretrain", opts, [f"model.path={base_init}", f"data.path={pre_data}",
+                                  f"engine.output_dir={out / 'pretrain'}"], stage="sft")
+    base = out / "pretrain" / "model"
+    paths = [f"model.path={base}", f"data.path={prepared}"]
+    _run_stage("neg", opts, [*paths, f"engine.output_dir={out / 'neg'}"])
+    _run_stage("nat", opts, [*paths, f"engine.output_dir={out / 'nat'}", f"nat.neg_adapter={out / 'neg'}"])
+    for stage in ("pretrain", "neg", "nat"):
+        m = read_done(out / stage)["metrics"]
+        _log(f"{stage}: {m['global_step']} steps on {m['world_size']} ranks in {m['seconds']} s, "
+             f"loss {m['first_loss']:.3f} -> {m['final_loss']:.3f}")
+    _log(f"done: {out}  (TensorBoard: tensorboard --logdir {out})")
     return stats
+
+
+def _run_stage(name: str, opts: DemoOptions, overrides: list[str], stage: str | None = None) -> None:
+    """Launch one training stage with torchrun (argv list, no shell), like a user would."""
+    stage = stage or name
+    args = ["-m", "train", stage, "--config", str(CONFIGS / f"{name}.yaml"), *overrides]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(opts.nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
+    if opts.nproc == 1:
+        cmd = [sys.executable, *args]
+    _log(f"{name} (stage {stage}): {opts.nproc} process(es), DeepSpeed ZeRO-3 on CPU")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    code = subprocess.run(cmd, env=env).returncode
+    if code != 0:
+        raise TdgError(f"{name} (stage {stage}) failed with exit status {code} (its log is above); "
+                       "rerun tdg demo to resume")
+

@@ -29,7 +29,7 @@ from train.models.nat import (
     save_gate,
 )
 from train.stages.common import causal_lm_loss, load_stage_data, run_stage
-from train.stages.neg import peft_lora_config
+from train.stages.sft import peft_lora_config
 
 
 def neg_adapter_dir(cfg: NatConfig) -> Path:

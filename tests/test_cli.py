@@ -1,0 +1,62 @@
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, stage_env
+from train.cli import STAGES, build_parser
+
+
+def _help(*args) -> str:
+    return subprocess.run([sys.executable, "-m", "train", *args, "--help"], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_every_subcommand_has_help_for_every_option():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            if action.dest != "help":
+                assert action.help, f"tdg {name}: option {action.dest} has no help"
+    assert set(STAGES) <= set(sub.choices)
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_stage_help_lists_and_explains_every_config_key(stage):
+    import dataclasses
+    import importlib
+
+    text = _help(stage)
+    cls = getattr(importlib.import_module("train.config"), STAGES[stage][2])
+
+    def keys(c, prefix=""):
+        import typing
+
+        hints = typing.get_type_hints(c)
+        for f in dataclasses.fields(c):
+            if dataclasses.is_dataclass(hints[f.name]):
+                yield from keys(hints[f.name], f"{prefix}{f.name}.")
+            else:
+                yield prefix + f.name
+
+    for key in keys(cls):
+        m = re.search(rf"^  {re.escape(key)} \(.*\)\n      \S", text, re.M)
+        assert m, f"tdg {stage} --help: {key} is missing or has no explanation"
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "train", "demo", "--output", str(out), "--questions", "60",
+           "--test-questions", "15", "--pretrain-questions", "300", "--workers", "1"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=stage_env(), cwd=REPO, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for stage in ("prepared", "pretrain", "neg", "nat"):
+        assert (out / stage / "DONE.json").is_file(), stage
+    assert (out / "nat" / "nat.json").is_file() and list((out / "nat" / "tb").glob("events*"))
+    assert json.loads((out / "neg" / "DONE.json").read_text())["metrics"]["world_size"] == 2
+    again = subprocess.run(cmd, capture_output=True, text=True, env=stage_env(), cwd=REPO, timeout=900)
+    assert again.returncode == 0 and again.stdout.count("already has DONE.json") == 3  # rerun resumes: no work
