@@ -81,3 +81,16 @@ def test_resolved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["optim"]["lr"] == 5e-5
     assert load_config(Stage, tmp_path / "config.yaml") == cfg
+
+
+def test_every_shipped_stage_config_loads():
+    from pathlib import Path
+
+    from train import config
+
+    classes = {"neg": config.NegConfig, "nat": config.NatConfig, "sft": config.SftConfig,
+               "pretrain": config.SftConfig}
+    files = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+    assert len(files) >= 6
+    for f in files:
+        load_config(classes[f.stem], f)

@@ -118,6 +118,8 @@ def _add_stage(sub, name: str) -> None:
                     "'stopped by a signal after a checkpoint: resubmit to continue'.",
         epilog=config_keys_help(cls))
     p.add_argument("--config", metavar="FILE", help="stage config (YAML); see configs/ for examples")
+    p.add_argument("--print", metavar="KEY", dest="print_key", default=None,
+                   help="print the resolved value of a config key (e.g. engine.output_dir) and exit")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides, e.g. optim.lr=1e-4 data.max_tokens=2048")
 
@@ -159,6 +161,9 @@ def _run(args: argparse.Namespace) -> int:
 
         _, module, cls_name = STAGES[args.command]
         cfg = config.load_config(getattr(config, cls_name), args.config, args.overrides)
+        if args.print_key:
+            print(config.get_dotted(cfg, args.print_key))
+            return 0
         return importlib.import_module(module).main(cfg)
     raise AssertionError(args.command)
 

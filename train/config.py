@@ -158,6 +158,16 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
         raise ConfigError(f"{where}{e}") from None
 
 
+def get_dotted(cfg: Any, dotted: str) -> Any:
+    """`get_dotted(cfg, "engine.output_dir")`; unknown keys raise ConfigError."""
+    node = cfg
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+            raise ConfigError(f"unknown key {dotted}")
+        node = getattr(node, part)
+    return node
+
+
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
