@@ -11,9 +11,11 @@ default). All ranks know every batch of a step, so the loop divides by the step'
 count, and the gradient is exactly that of the mean over the whole global batch, however the
 tokens fall across ranks and micro-batches.
 
-Randomness (dropout): the torch RNG is re-seeded from (seed, step, rank, micro-batch) before
-every micro-batch, so a resumed run draws the same numbers as an uninterrupted one without
-saving RNG state, whatever the world size.
+Randomness (dropout): the torch RNG is re-seeded from (seed, step, position of the batch within
+the step) before every micro-batch. The position does not depend on how the step's batches are
+laid out over ranks and accumulation, so a resumed run draws the same numbers as an
+uninterrupted one without saving RNG state, and 1 rank x 2 accumulation steps computes what
+2 ranks x 1 do.
 """
 
 from __future__ import annotations
@@ -96,8 +98,8 @@ class _Logger:
             self.writer.close()
 
 
-def _seed_for(seed: int, step: int, rank: int, micro: int) -> int:
-    return (seed * 1_000_003 + step * 10_007 + rank * 101 + micro) % (2**63 - 1)
+def _seed_for(seed: int, step: int, batch_in_step: int) -> int:
+    return (seed * 1_000_003 + step * 10_007 + batch_in_step) % (2**63 - 1)
 
 
 def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, inputs: dict[str, str]) -> TrainResult:
@@ -191,8 +193,9 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
                 global_units = max(1, sum(units(b) for b in step_batches))
                 sums: dict[str, torch.Tensor] = {}
                 for micro in range(accum):
-                    torch.manual_seed(_seed_for(cfg.engine.seed, pos.global_step, rank, micro))
-                    batch = {k: v.to(device) for k, v in collate_fn(step_batches[micro * world + rank]).items()}
+                    index = micro * world + rank  # this batch's position within the step
+                    torch.manual_seed(_seed_for(cfg.engine.seed, pos.global_step, index))
+                    batch = {k: v.to(device) for k, v in collate_fn(step_batches[index]).items()}
                     loss_sum, terms = task.loss_fn(engine, batch)
                     engine.backward(loss_sum * (per_step / global_units))
                     engine.step()
