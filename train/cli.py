@@ -67,6 +67,8 @@ STAGES = {
             "train.stages.neg", "NegConfig"),
     "nat": ("train NAT: a positive LoRA + attention gate over the frozen neg adapter, on POSITIVE rationales",
             "train.stages.nat", "NatConfig"),
+    "score": ("score every positive sample with the NAT teacher once: NCE weights (beta) and top-k log-probs",
+              "train.stages.score", "ScoreConfig"),
 }
 
 

@@ -302,3 +302,38 @@ class NatConfig(TrainStageConfig):
     """Stage `nat`: a positive LoRA plus the attention gate over the frozen neg adapter."""
 
     nat: NatSection = dataclasses.field(default_factory=NatSection)
+
+
+@dataclasses.dataclass
+class ScoreSection:
+    nat_dir: str = ""  # output directory of stage nat (the teacher)
+    top_k: int = 32  # teacher log-probs kept per rationale token
+    shard_size: int = 256  # samples per output shard (the unit of resume and of work per rank)
+    logprob_dtype: Literal["float16", "bfloat16"] = "float16"  # storage type of the top-k log-probs
+
+    def validate(self) -> None:
+        if not self.nat_dir:
+            raise ConfigError("score.nat_dir: required (the output directory of stage nat)")
+        if self.top_k < 1 or self.shard_size < 1:
+            raise ConfigError("score: top_k and shard_size must be >= 1")
+
+
+@dataclasses.dataclass
+class ScoreEngine:
+    output_dir: str = ""  # where shards/, manifest.json and DONE.json go
+    ds_config: str = "none"  # none: a full teacher copy per rank; zero3: the teacher sharded over ranks
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # teacher dtype (auto: bf16 GPU, fp32 CPU)
+    progress: bool = True  # tqdm progress bar on rank 0
+
+    def validate(self) -> None:
+        if not self.output_dir:
+            raise ConfigError("engine.output_dir: required")
+
+
+@dataclasses.dataclass
+class ScoreConfig:
+    """Stage `score`: NCE weights (beta) and the NAT teacher's top-k log-probs, once, sharded."""
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    score: ScoreSection = dataclasses.field(default_factory=ScoreSection)
+    engine: ScoreEngine = dataclasses.field(default_factory=ScoreEngine)

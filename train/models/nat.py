@@ -184,6 +184,23 @@ def load_gate(layers: dict[str, NATLinear], path: Path) -> None:
             p.copy_(state[k].to(p.dtype))
 
 
+def save_nat_dir(out: Path, layers: dict[str, NATLinear], peft_config, base_model: str, neg_adapter: str,
+                 expected_pos: dict[str, tuple[int, ...]], expected_gate: dict[str, tuple[int, ...]],
+                 attn_implementation: str = "sdpa") -> None:
+    """Write what `load_nat_teacher` reads: pos/ (PEFT), gate.safetensors, nat.json. Verified."""
+    from train.models.adapters import save_adapter
+
+    first = next(iter(layers.values()))
+    save_adapter(pos_adapter_state(layers), peft_config, out / "pos", expected_pos)
+    save_gate(layers, out / GATE_FILE, expected_gate)
+    spec = {"base_model": str(Path(base_model).resolve()), "neg_adapter": str(Path(neg_adapter).resolve()),
+            "pos_adapter": "pos", "gate": GATE_FILE, "r": first.lora_A_pos.out_features,
+            "alpha": first.scaling * first.lora_A_pos.out_features, "target_modules": list(peft_config.target_modules),
+            "gate_dim": first.gate_q.out_features, "beta": first.beta, "temperature": first.temperature,
+            "attn_implementation": attn_implementation}
+    (out / NAT_JSON).write_text(json.dumps(spec, indent=1))
+
+
 def load_nat_teacher(nat_dir: str | Path, mode: str = "nat", on_cpu: bool = True, ds_config: dict | None = None,
                      dtype: str = "auto"):
     """Base model + neg + pos + gate from a finished stage-nat directory, in `mode`."""

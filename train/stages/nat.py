@@ -17,17 +17,9 @@ from train.engine import distributed as dist_
 from train.engine.loop import TrainTask
 from train.errors import ConfigError
 from train.manifest import dir_digest
-from train.models.adapters import expected_lora_shapes, save_adapter
+from train.models.adapters import expected_lora_shapes
 from train.models.loading import check_target_modules, load_base_model
-from train.models.nat import (
-    GATE_FILE,
-    NAT_JSON,
-    add_nat_layers,
-    gate_shapes,
-    load_lora_branch,
-    pos_adapter_state,
-    save_gate,
-)
+from train.models.nat import add_nat_layers, gate_shapes, load_lora_branch, save_nat_dir
 from train.stages.common import causal_lm_loss, load_stage_data, run_stage
 from train.stages.sft import peft_lora_config
 
@@ -70,14 +62,8 @@ def build(cfg: NatConfig, ds_cfg: dict) -> TrainTask:
     expected_gate = gate_shapes(layers)
 
     def save(module: torch.nn.Module, out: Path) -> dict:
-        save_adapter(pos_adapter_state(layers), peft_lora_config(cfg), out / "pos", expected_pos)
-        save_gate(layers, out / GATE_FILE, expected_gate)
-        spec = {"base_model": str(Path(cfg.model.path).resolve()), "neg_adapter": str(neg_dir.resolve()),
-                "pos_adapter": "pos", "gate": GATE_FILE, "r": cfg.lora.r, "alpha": cfg.lora.alpha,
-                "target_modules": list(cfg.lora.target_modules), "gate_dim": cfg.nat.gate_dim,
-                "beta": cfg.nat.beta, "temperature": cfg.nat.temperature,
-                "attn_implementation": cfg.model.attn_implementation}
-        (out / NAT_JSON).write_text(json.dumps(spec, indent=1))
+        save_nat_dir(out, layers, peft_lora_config(cfg), cfg.model.path, str(neg_dir), expected_pos, expected_gate,
+                     cfg.model.attn_implementation)
         return {"samples": len(data), **_alpha_summary(layers)}
 
     def scalars(module: torch.nn.Module) -> dict[str, float]:

@@ -1,0 +1,143 @@
+"""The sharded scorer: ZeRO-3 on 2 ranks with uneven shards, exact beta, resume after a kill."""
+
+import json
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from tests.conftest import REPO, run_stage, stage_cmd, stage_env
+from train.data.dataset import read_prepared, tokenize
+from train.data.tokenizer import load_tokenizer
+from train.stages.score import read_shard_ids, shard_path
+
+pytestmark = pytest.mark.slow
+TARGETS = ["q_proj", "v_proj"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, base_model_dir):
+    """A NAT teacher dir whose neg branch, pos branch and gate are random and far from zero."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from train.models.adapters import expected_lora_shapes
+    from train.models.nat import add_nat_layers, gate_shapes, load_lora_branch, save_nat_dir
+
+    root = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(0)
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(base_model_dir, local_files_only=True)
+
+    peft_cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM")
+    neg = get_peft_model(base(), peft_cfg)
+    for name, p in neg.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    neg.save_pretrained(root / "neg")
+    model = base()
+    expected = expected_lora_shapes(model, TARGETS, 4)
+    layers = add_nat_layers(model, TARGETS, 4, 8, 0.0, 16, 0.5, 1.0)
+    load_lora_branch(layers, root / "neg", "neg")
+    for layer in layers.values():
+        torch.nn.init.normal_(layer.lora_B_pos.weight, std=0.5)
+        torch.nn.init.normal_(layer.gate_v2.weight, std=0.5)
+    save_nat_dir(root / "nat", layers, peft_cfg, str(base_model_dir), str(root / "neg"), expected,
+                 gate_shapes(layers))
+    return root / "nat"
+
+
+def overrides(teacher, prepared, out, *extra):
+    return [f"score.nat_dir={teacher}", f"data.path={prepared}", "data.max_len=384", "data.max_tokens=2048",
+            "score.shard_size=64", "score.top_k=8", f"engine.output_dir={out}", "engine.progress=false", *extra]
+
+
+def _all_ids(out):
+    return [sid for p in sorted((out / "shards").glob("shard-*.safetensors")) for sid in read_shard_ids(p)]
+
+
+def _expected_ids(prepared, base_model_dir):
+    data = tokenize(read_prepared(prepared, labels=("pos",)), load_tokenizer(base_model_dir), 384)
+    return data
+
+
+@pytest.fixture(scope="module")
+def zero3_scores(tmp_path_factory, teacher, prepared_dir, base_model_dir):
+    out = tmp_path_factory.mktemp("score") / "z3"
+    five_shards = -(-len(_expected_ids(prepared_dir, base_model_dir)) // 5)  # 5 shards: 3 on rank 0, 2 on rank 1
+    result = run_stage("score", overrides(teacher, prepared_dir, out, "engine.ds_config=zero3",
+                                          f"score.shard_size={five_shards}"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out
+
+
+def test_zero3_two_ranks_uneven_shards_score_every_sample_once(zero3_scores, prepared_dir, base_model_dir):
+    data = _expected_ids(prepared_dir, base_model_dir)
+    n_shards = len(list((zero3_scores / "shards").glob("shard-*.safetensors")))
+    assert n_shards == 5  # uneven over 2 ranks: rank 1 had to run padding forward calls
+    ids = _all_ids(zero3_scores)
+    assert sorted(ids) == sorted(data.ids) and len(set(ids)) == len(ids)
+    manifest = json.loads((zero3_scores / "manifest.json").read_text())
+    assert manifest["samples"] == len(data) and len(manifest["shards"]) == n_shards
+    done = json.loads((zero3_scores / "DONE.json").read_text())["metrics"]
+    assert done["world_size"] == 2 and 0 < done["beta_mean"] < 1
+
+
+def test_beta_and_topk_match_a_direct_computation(zero3_scores, teacher, prepared_dir, base_model_dir):
+    from train.models.nat import load_nat_teacher
+
+    data = _expected_ids(prepared_dir, base_model_dir)
+    position = {sid: i for i, sid in enumerate(data.ids)}
+    nat, neg = load_nat_teacher(teacher, "nat"), load_nat_teacher(teacher, "neg")
+    path = shard_path(zero3_scores, 1)
+    with safe_open(str(path), framework="pt") as f:
+        ids = json.loads(f.metadata()["ids"])
+        stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    for s in (0, len(ids) // 2, len(ids) - 1):
+        i = position[ids[s]]
+        x = torch.from_numpy(data.input_ids[i].astype(np.int64))[None]
+        plen = int(data.prompt_lens[i])
+        with torch.no_grad():
+            lp_nat = F.log_softmax(nat(input_ids=x).logits[0, :-1], -1)[plen - 1:]
+            lp_neg = F.log_softmax(neg(input_ids=x).logits[0, :-1], -1)[plen - 1:]
+        kl = (lp_neg.exp() * (lp_neg - lp_nat)).sum(-1)
+        beta = torch.tanh(kl.mean())
+        assert beta > 0.01  # the random teacher really disagrees with itself
+        assert abs(float(stored["beta"][s]) - float(beta)) < 1e-5
+        lo, hi = int(stored["offsets"][s]), int(stored["offsets"][s + 1])
+        assert hi - lo == len(lp_nat)
+        values, top = lp_nat.topk(8, -1)
+        assert torch.equal(stored["topk_ids"][lo:hi].long(), top)
+        torch.testing.assert_close(stored["topk_logprobs"][lo:hi].float(), values, atol=2e-3, rtol=1e-3)
+        mass = stored["topk_logprobs"][lo:hi].float().exp().sum(-1) + stored["tail_logprob"][lo:hi].exp()
+        torch.testing.assert_close(mass, torch.ones_like(mass), atol=5e-3, rtol=0)
+
+
+def test_killed_after_first_shard_rerun_skips_it_and_scores_every_sample_once(tmp_path, teacher, prepared_dir,
+                                                                               base_model_dir):
+    out = tmp_path / "killed"
+    args = overrides(teacher, prepared_dir, out)
+    proc = subprocess.Popen(stage_cmd("score", args, nproc=1), env=stage_env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = shard_path(out, 0)
+    deadline = time.time() + 300
+    while not first.is_file():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "DONE.json").exists()
+    stamp = first.stat().st_mtime_ns
+    result = run_stage("score", args, nproc=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert first.stat().st_mtime_ns == stamp  # the finished shard was not redone
+    data = _expected_ids(prepared_dir, base_model_dir)
+    ids = _all_ids(out)
+    assert sorted(ids) == sorted(data.ids) and len(set(ids)) == len(ids)
+    assert not list((out / "shards").glob(".*tmp*"))  # no half-written shard left behind

@@ -1,0 +1,209 @@
+"""Stage `score`: run the NAT teacher once over every POSITIVE sample and store what NCE needs.
+
+Per sample i (over its rationale tokens t, i.e. the positions that predict a target token):
+    beta_i = tanh( mean_t KL(p_neg,t || p_nat,t) )
+where p_nat is the teacher with both branches and the gate (mode `nat`) and p_neg the negative
+teacher alone (mode `neg`). The direction KL(p_neg || p_nat) follows the reference
+implementation (DESIGN.md): samples where the negative teacher disagrees most get the most weight.
+Per token it also stores the NAT teacher's top-k token ids and log-probs and the log of the
+probability mass outside the top k, so `distill` needs no teacher in memory.
+
+Sharding: samples (in prepared-data order) are cut into fixed shards of `score.shard_size`;
+rank r takes the unfinished shards r, r+W, ... Each shard is written atomically (temp + rename)
+as `shards/shard-NNNNN.safetensors`; a restarted run skips finished shards. Under ZeRO-3 every
+rank must make the same number of forward calls or the collectives hang, so ranks with less
+work run padding batches whose results are dropped. At the end rank 0 checks that every positive
+sample id appears exactly once and writes `manifest.json` and `DONE.json`.
+
+Shard format (safetensors; metadata: `ids` JSON list, `top_k`):
+    offsets        int64  [S+1]   token range of sample s: offsets[s]:offsets[s+1]
+    beta, kl_mean  float32 [S]
+    topk_ids       int32  [T, k]
+    topk_logprobs  float16/bfloat16 [T, k]
+    tail_logprob   float32 [T]    log(1 - sum of the top-k probabilities)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from train.config import OptimConfig, ScoreConfig, save_config
+from train.data.batching import TokenBudgetBatcher
+from train.data.dataset import IGNORE, collate, read_prepared, tokenize
+from train.data.tokenizer import load_tokenizer
+from train.engine import distributed as dist_
+from train.engine.ds_config import build_ds_config
+from train.errors import TdgError
+from train.manifest import dir_digest, file_digest, read_done, write_done
+from train.models.nat import NAT_JSON, load_nat_teacher, set_mode
+
+FORMAT = "tdg-scores-1"
+
+
+def shard_path(out: Path, index: int) -> Path:
+    return out / "shards" / f"shard-{index:05d}.safetensors"
+
+
+@torch.no_grad()
+def score_batch(model, batch: dict, top_k: int) -> list[dict]:
+    """Teacher outputs for one padded batch: one dict of numpy arrays per sample."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    set_mode(model, "nat")
+    lp_nat = F.log_softmax(model(**inputs).logits[:, :-1].float(), dim=-1)
+    set_mode(model, "neg")
+    lp_neg = F.log_softmax(model(**inputs).logits[:, :-1].float(), dim=-1)
+    mask = batch["labels"][:, 1:] != IGNORE  # positions whose next token is a rationale token
+    kl = (lp_neg.exp() * (lp_neg - lp_nat)).sum(-1)  # KL(p_neg || p_nat) per position
+    values, ids = lp_nat.topk(top_k, dim=-1)
+    tail = torch.log1p(-values.exp().sum(-1).clamp(max=1.0 - 1e-7))
+    out = []
+    for row in range(mask.shape[0]):
+        m = mask[row]
+        kl_mean = kl[row][m].mean()
+        out.append({"beta": float(torch.tanh(kl_mean)), "kl_mean": float(kl_mean),
+                    "topk_ids": ids[row][m].to(torch.int32).cpu(), "topk_logprobs": values[row][m].cpu(),
+                    "tail_logprob": tail[row][m].cpu()})
+    return out
+
+
+def _write_shard(path: Path, ids: list[str], results: list[dict], top_k: int, dtype: torch.dtype) -> None:
+    lengths = [len(r["tail_logprob"]) for r in results]
+    tensors = {
+        "offsets": torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64),
+        "beta": torch.tensor([r["beta"] for r in results], dtype=torch.float32),
+        "kl_mean": torch.tensor([r["kl_mean"] for r in results], dtype=torch.float32),
+        "topk_ids": torch.cat([r["topk_ids"] for r in results]).contiguous(),
+        "topk_logprobs": torch.cat([r["topk_logprobs"] for r in results]).to(dtype).contiguous(),
+        "tail_logprob": torch.cat([r["tail_logprob"] for r in results]).float().contiguous(),
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"ids": json.dumps(ids), "top_k": str(top_k), "format": FORMAT})
+    os.replace(tmp, path)
+
+
+def read_shard_ids(path: Path) -> list[str]:
+    with safe_open(str(path), framework="pt") as f:
+        return json.loads(f.metadata()["ids"])
+
+
+def _plan(lengths: np.ndarray, shard_size: int, max_tokens: int) -> list[list[np.ndarray]]:
+    """Batches (global sample indices) of every shard; length-sorted inside a shard."""
+    plans = []
+    for start in range(0, len(lengths), shard_size):
+        idx = np.arange(start, min(start + shard_size, len(lengths)))
+        batcher = TokenBudgetBatcher(lengths[idx], max_tokens, shuffle=False, group_size=len(idx))
+        plans.append([idx[b] for b in batcher.batches(0)])
+    return plans
+
+
+def main(cfg: ScoreConfig) -> int:
+    out = Path(cfg.engine.output_dir)
+    nat_dir = Path(cfg.score.nat_dir)
+    if read_done(out) is not None:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[score] {out} already has DONE.json: nothing to do", flush=True)
+        return 0
+    if not (nat_dir / NAT_JSON).is_file():
+        raise TdgError(f"score.nat_dir: {nat_dir} is not a finished stage-nat output (no {NAT_JSON})")
+    device = dist_.setup()
+    world, rank = dist_.world(), dist_.rank()
+    t0 = time.time()
+    spec = json.loads((nat_dir / NAT_JSON).read_text())
+    tok = load_tokenizer(spec["base_model"])
+    table = read_prepared(cfg.data.path, labels=("pos",))
+    data = tokenize(table, tok, cfg.data.max_len)
+    lengths = data.lengths
+    plans = _plan(lengths, cfg.score.shard_size, cfg.data.max_tokens)
+    if dist_.is_main():
+        (out / "shards").mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    todo = dist_.broadcast_object([i for i in range(len(plans)) if not shard_path(out, i).is_file()])
+    mine = todo[rank::world]
+    calls = [sum(len(plans[i]) for i in todo[r::world]) for r in range(world)]
+
+    zero3 = cfg.engine.ds_config != "none"
+    ds_cfg = build_ds_config(cfg.engine.ds_config, OptimConfig(), world, bf16=not dist_.on_cpu()) if zero3 else None
+    model = load_nat_teacher(nat_dir, "nat", on_cpu=dist_.on_cpu(), ds_config=ds_cfg, dtype=cfg.engine.dtype)
+    if zero3:
+        import deepspeed
+
+        model = deepspeed.initialize(model=model, config=ds_cfg)[0].module
+    else:
+        model = model.to(device)
+    model.eval()
+    lp_dtype = torch.float16 if cfg.score.logprob_dtype == "float16" else torch.bfloat16
+
+    def batch_of(indices) -> dict:
+        return {k: v.to(device) for k, v in collate(data, indices, tok.pad_token_id, packing=False).items()}
+
+    bar = None
+    if dist_.is_main() and cfg.engine.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(mine), desc="score (rank 0 shards)", unit="shard")
+    for i in mine:
+        results: dict[int, dict] = {}
+        for b in plans[i]:
+            for sample, res in zip(b, score_batch(model, batch_of(b), cfg.score.top_k), strict=True):
+                results[int(sample)] = res
+        order = sorted(results)
+        _write_shard(shard_path(out, i), [data.ids[s] for s in order], [results[s] for s in order],
+                     cfg.score.top_k, lp_dtype)
+        if bar is not None:
+            bar.update(1)
+    if zero3:  # every rank must make as many forward calls as the busiest one
+        for _ in range(max(calls) - calls[rank]):
+            score_batch(model, batch_of(np.array([0])), cfg.score.top_k)
+    if bar is not None:
+        bar.close()
+    dist_.barrier()
+    if dist_.is_main():
+        _finish(cfg, out, nat_dir, data.ids, len(plans), t0, dropped=data.dropped)
+    dist_.barrier()
+    return 0
+
+
+def _finish(cfg: ScoreConfig, out: Path, nat_dir: Path, expected_ids: list[str], n_shards: int, t0: float,
+            dropped: int) -> None:
+    """Check every positive sample was scored exactly once; write manifest.json and DONE.json."""
+    seen: dict[str, int] = {}
+    shards, betas = [], []
+    for i in range(n_shards):
+        path = shard_path(out, i)
+        if not path.is_file():
+            raise TdgError(f"{path}: shard missing after scoring")
+        ids = read_shard_ids(path)
+        for sid in ids:
+            seen[sid] = seen.get(sid, 0) + 1
+        with safe_open(str(path), framework="pt") as f:
+            betas.append(f.get_tensor("beta").numpy())
+        shards.append({"file": path.relative_to(out).as_posix(), "samples": len(ids), "sha256": file_digest(path)})
+    missing = [s for s in expected_ids if s not in seen]
+    twice = [s for s, n in seen.items() if n > 1]
+    extra = sorted(set(seen) - set(expected_ids))
+    if missing or twice or extra:
+        raise TdgError(f"{out}: scores are inconsistent: {len(missing)} samples missing (e.g. {missing[:3]}), "
+                       f"{len(twice)} scored twice (e.g. {twice[:3]}), {len(extra)} unknown (e.g. {extra[:3]})")
+    beta = np.concatenate(betas)
+    manifest = {"format": FORMAT, "samples": len(expected_ids), "shards": shards, "top_k": cfg.score.top_k,
+                "max_len": cfg.data.max_len, "nat_dir": str(nat_dir.resolve()),
+                "tokenizer": json.loads((nat_dir / NAT_JSON).read_text())["base_model"],
+                "dropped_prompt_too_long": dropped}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    metrics = {"samples": len(expected_ids), "shards": n_shards, "beta_mean": float(beta.mean()),
+               "beta_std": float(beta.std()), "beta_min": float(beta.min()), "beta_max": float(beta.max()),
+               "seconds": round(time.time() - t0, 2), "world_size": dist_.world()}
+    write_done(out, config=asdict(cfg), inputs={"data": dir_digest(cfg.data.path), "nat": dir_digest(nat_dir)},
+               metrics=metrics)
+    print(f"[score] {len(expected_ids)} samples in {n_shards} shards; beta mean {metrics['beta_mean']:.4f} "
+          f"(min {metrics['beta_min']:.4f}, max {metrics['beta_max']:.4f})", flush=True)
