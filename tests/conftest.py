@@ -101,3 +101,37 @@ def run_stage(stage: str, overrides: list[str], nproc: int = 2, timeout: int = 6
 
     return subprocess.run(stage_cmd(stage, overrides, nproc), env=stage_env(), capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory, base_model_dir):
+    """A NAT teacher dir whose neg branch, pos branch and gate are random and far from zero."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from train.models.adapters import expected_lora_shapes
+    from train.models.nat import add_nat_layers, gate_shapes, load_lora_branch, save_nat_dir
+
+    root = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(0)
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(base_model_dir, local_files_only=True)
+
+    peft_cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    neg = get_peft_model(base(), peft_cfg)
+    for name, p in neg.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    neg.save_pretrained(root / "neg")
+    model = base()
+    expected = expected_lora_shapes(model, ["q_proj", "v_proj"], 4)
+    layers = add_nat_layers(model, ["q_proj", "v_proj"], 4, 8, 0.0, 16, 0.5, 1.0)
+    load_lora_branch(layers, root / "neg", "neg")
+    for layer in layers.values():
+        torch.nn.init.normal_(layer.lora_B_pos.weight, std=0.5)
+        torch.nn.init.normal_(layer.gate_v2.weight, std=0.5)
+    save_nat_dir(root / "nat", layers, peft_cfg, str(base_model_dir), str(root / "neg"), expected,
+                 gate_shapes(layers))
+    return root / "nat"

@@ -69,6 +69,8 @@ STAGES = {
             "train.stages.nat", "NatConfig"),
     "score": ("score every positive sample with the NAT teacher once: NCE weights (beta) and top-k log-probs",
               "train.stages.score", "ScoreConfig"),
+    "distill": ("NCE distillation: a student trained with CE + beta-weighted KD from the NAT teacher",
+                "train.stages.distill", "DistillConfig"),
 }
 
 

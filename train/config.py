@@ -309,7 +309,7 @@ class ScoreSection:
     nat_dir: str = ""  # output directory of stage nat (the teacher)
     top_k: int = 32  # teacher log-probs kept per rationale token
     shard_size: int = 256  # samples per output shard (the unit of resume and of work per rank)
-    logprob_dtype: Literal["float16", "bfloat16"] = "float16"  # storage type of the top-k log-probs
+    logprob_dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # storage type of the top-k log-probs
 
     def validate(self) -> None:
         if not self.nat_dir:
@@ -337,3 +337,30 @@ class ScoreConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     score: ScoreSection = dataclasses.field(default_factory=ScoreSection)
     engine: ScoreEngine = dataclasses.field(default_factory=ScoreEngine)
+
+
+@dataclasses.dataclass
+class DistillSection:
+    scores: str = ""  # output dir of stage score (offline mode)
+    nat_dir: str = ""  # output dir of stage nat (online mode runs this teacher in-process)
+    mode: Literal["offline", "online"] = "offline"  # offline: stored top-k; online: teacher forward per step
+    lam: float = 0.5  # loss = (1 - lam) * CE + lam * (0.5 + beta) * KD (the paper: 0.5)
+    temperature: float = 1.0  # KD temperature (the paper: 1; exact for stored top-k only at 1)
+    fixed_beta: float | None = None  # every sample gets this beta instead of its score (0.5: plain KD)
+    top_k: int = 0  # online mode: KD over the teacher's top k + tail (0: the full vocabulary)
+    full: bool = False  # full fine-tune of the student instead of LoRA
+
+    def validate(self) -> None:
+        if self.mode == "offline" and not self.scores:
+            raise ConfigError("distill.scores: required in offline mode (the output directory of stage score)")
+        if self.mode == "online" and not self.nat_dir:
+            raise ConfigError("distill.nat_dir: required in online mode (the output directory of stage nat)")
+        if not 0 <= self.lam <= 1 or self.temperature <= 0:
+            raise ConfigError("distill: 0 <= lam <= 1 and temperature > 0 required")
+
+
+@dataclasses.dataclass
+class DistillConfig(TrainStageConfig):
+    """Stage `distill`: the NCE student, trained on positives with beta-weighted KD from the NAT teacher."""
+
+    distill: DistillSection = dataclasses.field(default_factory=DistillSection)

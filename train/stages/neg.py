@@ -9,11 +9,11 @@ from __future__ import annotations
 from train.config import NegConfig
 from train.engine.loop import TrainTask
 from train.stages.common import run_stage
-from train.stages.sft import build_lora
+from train.stages.sft import build_sft
 
 
 def build(cfg: NegConfig, ds_cfg: dict) -> TrainTask:
-    return build_lora(cfg, ds_cfg, labels=("neg",), name="neg")
+    return build_sft(cfg, ds_cfg, labels=("neg",), name="neg", full=False)
 
 
 def main(cfg: NegConfig) -> int:

@@ -55,22 +55,34 @@ def shard_path(out: Path, index: int) -> Path:
 
 
 @torch.no_grad()
-def score_batch(model, batch: dict, top_k: int) -> list[dict]:
-    """Teacher outputs for one padded batch: one dict of numpy arrays per sample."""
+def teacher_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log p_nat, log p_neg, KL(p_neg || p_nat)) at every position of a padded batch, next-token aligned."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     set_mode(model, "nat")
     lp_nat = F.log_softmax(model(**inputs).logits[:, :-1].float(), dim=-1)
     set_mode(model, "neg")
     lp_neg = F.log_softmax(model(**inputs).logits[:, :-1].float(), dim=-1)
+    set_mode(model, "nat")
+    return lp_nat, lp_neg, (lp_neg.exp() * (lp_neg - lp_nat)).sum(-1)
+
+
+def sample_beta(kl: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """beta_i = tanh(mean over sample i's rationale positions of KL(p_neg || p_nat)), per row."""
+    return torch.tanh((kl * mask).sum(-1) / mask.sum(-1).clamp(min=1))
+
+
+@torch.no_grad()
+def score_batch(model, batch: dict, top_k: int) -> list[dict]:
+    """Teacher outputs for one padded batch: one dict of numpy arrays per sample."""
+    lp_nat, _, kl = teacher_logprobs(model, batch)
     mask = batch["labels"][:, 1:] != IGNORE  # positions whose next token is a rationale token
-    kl = (lp_neg.exp() * (lp_neg - lp_nat)).sum(-1)  # KL(p_neg || p_nat) per position
     values, ids = lp_nat.topk(top_k, dim=-1)
     tail = torch.log1p(-values.exp().sum(-1).clamp(max=1.0 - 1e-7))
+    beta = sample_beta(kl, mask)
     out = []
     for row in range(mask.shape[0]):
         m = mask[row]
-        kl_mean = kl[row][m].mean()
-        out.append({"beta": float(torch.tanh(kl_mean)), "kl_mean": float(kl_mean),
+        out.append({"beta": float(beta[row]), "kl_mean": float(kl[row][m].mean()),
                     "topk_ids": ids[row][m].to(torch.int32).cpu(), "topk_logprobs": values[row][m].cpu(),
                     "tail_logprob": tail[row][m].cpu()})
     return out
@@ -78,7 +90,7 @@ def score_batch(model, batch: dict, top_k: int) -> list[dict]:
 
 def _write_shard(path: Path, ids: list[str], results: list[dict], top_k: int, dtype: torch.dtype) -> None:
     lengths = [len(r["tail_logprob"]) for r in results]
-    tensors = {
+    tensors: dict[str, torch.Tensor] = {
         "offsets": torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64),
         "beta": torch.tensor([r["beta"] for r in results], dtype=torch.float32),
         "kl_mean": torch.tensor([r["kl_mean"] for r in results], dtype=torch.float32),
@@ -141,7 +153,7 @@ def main(cfg: ScoreConfig) -> int:
     else:
         model = model.to(device)
     model.eval()
-    lp_dtype = torch.float16 if cfg.score.logprob_dtype == "float16" else torch.bfloat16
+    lp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.score.logprob_dtype]
 
     def batch_of(indices) -> dict:
         return {k: v.to(device) for k, v in collate(data, indices, tok.pad_token_id, packing=False).items()}

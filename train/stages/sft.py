@@ -7,6 +7,7 @@ pre-trains its tiny base this way. With `sft.labels=[pos]` it is the usual disti
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,11 +28,13 @@ def peft_lora_config(cfg: TrainStageConfig):
                       base_model_name_or_path=str(Path(cfg.model.path).resolve()))
 
 
-def build_lora(cfg: TrainStageConfig, ds_cfg: dict, labels: tuple[str, ...], name: str) -> TrainTask:
-    """A PEFT LoRA adapter named `name`, trained on rationales with `labels`; saved to `adapter/`."""
+SaveFn = Callable[[torch.nn.Module, Path], dict]
+
+
+def lora_model(cfg: TrainStageConfig, ds_cfg: dict, name: str) -> tuple[torch.nn.Module, SaveFn]:
+    """Base model + a PEFT LoRA adapter `name`; the save writes a verified PEFT dir `adapter/`."""
     from peft import get_peft_model, get_peft_model_state_dict
 
-    data, tok = load_stage_data(cfg, labels=labels)
     base = load_base_model(cfg.model, on_cpu=dist_.on_cpu(), ds_config=ds_cfg)
     check_target_modules(base, cfg.lora.target_modules)
     expected = expected_lora_shapes(base, cfg.lora.target_modules, cfg.lora.r)
@@ -42,15 +45,13 @@ def build_lora(cfg: TrainStageConfig, ds_cfg: dict, labels: tuple[str, ...], nam
         trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
         state = get_peft_model_state_dict(module, state_dict=trainable, adapter_name=name)
         save_adapter(state, module.peft_config[name], out / "adapter", expected)
-        return {"adapter": str(out / "adapter"), "samples": len(data)}
+        return {"adapter": str(out / "adapter")}
 
-    return TrainTask(name=name, model=model, data=data, loss_fn=causal_lm_loss, save_fn=save,
-                     pad_id=tok.pad_token_id)
+    return model, save
 
 
-def build_full(cfg: TrainStageConfig, ds_cfg: dict, labels: tuple[str, ...], name: str) -> TrainTask:
-    """Every parameter trains; saved as a Hugging Face model dir `model/` with the tokenizer."""
-    data, tok = load_stage_data(cfg, labels=labels)
+def full_model(cfg: TrainStageConfig, ds_cfg: dict, tok) -> tuple[torch.nn.Module, SaveFn]:
+    """Every parameter trains; the save writes a Hugging Face model dir `model/` with the tokenizer."""
     model = load_base_model(cfg.model, on_cpu=dist_.on_cpu(), ds_config=ds_cfg)
     model.requires_grad_(True)
     shapes = {n: tuple(p.ds_shape if hasattr(p, "ds_shape") else p.shape) for n, p in model.named_parameters()}
@@ -62,15 +63,21 @@ def build_full(cfg: TrainStageConfig, ds_cfg: dict, labels: tuple[str, ...], nam
             raise AdapterSaveError(f"{out / 'model'}: parameters not gathered before saving (e.g. {bad[0]})")
         module.save_pretrained(out / "model", state_dict=state, safe_serialization=True)
         tok.save_pretrained(out / "model")
-        return {"model": str(out / "model"), "samples": len(data)}
+        return {"model": str(out / "model")}
 
-    return TrainTask(name=name, model=model, data=data, loss_fn=causal_lm_loss, save_fn=save,
-                     pad_id=tok.pad_token_id)
+    return model, save
+
+
+def build_sft(cfg: TrainStageConfig, ds_cfg: dict, labels: tuple[str, ...], name: str, full: bool) -> TrainTask:
+    """Causal-LM fine-tuning on rationales with `labels` (stage sft; stage neg is labels=(neg,))."""
+    data, tok = load_stage_data(cfg, labels=labels)
+    model, save = full_model(cfg, ds_cfg, tok) if full else lora_model(cfg, ds_cfg, name)
+    return TrainTask(name=name, model=model, data=data, loss_fn=causal_lm_loss, pad_id=tok.pad_token_id,
+                     save_fn=lambda module, out: {**save(module, out), "samples": len(data)})
 
 
 def build(cfg: SftConfig, ds_cfg: dict) -> TrainTask:
-    labels = tuple(cfg.sft.labels)
-    return (build_full if cfg.sft.full else build_lora)(cfg, ds_cfg, labels, "sft")
+    return build_sft(cfg, ds_cfg, tuple(cfg.sft.labels), "sft", full=cfg.sft.full)
 
 
 def main(cfg: SftConfig) -> int:

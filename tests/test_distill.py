@@ -1,0 +1,81 @@
+"""NCE distillation: stored top-k == online teacher at k = vocab, beta reaches the loss, tokenizer check."""
+
+import pytest
+import torch
+
+from train.config import DistillConfig, ScoreConfig, load_config
+from train.data.dataset import collate
+from train.engine import distributed as dist_
+from train.engine.ds_config import build_ds_config
+from train.errors import ConfigError
+from train.stages import distill, score
+
+
+def _common(prepared, base, out, *extra):
+    return [f"model.path={base}", f"data.path={prepared}", "data.max_len=384", "data.max_tokens=2048",
+            "engine.progress=false", f"engine.output_dir={out}", *extra]
+
+
+@pytest.fixture(scope="module")
+def full_vocab_scores(tmp_path_factory, teacher, prepared_dir):
+    out = tmp_path_factory.mktemp("scores") / "full"
+    cfg = load_config(ScoreConfig, None, [f"score.nat_dir={teacher}", f"data.path={prepared_dir}",
+                                          "data.max_len=384", "data.max_tokens=2048", "score.top_k=400",
+                                          "score.logprob_dtype=float32", f"engine.output_dir={out}",
+                                          "engine.progress=false"])
+    dist_.setup()
+    assert score.main(cfg) == 0
+    return out
+
+
+def _task(prepared, base, out, *extra):
+    cfg = load_config(DistillConfig, None, _common(prepared, base, out, *extra))
+    return distill.build(cfg, build_ds_config("zero2", cfg.optim, 1, bf16=False))
+
+
+def test_stored_full_vocabulary_loss_equals_the_online_teacher_loss(full_vocab_scores, teacher, prepared_dir,
+                                                                     base_model_dir, tmp_path):
+    offline = _task(prepared_dir, base_model_dir, tmp_path / "a", f"distill.scores={full_vocab_scores}")
+    online = _task(prepared_dir, base_model_dir, tmp_path / "b", "distill.mode=online", f"distill.nat_dir={teacher}")
+    idx = list(range(8))
+    with torch.no_grad():
+        loss_off, terms_off = offline.loss_fn(offline.model, offline.collate_fn(idx))
+        loss_on, terms_on = online.loss_fn(online.model, collate(online.data, idx, online.pad_id, packing=False))
+    assert terms_off["kd"] > 1.0  # the teacher really differs from the student
+    torch.testing.assert_close(terms_off["kd"], terms_on["kd"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(terms_off["kd_weighted"], terms_on["kd_weighted"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss_off, loss_on, rtol=1e-4, atol=1e-4)
+
+
+def test_beta_weights_reach_the_gradient(full_vocab_scores, prepared_dir, base_model_dir, tmp_path):
+    norms = {}
+    for beta in (0.0, 1.0):
+        task = _task(prepared_dir, base_model_dir, tmp_path / str(beta), f"distill.scores={full_vocab_scores}",
+                     "distill.lam=1.0", f"distill.fixed_beta={beta}")
+        task.model.zero_grad()
+        loss, _ = task.loss_fn(task.model, task.collate_fn([3]))
+        loss.backward()
+        norms[beta] = torch.sqrt(sum((p.grad**2).sum() for p in task.model.parameters() if p.grad is not None))
+    # with lam = 1 the loss is (0.5 + beta) * KD: forcing beta from 0 to 1 moves the student 3x as much
+    torch.testing.assert_close(norms[1.0] / norms[0.0], torch.tensor(3.0), rtol=1e-4, atol=0)
+
+
+def test_stored_beta_becomes_the_per_token_weight(full_vocab_scores, prepared_dir, base_model_dir, tmp_path):
+    task = _task(prepared_dir, base_model_dir, tmp_path / "w", f"distill.scores={full_vocab_scores}")
+    scores = distill.StoredScores(full_vocab_scores)
+    batch = task.collate_fn([0, 1])
+    expected = torch.cat([torch.full((int(task.data.lengths[i] - task.data.prompt_lens[i]),),
+                                     0.5 + scores.where[task.data.ids[i]][3]) for i in (0, 1)])
+    torch.testing.assert_close(batch["kd_weight"], expected)
+    assert len(set(expected.tolist())) == 2  # two samples, two different betas
+
+
+def test_student_with_another_tokenizer_is_refused(tokenizer_dir, tmp_path, synthetic_raw):
+    from train.data.synthetic import make_question
+    from train.data.tokenizer import load_tokenizer, train_tokenizer
+
+    texts = [make_question(5, "train", i, "mixed")["question"] for i in range(100)]
+    other = train_tokenizer(texts, tmp_path / "other", vocab_size=350)
+    with pytest.raises(ConfigError, match="vocabulary .350 tokens. differs from the teacher.s"):
+        distill.check_same_vocabulary(other, str(tokenizer_dir))
+    distill.check_same_vocabulary(load_tokenizer(tokenizer_dir), str(tokenizer_dir))  # same: accepted

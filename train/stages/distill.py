@@ -1,0 +1,193 @@
+"""Stage `distill`: NCE distillation of the NAT teacher into a student, on POSITIVE rationales.
+
+    loss = (1 - lam) * CE + lam * (0.5 + beta_i) * KD_i,   KD = KL(p_teacher || p_student) per token
+
+Offline (default): beta_i and the teacher's top-k log-probs come from stage `score`; no teacher
+is in memory. KD over a top-k is computed on k + 1 bins, the teacher's k tokens and "everything
+else" (the stored tail mass against the student's mass outside those k tokens):
+    KD = sum_{j in top-k} p_T(j) (log p_T(j) - log p_S(j)) + p_T(tail) (log p_T(tail) - log p_S(tail))
+This is the exact KL between the two distributions coarsened to those bins; with k = vocabulary
+size the tail is empty and it is the exact full KL. With temperature T != 1 both sides are
+divided by T and renormalised over the k + 1 bins (exact only at T = 1) and KD is scaled by T^2.
+
+Online: the teacher runs in every step (both modes, as the reference did), beta is computed on
+the fly; it exists to compare speed and to check that both modes give the same loss.
+
+The student must share the teacher's tokenizer (checked at start). Output as for `sft`: a LoRA
+`adapter/` or, with `distill.full`, a `model/` dir.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+
+from train.config import DistillConfig
+from train.data.dataset import IGNORE, TokenizedSet, collate
+from train.engine.loop import TrainTask
+from train.errors import ConfigError, TdgError
+from train.manifest import dir_digest
+from train.models.nat import NAT_JSON
+from train.stages.common import load_stage_data, run_stage
+from train.stages.sft import full_model, lora_model
+
+
+def check_same_vocabulary(student_tok, teacher_tok_dir: str) -> None:
+    from train.data.tokenizer import load_tokenizer
+
+    teacher = load_tokenizer(teacher_tok_dir).get_vocab()
+    student = student_tok.get_vocab()
+    if teacher != student:
+        diff = sorted(set(teacher.items()) ^ set(student.items()))[:3]
+        raise ConfigError(f"model.tokenizer: the student's vocabulary ({len(student)} tokens) differs from the "
+                          f"teacher's at {teacher_tok_dir} ({len(teacher)} tokens), e.g. {diff}; KD needs the "
+                          "same token ids on both sides")
+
+
+def sparse_kd(student_logits: torch.Tensor, ids: torch.Tensor, t_lp: torch.Tensor, t_tail: torch.Tensor,
+              temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) per position over the teacher's top-k plus one tail bin. [N, V] -> [N]."""
+    s_lp = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    s_top = s_lp.gather(-1, ids)
+    s_tail = torch.log1p(-torch.logsumexp(s_top, -1).exp().clamp(max=1.0 - 1e-7))
+    t_bins = torch.cat([t_lp.float(), t_tail.float()[:, None]], -1)
+    if temperature != 1.0:
+        t_bins = F.log_softmax(t_bins / temperature, -1)
+    s_bins = torch.cat([s_top, s_tail[:, None]], -1)
+    return (t_bins.exp() * (t_bins - s_bins)).sum(-1) * temperature**2
+
+
+class StoredScores:
+    """Every shard of a `score` output, indexed by sample id (arrays kept as numpy)."""
+
+    def __init__(self, scores_dir: str | Path):
+        d = Path(scores_dir)
+        manifest_path = d / "manifest.json"
+        if not manifest_path.is_file() or not (d / "DONE.json").is_file():
+            raise ConfigError(f"distill.scores: {d} is not a finished stage-score output (no manifest/DONE.json)")
+        self.manifest = json.loads(manifest_path.read_text())
+        self.where: dict[str, tuple[int, int, int, float]] = {}  # id -> (shard, start, end, beta)
+        self.ids, self.lps, self.tails = [], [], []
+        for k, shard in enumerate(self.manifest["shards"]):
+            with safe_open(str(d / shard["file"]), framework="pt") as f:  # pt: numpy has no bfloat16
+                ids = json.loads(f.metadata()["ids"])
+                offsets, beta = f.get_tensor("offsets").numpy(), f.get_tensor("beta").numpy()
+                self.ids.append(f.get_tensor("topk_ids").long().numpy())
+                self.lps.append(f.get_tensor("topk_logprobs").float().numpy())
+                self.tails.append(f.get_tensor("tail_logprob").float().numpy())
+            for s, sid in enumerate(ids):
+                self.where[sid] = (k, int(offsets[s]), int(offsets[s + 1]), float(beta[s]))
+
+    def check_covers(self, data: TokenizedSet) -> None:
+        for i, sid in enumerate(data.ids):
+            if sid not in self.where:
+                raise ConfigError(f"distill.scores: sample {sid} of data.path has no scores; score the same data")
+            _, start, end, _ = self.where[sid]
+            n_targets = int(data.lengths[i] - data.prompt_lens[i])
+            if end - start != n_targets:
+                raise ConfigError(f"distill.scores: sample {sid} has {end - start} scored tokens but {n_targets} "
+                                  "here; use the same data.max_len and tokenizer as stage score "
+                                  f"(score used max_len {self.manifest['max_len']})")
+
+
+def _offline_collate(data: TokenizedSet, scores: StoredScores, cfg: DistillConfig, pad_id: int):
+    def collate_fn(indices) -> dict:
+        batch = collate(data, indices, pad_id, cfg.data.packing, mask_prompt=True)
+        ids, lps, tails, weights = [], [], [], []
+        for i in indices:
+            shard, start, end, beta = scores.where[data.ids[i]]
+            ids.append(scores.ids[shard][start:end])
+            lps.append(scores.lps[shard][start:end])
+            tails.append(scores.tails[shard][start:end])
+            b = cfg.distill.fixed_beta if cfg.distill.fixed_beta is not None else beta
+            weights.append(np.full(end - start, 0.5 + b, dtype=np.float32))
+        batch.update(kd_ids=torch.from_numpy(np.concatenate(ids)), kd_lp=torch.from_numpy(np.concatenate(lps)),
+                     kd_tail=torch.from_numpy(np.concatenate(tails)),
+                     kd_weight=torch.from_numpy(np.concatenate(weights)))
+        return batch
+
+    return collate_fn
+
+
+def nce_loss(student_logits: torch.Tensor, labels: torch.Tensor, kd: torch.Tensor, kd_weight: torch.Tensor,
+             lam: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sums over target positions (row-major): (1 - lam) CE + lam sum_t (0.5 + beta) KD_t."""
+    ce = F.cross_entropy(student_logits.float(), labels, reduction="sum")
+    weighted = (kd * kd_weight).sum()
+    return (1 - lam) * ce + lam * weighted, {"ce": ce.detach(), "kd": kd.sum().detach(),
+                                             "kd_weighted": weighted.detach()}
+
+
+def _student_targets(module, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    logits = module(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                    position_ids=batch.get("position_ids"), use_cache=False).logits[:, :-1]
+    mask = batch["labels"][:, 1:] != IGNORE
+    return logits[mask], batch["labels"][:, 1:][mask], mask
+
+
+def build(cfg: DistillConfig, ds_cfg: dict) -> TrainTask:
+    data, tok = load_stage_data(cfg, labels=("pos",))
+    lam, temp = cfg.distill.lam, cfg.distill.temperature
+    if cfg.distill.mode == "offline":
+        scores = StoredScores(cfg.distill.scores)
+        check_same_vocabulary(tok, scores.manifest["tokenizer"])
+        scores.check_covers(data)
+        collate_fn = _offline_collate(data, scores, cfg, tok.pad_token_id)
+
+        def loss_fn(module, batch):
+            logits, labels, _ = _student_targets(module, batch)
+            kd = sparse_kd(logits, batch["kd_ids"], batch["kd_lp"], batch["kd_tail"], temp)
+            return nce_loss(logits, labels, kd, batch["kd_weight"], lam)
+    else:
+        if cfg.data.packing:
+            raise ConfigError("data.packing: online distillation supports padded batches only")
+        loss_fn = _online_loss(cfg, tok)
+        collate_fn = None
+    model, save = full_model(cfg, ds_cfg, tok) if cfg.distill.full else lora_model(cfg, ds_cfg, "student")
+    return TrainTask(name="distill", model=model, data=data, loss_fn=loss_fn, pad_id=tok.pad_token_id,
+                     collate_fn=collate_fn, save_fn=lambda module, out: {**save(module, out), "samples": len(data)})
+
+
+def _online_loss(cfg: DistillConfig, tok):
+    from train.engine import distributed as dist_
+    from train.models.nat import load_nat_teacher
+    from train.stages.score import sample_beta, teacher_logprobs
+
+    nat_dir = Path(cfg.distill.nat_dir)
+    if not (nat_dir / NAT_JSON).is_file():
+        raise ConfigError(f"distill.nat_dir: {nat_dir} is not a finished stage-nat output (no {NAT_JSON})")
+    check_same_vocabulary(tok, json.loads((nat_dir / NAT_JSON).read_text())["base_model"])
+    teacher = load_nat_teacher(nat_dir, "nat", on_cpu=dist_.on_cpu())
+    lam, temp, k = cfg.distill.lam, cfg.distill.temperature, cfg.distill.top_k
+
+    def loss_fn(module, batch):
+        teacher.to(batch["input_ids"].device)
+        lp_nat, _, kl = teacher_logprobs(teacher, batch)
+        logits, labels, mask = _student_targets(module, batch)
+        beta = sample_beta(kl, mask) if cfg.distill.fixed_beta is None else torch.full(
+            (mask.shape[0],), cfg.distill.fixed_beta)
+        weight = (0.5 + beta)[:, None].expand_as(mask)[mask]
+        t_lp = lp_nat[mask]
+        if k > 0:
+            values, ids = t_lp.topk(k, -1)
+            tail = torch.log1p(-values.exp().sum(-1).clamp(max=1.0 - 1e-7))
+            kd = sparse_kd(logits, ids, values, tail, temp)
+        else:
+            s_lp = F.log_softmax(logits.float() / temp, -1)
+            t = F.log_softmax(t_lp / temp, -1) if temp != 1.0 else t_lp
+            kd = (t.exp() * (t - s_lp)).sum(-1) * temp**2
+        return nce_loss(logits, labels, kd, weight, lam)
+
+    return loss_fn
+
+
+def main(cfg: DistillConfig) -> int:
+    source = cfg.distill.scores if cfg.distill.mode == "offline" else cfg.distill.nat_dir
+    if not Path(source).is_dir():
+        raise TdgError(f"distill: {source} does not exist")
+    return run_stage("distill", cfg, build, extra_inputs={"teacher": dir_digest(source)})
