@@ -128,12 +128,27 @@ def _add_stage(sub, name: str) -> None:
                    help="dotted overrides, e.g. optim.lr=1e-4 data.max_tokens=2048")
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export", help="merge a trained stage into a Hugging Face model dir (safetensors) for serving",
+        description="Export a stage output: a LoRA adapter is merged into its base, a full fine-tune is re-saved "
+                    "(or consolidated from its newest ZeRO checkpoint), a NAT teacher (not mergeable: its gate is "
+                    "nonlinear) is exported as its neg and pos adapters. Writes sharded safetensors, config, "
+                    "tokenizer, generation config and a README card with the training provenance.")
+    p.add_argument("--from", dest="source", required=True, metavar="DIR", help="a stage output directory")
+    p.add_argument("--output", required=True, metavar="DIR", help="where the model dir goes (must not exist)")
+    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="weight dtype on disk (default float32)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tdg", description="Distill reasoning from LLMs with negative data (NAT, NCE, ASC).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_prepare(sub)
     _add_demo(sub)
+    _add_export(sub)
     for name in STAGES:
         _add_stage(sub, name)
     return parser
@@ -157,6 +172,11 @@ def _run(args: argparse.Namespace) -> int:
         run_demo(DemoOptions(output=args.output, questions=args.questions, test_questions=args.test_questions,
                              pretrain_questions=args.pretrain_questions,
                              seed=args.seed, workers=args.workers, vocab_size=args.vocab_size, nproc=args.nproc))
+        return 0
+    if args.command == "export":
+        from train.export import export
+
+        print(export(args.source, args.output, args.max_shard_size, args.dtype))
         return 0
     if args.command in STAGES:
         import importlib
