@@ -54,9 +54,10 @@ def test_demo_runs_every_stage_end_to_end(tmp_path):
            "--test-questions", "15", "--pretrain-questions", "300", "--workers", "1"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=stage_env(), cwd=REPO, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for stage in ("prepared", "pretrain", "neg", "nat"):
+    for stage in ("prepared", "pretrain", "neg", "nat", "score", "distill"):
         assert (out / stage / "DONE.json").is_file(), stage
     assert (out / "nat" / "nat.json").is_file() and list((out / "nat" / "tb").glob("events*"))
+    assert (out / "export" / "config.json").is_file() and (out / "export" / "README.md").is_file()
     assert json.loads((out / "neg" / "DONE.json").read_text())["metrics"]["world_size"] == 2
     again = subprocess.run(cmd, capture_output=True, text=True, env=stage_env(), cwd=REPO, timeout=900)
-    assert again.returncode == 0 and again.stdout.count("already has DONE.json") == 3  # rerun resumes: no work
+    assert again.returncode == 0 and again.stdout.count("already has DONE.json") == 5  # rerun resumes: no work

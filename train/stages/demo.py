@@ -7,6 +7,8 @@ Steps (each skipped when its output is already complete, so a rerun resumes):
   4. a tiny Llama (grouped-query attention) from configs/tiny,
      pre-trained (stage sft, full) on gold solutions of fresh questions -> OUT/pretrain/model
   5. stage neg, then stage nat: 2 processes, DeepSpeed ZeRO-3    -> OUT/neg, OUT/nat
+  6. stage score (teacher sharded, ZeRO-3), stage distill (NCE)   -> OUT/score, OUT/distill
+  7. export: the student merged into a Hugging Face model dir    -> OUT/export
 Training stages run as separate `torchrun` launches, exactly as a user would start them.
 """
 
@@ -24,6 +26,7 @@ from train.data.synthetic import generate, write_gold_solutions
 from train.data.tokenizer import train_tokenizer
 from train.engine.distributed import free_port
 from train.errors import TdgError
+from train.export import export
 from train.manifest import read_done, write_done
 from train.models.loading import build_tiny_model
 
@@ -85,10 +88,18 @@ def run_demo(opts: DemoOptions) -> dict:
     paths = [f"model.path={base}", f"data.path={prepared}"]
     _run_stage("neg", opts, [*paths, f"engine.output_dir={out / 'neg'}"])
     _run_stage("nat", opts, [*paths, f"engine.output_dir={out / 'nat'}", f"nat.neg_adapter={out / 'neg'}"])
-    for stage in ("pretrain", "neg", "nat"):
+    _run_stage("score", opts, [f"data.path={prepared}", f"score.nat_dir={out / 'nat'}",
+                               f"engine.output_dir={out / 'score'}"])
+    _run_stage("distill", opts, [*paths, f"distill.scores={out / 'score'}", f"engine.output_dir={out / 'distill'}"])
+    if not (out / "export" / "config.json").is_file():
+        _log(export(out / "distill", out / "export"))
+    for stage in ("pretrain", "neg", "nat", "distill"):
         m = read_done(out / stage)["metrics"]
         _log(f"{stage}: {m['global_step']} steps on {m['world_size']} ranks in {m['seconds']} s, "
              f"loss {m['first_loss']:.3f} -> {m['final_loss']:.3f}")
+    beta = read_done(out / "score")["metrics"]
+    _log(f"score: beta mean {beta['beta_mean']:.4f} (min {beta['beta_min']:.4f}, max {beta['beta_max']:.4f})")
+    _log(f"student: {out / 'export'} (loads with AutoModelForCausalLM.from_pretrained)")
     _log(f"done: {out}  (TensorBoard: tensorboard --logdir {out})")
     return stats
 
