@@ -16,6 +16,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from train.engine.distributed import free_port
+
 
 class SlurmUnavailable(Exception):
     pass
@@ -35,12 +37,6 @@ def ensure_installed() -> None:
     r = _run(["apt-get", "install", "-y", "-qq", "slurm-wlm", "munge"], env=env, timeout=1200)
     if r.returncode != 0 or not shutil.which("slurmctld"):
         raise SlurmUnavailable(f"apt-get install slurm-wlm munge failed: {r.stderr[-500:]}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SlurmCluster:
@@ -89,7 +85,7 @@ class SlurmCluster:
         self._start_munge()
         for d in ("state", "spool", "log"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
-        ctld_port, d_port = _free_port(), _free_port()
+        ctld_port, d_port = free_port(), free_port()
         self.conf.write_text(f"""\
 ClusterName=tdgtest
 SlurmctldHost={self.host}(127.0.0.1)

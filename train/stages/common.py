@@ -42,13 +42,20 @@ def causal_lm_loss(module: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, 
     return loss, {}
 
 
+def already_done(name: str, out: Path) -> bool:
+    """True if `out` has DONE.json (said once, by the launcher's rank 0: no process group exists yet)."""
+    if read_done(out) is None:
+        return False
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[{name}] {out} already has DONE.json: nothing to do", flush=True)
+    return True
+
+
 def run_stage(name: str, cfg: TrainStageConfig, build: Callable[[TrainStageConfig, dict], TrainTask],
               extra_inputs: dict[str, str] | None = None) -> int:
     """Skip if DONE.json exists; otherwise set up distributed, build the task, train. Returns exit code."""
     out = Path(cfg.engine.output_dir)
-    if read_done(out) is not None:
-        if os.environ.get("RANK", "0") == "0":  # before the process group exists: ask the launcher's env
-            print(f"[{name}] {out} already has DONE.json: nothing to do", flush=True)
+    if already_done(name, out):
         return 0
     device = dist_.setup()
     ds_cfg = build_ds_config(cfg.engine.ds_config, cfg.optim, dist_.world(), bf16=not dist_.on_cpu())

@@ -44,8 +44,9 @@ from train.data.tokenizer import load_tokenizer
 from train.engine import distributed as dist_
 from train.engine.ds_config import build_ds_config
 from train.errors import TdgError
-from train.manifest import dir_digest, file_digest, read_done, write_done
+from train.manifest import dir_digest, file_digest, write_done
 from train.models.nat import NAT_JSON, load_nat_teacher, set_mode
+from train.stages.common import already_done
 
 FORMAT = "tdg-scores-1"
 
@@ -121,9 +122,7 @@ def _plan(lengths: np.ndarray, shard_size: int, max_tokens: int) -> list[list[np
 def main(cfg: ScoreConfig) -> int:
     out = Path(cfg.engine.output_dir)
     nat_dir = Path(cfg.score.nat_dir)
-    if read_done(out) is not None:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"[score] {out} already has DONE.json: nothing to do", flush=True)
+    if already_done("score", out):
         return 0
     if not (nat_dir / NAT_JSON).is_file():
         raise TdgError(f"score.nat_dir: {nat_dir} is not a finished stage-nat output (no {NAT_JSON})")
