@@ -39,3 +39,37 @@ def record(benchmark: str, baseline: str, measured: str, ratio: str, goal: str, 
     with open(RESULTS, "a") as f:
         f.write(row)
     print(row, end="")
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tiny"
+
+
+def demo_outputs(path: str | Path) -> Path:
+    """A finished `tdg demo` output (its prepared data, base, neg, nat and scores); runs the demo if absent."""
+    from train.manifest import read_done
+    from train.stages.demo import DemoOptions, run_demo
+
+    out = Path(path)
+    if read_done(out / "score") is None:
+        run_demo(DemoOptions(output=str(out)))
+    return out
+
+
+def run_stage_in_process(stage: str, config: str, overrides: list[str]) -> dict:
+    """Run a training stage in this process as a world of one (CPU); return its DONE.json metrics."""
+    import importlib
+    import os
+
+    from train.cli import STAGES
+    from train.config import load_config
+    from train.manifest import read_done
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _, module, cls_name = STAGES[stage]
+    import train.config as config_mod
+
+    cfg = load_config(getattr(config_mod, cls_name), CONFIGS / f"{config}.yaml", overrides)
+    code = importlib.import_module(module).main(cfg)
+    if code != 0:
+        raise RuntimeError(f"{stage} exited with {code}")
+    return read_done(cfg.engine.output_dir)["metrics"]

@@ -3,6 +3,7 @@
 import json
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -107,3 +108,29 @@ def test_killed_after_first_shard_rerun_skips_it_and_scores_every_sample_once(tm
     ids = _all_ids(out)
     assert sorted(ids) == sorted(data.ids) and len(set(ids)) == len(ids)
     assert not list((out / "shards").glob(".*tmp*"))  # no half-written shard left behind
+
+
+def test_inspect_scores_reports_the_extremes_and_writes_a_histogram(zero3_scores, tmp_path):
+    from train.score_report import extremes, read_betas
+
+    png, summary_json = tmp_path / "hist.png", tmp_path / "summary.json"
+    result = subprocess.run([sys.executable, str(REPO / "tools/inspect_scores.py"), str(zero3_scores),
+                             "--png", str(png), "--top", "2", "--json", str(summary_json)],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    betas = read_betas(zero3_scores)
+    summary = json.loads(summary_json.read_text())
+    assert summary["samples"] == len(betas.ids) and summary["p0"] <= summary["p50"] <= summary["p100"]
+    assert abs(summary["mean"] - float(betas.beta.mean())) < 1e-6
+    high, low = extremes(betas, 2)
+    assert betas.beta[high[0]] == betas.beta.max() and betas.beta[low[0]] == betas.beta.min()
+    for i in high + low:  # each listed with its question text from the prepared data
+        assert betas.ids[i] in result.stdout
+    assert "question:" in result.stdout
+
+
+def test_inspect_scores_on_a_wrong_directory_names_it(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "tools/inspect_scores.py"), str(tmp_path)],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and str(tmp_path) in result.stderr and "manifest.json" in result.stderr

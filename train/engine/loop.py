@@ -180,6 +180,7 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
 
     per_step = world * accum
     losses: list[float] = []  # per optimizer step, for the start/end summary in DONE.json
+    step_seconds: list[float] = []  # wall time of each optimizer step (benchmarks compare the median)
     t_start, tokens_seen = time.time(), 0
     exit_code = 0
     engine.train()
@@ -213,6 +214,7 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
                 means = {k: float(v) / global_units for k, v in zip(names, reduced.tolist(), strict=True)}
                 losses.append(means["loss"])
                 dt = max(time.time() - t0, 1e-9)
+                step_seconds.append(dt)
                 if pos.global_step % cfg.engine.log_every == 0:
                     grad_norm = engine.get_global_grad_norm()
                     scalars = {f"{task.name}/{k}": v for k, v in means.items()}
@@ -254,7 +256,8 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
                "first_loss": float(np.mean(losses[:window])) if losses else math.nan,
                "final_loss": float(np.mean(losses[-window:])) if losses else math.nan,
                "tokens": tokens_seen, "seconds": round(time.time() - t_start, 2), "world_size": world,
-               "trainable_params": n_trainable}
+               "trainable_params": n_trainable,
+               "step_seconds_median": float(np.median(step_seconds[1:] or step_seconds)) if step_seconds else math.nan}
     with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
         if dist_.is_main():
             metrics.update(task.save_fn(engine.module, out) or {})

@@ -1,0 +1,42 @@
+"""Distill step time: precomputed teacher scores (offline) vs the teacher run in every step (online).
+
+Same process, same data, same batches (the engine's batch order depends only on the data seed),
+same student; the only difference is where the KD targets come from. Online runs the NAT teacher
+twice per batch (modes nat and neg, as the reference did) and takes KD over the full vocabulary;
+offline reads the stored top-k. The metric is the median optimizer-step time (first step excluded).
+Usage: python bench/distill_modes.py [--demo demo_out] [--steps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import demo_outputs, record, run_stage_in_process  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--demo", default="demo_out", help="a finished `tdg demo` output (run first if absent)")
+    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per mode")
+    args = ap.parse_args()
+    demo = demo_outputs(args.demo)
+    common = [f"model.path={demo / 'pretrain/model'}", f"data.path={demo / 'prepared'}",
+              f"optim.max_steps={args.steps}", "engine.ds_config=zero2", "engine.save_every=0", "engine.progress=false"]
+    with tempfile.TemporaryDirectory() as tmp:
+        offline = run_stage_in_process("distill", "distill", [*common, f"distill.scores={demo / 'score'}",
+                                                              f"engine.output_dir={tmp}/offline"])
+        online = run_stage_in_process("distill", "distill", [*common, "distill.mode=online",
+                                                             f"distill.nat_dir={demo / 'nat'}",
+                                                             f"engine.output_dir={tmp}/online"])
+    t_off, t_on = offline["step_seconds_median"], online["step_seconds_median"]
+    record(f"distill step time, tiny model (demo), {args.steps} steps, 1 rank ZeRO-2",
+           f"online teacher {t_on * 1000:.0f} ms/step", f"stored top-32 {t_off * 1000:.0f} ms/step",
+           f"{t_on / t_off:.2f}x", ">= 2x on GPU: not measured (no GPU lent)")
+
+
+if __name__ == "__main__":
+    main()
