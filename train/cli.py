@@ -71,7 +71,14 @@ STAGES = {
               "train.stages.score", "ScoreConfig"),
     "distill": ("NCE distillation: a student trained with CE + beta-weighted KD from the NAT teacher",
                 "train.stages.distill", "DistillConfig"),
+    "ranker": ("train the ASC ranker: a scalar head (LoRA body) scoring positive above negative rationales",
+               "train.stages.ranker", "RankerConfig"),
+    "eval": ("evaluate a model: greedy, self-consistency and ranker-weighted (ASC) accuracy on test questions",
+             "train.stages.evaluate", "EvalConfig"),
 }
+
+EVAL_SHORTCUTS = {"model": "eval.model", "test": "eval.test", "ranker": "eval.ranker", "n": "eval.n",
+                  "output": "engine.output_dir"}
 
 
 def config_keys_help(cls) -> str:
@@ -126,6 +133,17 @@ def _add_stage(sub, name: str) -> None:
                    help="print the resolved value of a config key (e.g. engine.output_dir) and exit")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides, e.g. optim.lr=1e-4 data.max_tokens=2048")
+    if name == "eval":  # the common case without a config file
+        p.add_argument("--model", metavar="DIR", help="model to evaluate (eval.model): an exported model dir or "
+                       "a stage output (adapter/, model/ or NAT)")
+        p.add_argument("--test", metavar="PATH", help="test questions (eval.test): MATH-style or question/answer "
+                       "jsonl, or a TDG-layout directory")
+        p.add_argument("--ranker", metavar="DIR", help="stage-ranker output for ASC (eval.ranker)")
+        p.add_argument("--n", "--num-samples", dest="n", type=int, metavar="N",
+                       help="sampled rationales per question (eval.n, default 16); under torchrun spell it "
+                            "--num-samples (torchrun's own parser takes --n for one of its options)")
+        p.add_argument("--output", metavar="DIR", help="output directory (engine.output_dir; default "
+                       "MODEL/eval-<test name>)")
 
 
 def _add_export(sub) -> None:
@@ -184,7 +202,13 @@ def _run(args: argparse.Namespace) -> int:
         from train import config
 
         _, module, cls_name = STAGES[args.command]
-        cfg = config.load_config(getattr(config, cls_name), args.config, args.overrides)
+        overrides = list(args.overrides)
+        if args.command == "eval":
+            if args.model and not args.output and not args.config:
+                args.output = f"{args.model.rstrip('/')}/eval-{os.path.basename(args.test or 'test').split('.')[0]}"
+            overrides = [f"{key}={getattr(args, flag)}" for flag, key in EVAL_SHORTCUTS.items()
+                         if getattr(args, flag) is not None] + overrides
+        cfg = config.load_config(getattr(config, cls_name), args.config, overrides)
         if args.print_key:
             print(config.get_dotted(cfg, args.print_key))
             return 0

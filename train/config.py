@@ -364,3 +364,69 @@ class DistillConfig(TrainStageConfig):
     """Stage `distill`: the NCE student, trained on positives with beta-weighted KD from the NAT teacher."""
 
     distill: DistillSection = dataclasses.field(default_factory=DistillSection)
+
+
+@dataclasses.dataclass
+class RankerSection:
+    heldout_fraction: float = 0.1  # share of questions kept out of training for pairwise accuracy
+    pairs_per_question: int = 0  # cap on (pos, neg) pairs per question; 0: max(#pos, #neg), every rationale used
+    seed: int = 0  # seeds the pairing and the held-out split
+
+    def validate(self) -> None:
+        if not 0 <= self.heldout_fraction < 1 or self.pairs_per_question < 0:
+            raise ConfigError("ranker: 0 <= heldout_fraction < 1 and pairs_per_question >= 0 required")
+
+
+@dataclasses.dataclass
+class RankerConfig(TrainStageConfig):
+    """Stage `ranker`: a scalar reward head (LoRA body) trained so r(pos) > r(neg) on the same question."""
+
+    ranker: RankerSection = dataclasses.field(default_factory=RankerSection)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.data.packing:
+            raise ConfigError("data.packing: the ranker reads one score per sequence; use padded batches")
+
+
+@dataclasses.dataclass
+class EvalSection:
+    model: str = ""  # model to evaluate: an exported model dir, or a stage output (adapter/, model/ or NAT)
+    test: str = ""  # test questions: MATH-style jsonl, question/answer jsonl, or a TDG-layout directory
+    ranker: str = ""  # output dir of stage ranker; empty: no ASC (greedy and self-consistency only)
+    n: int = 16  # sampled rationales per question (the paper: 16)
+    temperature: float = 0.5  # sampling temperature (the paper sampled at 0.5)
+    top_p: float = 1.0  # nucleus sampling threshold
+    max_new_tokens: int = 256  # generation cutoff per rationale
+    batch_questions: int = 8  # questions per generate call (each expands to n sequences)
+    weighting: Literal["count", "score", "1+score", "1+2score"] = "score"  # ASC vote weight (all are reported)
+    grader: Literal["math-verify", "hendrycks"] = "math-verify"  # answer equivalence, as in prepare
+    grade_timeout: float = 5.0  # seconds one answer may take to grade
+    max_questions: int = 0  # > 0: only the first N test questions
+    seed: int = 0  # sampling seed (per question: reruns and resumes draw the same samples)
+
+    def validate(self) -> None:
+        if not self.model or not self.test:
+            raise ConfigError("eval.model and eval.test: required")
+        if self.n < 1 or self.temperature <= 0 or not 0 < self.top_p <= 1 or self.batch_questions < 1:
+            raise ConfigError("eval: n >= 1, temperature > 0, 0 < top_p <= 1, batch_questions >= 1 required")
+
+
+@dataclasses.dataclass
+class EvalEngine:
+    output_dir: str = ""  # predictions*.jsonl, metrics.json, metrics.md, tb/, DONE.json
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # model dtype (auto: bf16 GPU, fp32 CPU)
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    progress: bool = True  # tqdm progress bar on rank 0
+
+    def validate(self) -> None:
+        if not self.output_dir:
+            raise ConfigError("engine.output_dir: required")
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Stage `eval`: greedy, self-consistency and ranker-weighted (ASC) accuracy on test questions."""
+
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+    engine: EvalEngine = dataclasses.field(default_factory=EvalEngine)

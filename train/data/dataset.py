@@ -26,6 +26,12 @@ def prompt_text(question: str) -> str:
     return question + "\n"
 
 
+def prompt_ids(tokenizer, questions: list[str]) -> list[list[int]]:
+    """Token ids of each question's prompt (BOS + prompt_text): what training and generation both feed."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return [bos + p for p in tokenizer([prompt_text(q) for q in questions], add_special_tokens=False)["input_ids"]]
+
+
 def read_prepared(path: str | Path, labels: tuple[str, ...] = ("pos", "neg"), columns: list[str] | None = None):
     """The prepared rows whose label is in `labels`, as a pyarrow Table in file order."""
     p = Path(path)
@@ -57,13 +63,11 @@ def tokenize(table, tokenizer, max_len: int) -> TokenizedSet:
     questions = table.column("question").to_pylist()
     rationales = table.column("rationale").to_pylist()
     row_ids = table.column("id").to_pylist()
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = tokenizer.eos_token_id
-    p_ids = tokenizer([prompt_text(q) for q in questions], add_special_tokens=False)["input_ids"]
+    p_ids = prompt_ids(tokenizer, questions)
     r_ids = tokenizer(rationales, add_special_tokens=False)["input_ids"]
     ids, seqs, plens, dropped = [], [], [], 0
-    for rid, p, r in zip(row_ids, p_ids, r_ids, strict=True):
-        prompt = bos + p
+    for rid, prompt, r in zip(row_ids, p_ids, r_ids, strict=True):
         if len(prompt) >= max_len:
             dropped += 1
             continue

@@ -39,6 +39,34 @@ def _on_alarm(signum, frame):
     raise _SoftTimeout()
 
 
+def _grade_one(grader, gold: str, pred: str, timeout: float) -> tuple[bool, str]:
+    """(equal, status) under a SIGALRM soft timeout; main thread only."""
+    try:
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            return bool(grader(gold, pred)), OK
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except _SoftTimeout:
+        return False, TIMEOUT
+    except Exception:
+        return False, ERROR
+
+
+def grade_inline(gold: str, preds: list[str | None], grader: str = "math-verify", timeout: float = 5.0) -> list[bool]:
+    """Grade a few answers of one question in this process (no workers): for evaluation, where
+    forking a process that holds a model and a process group is unwelcome. None (no answer) is wrong."""
+    fn = get_grader(grader)
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    try:
+        cache: dict[str, bool] = {}
+        for p in {p for p in preds if p is not None}:
+            cache[p] = True if "".join(p.split()) == "".join(gold.split()) else _grade_one(fn, gold, p, timeout)[0]
+        return [p is not None and cache[p] for p in preds]
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _worker(conn: Connection, grader_name: str, timeout: float, slot: int, progress) -> None:
     """Receive chunks [(index, gold, pred)], send back [(index, equal, status)]."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
@@ -52,16 +80,7 @@ def _worker(conn: Connection, grader_name: str, timeout: float, slot: int, progr
         for i, gold, pred in msg:
             progress[2 * slot] = i
             progress[2 * slot + 1] = time.monotonic()
-            try:
-                signal.setitimer(signal.ITIMER_REAL, timeout)
-                try:
-                    out.append((i, bool(grader(gold, pred)), OK))
-                finally:
-                    signal.setitimer(signal.ITIMER_REAL, 0)
-            except _SoftTimeout:
-                out.append((i, False, TIMEOUT))
-            except Exception:
-                out.append((i, False, ERROR))
+            out.append((i, *_grade_one(grader, gold, pred, timeout)))
         progress[2 * slot + 1] = 0.0
         conn.send(out)
 

@@ -133,7 +133,45 @@ def _parse_line(rec: object, subject: str, where: tuple[str, int]) -> Question:
     )
 
 
-def _read_file(path: Path, subject: str) -> Iterator[Question | InputError]:
+def _parse_test_line(rec: object, subject: str, where: tuple[str, int]) -> Question:
+    """A test question: MATH style (problem + solution, subject or type, level), question + answer
+    (answer may be a worked solution: its last boxed expression is the gold), or a TDG line."""
+    if not isinstance(rec, dict):
+        raise InputError(where[0], where[1], "line is not a JSON object", "wrong_type")
+    if "problem" in rec:
+        question, gold_keys = _need(rec, "problem", str, where), ("solution", "answer")
+    elif "question" in rec:
+        question, gold_keys = _need(rec, "question", str, where), ("answer", "gold")
+    else:
+        raise InputError(where[0], where[1], "test line needs 'problem' (MATH style) or 'question'", "missing_field")
+    gold_key = next((k for k in gold_keys if k in rec), None)
+    if gold_key is None:
+        raise InputError(where[0], where[1], f"missing field {gold_keys[0]!r} (or {gold_keys[1]!r})", "missing_field")
+    gold = _need(rec, gold_key, (str, int, float), where)
+    subj = rec.get("subject", rec.get("type", subject))
+    if not isinstance(subj, str):
+        raise InputError(where[0], where[1], f"field 'subject' must be str, got {type(subj).__name__}", "wrong_type")
+    return Question(question_id(question), subj, question, gold_answer(str(gold)), f"{where[0]}:{where[1]}",
+                    level=str(rec.get("level", "")))
+
+
+def read_test_questions(path: str | Path) -> list[Question]:
+    """Every question of a test file or directory (first occurrence of each), in file order.
+    A directory's subdirectory names are subjects (the TDG layout); bad lines raise InputError."""
+    root = Path(path)
+    seen: dict[str, Question] = {}
+    for f in find_jsonl(root):
+        subject = subject_from_dir(f.parent.name) if root.is_dir() else "default"
+        for q in _read_file(f, subject, _parse_test_line):
+            if isinstance(q, InputError):
+                raise q
+            seen.setdefault(q.qid, q)
+    if not seen:
+        raise InputError(str(root), None, "no test questions", "empty_input")
+    return list(seen.values())
+
+
+def _read_file(path: Path, subject: str, parse=_parse_line) -> Iterator[Question | InputError]:
     """Each non-blank line as a Question, or the InputError that says what is wrong with it."""
     try:
         data = path.read_bytes()
@@ -150,7 +188,7 @@ def _read_file(path: Path, subject: str) -> Iterator[Question | InputError]:
             except json.JSONDecodeError as e:
                 raise InputError(str(path), lineno, f"invalid JSON: {e.msg} at column {e.colno}",
                                  "invalid_json") from None
-            yield _parse_line(rec, subject, where)
+            yield parse(rec, subject, where)
         except UnicodeDecodeError as e:
             yield InputError(str(path), lineno, f"not valid UTF-8 (byte {e.start})", "not_utf8")
         except InputError as e:

@@ -54,6 +54,9 @@ class TrainTask:
     units: Callable[[np.ndarray], int] | None = None  # normaliser of a batch; default: target tokens
     scalars_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None  # extra TensorBoard scalars
     collate_fn: Callable[[np.ndarray], dict] | None = None
+    # held-out evaluation (every rank, eval mode, no grad) at each epoch end and after the last step;
+    # its scalars go to TensorBoard and the last ones into DONE.json
+    evaluate_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None
 
 
 @dataclass
@@ -178,6 +181,23 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
             ckpt.prune(root, cfg.engine.keep_last)
         dist_.barrier()
 
+    last_eval: dict[str, float] = {}
+    evaluated_at = -1
+
+    def evaluate() -> None:
+        nonlocal last_eval, evaluated_at
+        if task.evaluate_fn is None or evaluated_at == pos.global_step:
+            return
+        engine.eval()
+        with torch.no_grad():
+            last_eval = task.evaluate_fn(engine.module)
+        engine.train()
+        evaluated_at = pos.global_step
+        log.scalars(last_eval, pos.global_step)
+        if dist_.is_main():
+            print(f"[{task.name}] step {pos.global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()),
+                  flush=True)
+
     per_step = world * accum
     losses: list[float] = []  # per optimizer step, for the start/end summary in DONE.json
     step_seconds: list[float] = []  # wall time of each optimizer step (benchmarks compare the median)
@@ -241,6 +261,9 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
                 break
             if cursor + per_step > len(batches):  # this epoch's data is used up
                 pos.epoch, pos.samples_in_epoch = pos.epoch + 1, 0
+                evaluate()
+    if not exit_code:
+        evaluate()  # the last step did not end an epoch (max_steps), or nothing was left to train
     if bar is not None:
         bar.close()
     log.close()
@@ -257,7 +280,8 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
                "final_loss": float(np.mean(losses[-window:])) if losses else math.nan,
                "tokens": tokens_seen, "seconds": round(time.time() - t_start, 2), "world_size": world,
                "trainable_params": n_trainable,
-               "step_seconds_median": float(np.median(step_seconds[1:] or step_seconds)) if step_seconds else math.nan}
+               "step_seconds_median": float(np.median(step_seconds[1:] or step_seconds)) if step_seconds else math.nan,
+               **{k.rsplit("/", 1)[-1]: v for k, v in last_eval.items()}}
     with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
         if dist_.is_main():
             metrics.update(task.save_fn(engine.module, out) or {})

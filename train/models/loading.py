@@ -35,18 +35,20 @@ def check_model_dir(path: str, key: str = "model.path") -> Path:
     return p
 
 
-def load_base_model(mcfg: ModelConfig, on_cpu: bool, ds_config: dict | None = None):
-    """AutoModelForCausalLM from `mcfg.path`; partitioned at load time when ds_config is ZeRO-3."""
+def load_base_model(mcfg: ModelConfig, on_cpu: bool, ds_config: dict | None = None, scalar_head: bool = False):
+    """AutoModelForCausalLM from `mcfg.path` (AutoModelForSequenceClassification with one output,
+    a new head, if `scalar_head`); partitioned at load time when ds_config is ZeRO-3."""
     global _DS_HOOK
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     check_model_dir(mcfg.path)
     if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
         _DS_HOOK = HfDeepSpeedConfig(ds_config)
-    model = AutoModelForCausalLM.from_pretrained(
-        mcfg.path, local_files_only=True, dtype=resolve_dtype(mcfg.dtype, on_cpu),
+    cls, extra = (AutoModelForSequenceClassification, {"num_labels": 1}) if scalar_head else (AutoModelForCausalLM, {})
+    model = cls.from_pretrained(
+        mcfg.path, **extra, local_files_only=True, dtype=resolve_dtype(mcfg.dtype, on_cpu),
         attn_implementation=mcfg.attn_implementation, trust_remote_code=mcfg.trust_remote_code)
     model.config.use_cache = False
     if mcfg.gradient_checkpointing:

@@ -20,11 +20,11 @@ from train.models.loading import check_target_modules, load_base_model
 from train.stages.common import causal_lm_loss, load_stage_data, run_stage
 
 
-def peft_lora_config(cfg: TrainStageConfig):
+def peft_lora_config(cfg: TrainStageConfig, task_type: str | None = "CAUSAL_LM"):
     from peft import LoraConfig
 
     return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM",
+                      target_modules=list(cfg.lora.target_modules), task_type=task_type,
                       base_model_name_or_path=str(Path(cfg.model.path).resolve()))
 
 

@@ -1,0 +1,220 @@
+"""Stage `eval`: greedy, self-consistency and ASC accuracy of a model on test questions.
+
+Per question: one greedy rationale and `eval.n` sampled ones, each answer (last boxed) graded
+against the gold with the prepare grader, each sample scored by the ranker (if given). Voting
+and its weightings are in `train.voting`.
+
+Data parallel: rank r takes every W-th unfinished question; each model is a full copy per rank
+(generation under ZeRO-3 would gather every layer for every token). Each finished question is
+appended (and flushed) as one line to `predictions-rank<r>.jsonl`, so a killed run loses at most
+a batch: a restart reads every predictions file, skips the questions found there and splits the
+rest over however many ranks it has. At the end rank 0 writes `predictions.jsonl` (test order),
+`metrics.json`, `metrics.md`, TensorBoard scalars and DONE.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from train.config import EvalConfig, save_config
+from train.data.answers import last_boxed
+from train.data.dataset import collate, tokenize
+from train.data.grading import grade_inline
+from train.data.readers import Question, read_test_questions
+from train.engine import distributed as dist_
+from train.manifest import dir_digest, file_digest, write_done
+from train.stages.common import already_done
+from train.voting import WEIGHTINGS, Candidate, any_correct, vote
+
+PREDICTIONS = "predictions.jsonl"
+
+
+def read_predictions(out: Path) -> dict[str, dict]:
+    """Finished questions from every rank's file. A torn last line (killed mid-write) is ignored."""
+    done: dict[str, dict] = {}
+    for f in sorted(out.glob("predictions-rank*.jsonl")):
+        for line in f.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[rec["qid"]] = rec
+    return done
+
+
+def drop_torn_tail(path: Path) -> None:
+    """Cut a line left half-written by a killed run, so the next append starts on a fresh line."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def _batch_seed(seed: int, qids: list[str]) -> int:
+    return int.from_bytes(hashlib.sha1(f"{seed}:{','.join(qids)}".encode()).digest()[:7], "big")
+
+
+@torch.no_grad()
+def ranker_scores(ranker, tok, question: str, rationales: list[str], device: torch.device,
+                  max_len: int = 2048) -> list[float]:
+    """The ranker's raw output r for each rationale, tokenized exactly as stage ranker trained."""
+    table = pa.table({"id": [str(i) for i in range(len(rationales))], "question": [question] * len(rationales),
+                      "rationale": rationales})
+    data = tokenize(table, tok, max_len)
+    if len(data) < len(rationales):  # the prompt alone is too long: no score
+        return [0.0] * len(rationales)
+    batch = collate(data, np.arange(len(data)), tok.pad_token_id, packing=False)
+    return ranker(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).tolist()
+
+
+def evaluate_batch(model, tok, ranker, ranker_tok, questions: list[Question], cfg: EvalConfig,
+                   device: torch.device) -> list[dict]:
+    from train.generation import generate_rationales
+
+    e = cfg.eval
+    greedy, samples = generate_rationales(model, tok, [q.question for q in questions], e.n, e.temperature, e.top_p,
+                                          e.max_new_tokens, _batch_seed(e.seed, [q.qid for q in questions]),
+                                          device)
+    records = []
+    for q, g, texts in zip(questions, greedy, samples, strict=True):
+        answers = [last_boxed(t) for t in [g, *texts]]
+        correct = grade_inline(q.gold, answers, e.grader, e.grade_timeout)
+        scores = ranker_scores(ranker, ranker_tok, q.question, texts, device) if ranker is not None else None
+        cands = [Candidate(a, c, s if scores else 0.0)
+                 for a, c, s in zip(answers[1:], correct[1:], scores or [0.0] * len(texts), strict=True)]
+        rec = {"qid": q.qid, "subject": q.subject, "level": q.level, "question": q.question, "gold": q.gold,
+               "greedy": {"text": g, "answer": answers[0], "correct": correct[0]},
+               "samples": [{"text": t, "answer": c.answer, "correct": c.correct,
+                            "ranker": None if scores is None else c.score} for t, c in zip(texts, cands, strict=True)],
+               "votes": {"sc": vote(cands, "count"), "pass_at_n": any_correct(cands)}}
+        if scores is not None:
+            rec["votes"].update({f"asc_{w}": vote(cands, w) for w in WEIGHTINGS if w != "count"})
+        records.append(rec)
+    return records
+
+
+def summarize(records: list[dict]) -> dict:
+    """Accuracies (in %) overall, per subject and per level."""
+    def block(recs: list[dict]) -> dict:
+        out = {"questions": len(recs), "greedy": 100 * float(np.mean([r["greedy"]["correct"] for r in recs]))}
+        for key in recs[0]["votes"]:
+            out[key] = 100 * float(np.mean([r["votes"][key] for r in recs]))
+        return out
+
+    groups: dict[str, dict[str, list[dict]]] = {"subject": {}, "level": {}}
+    for r in records:
+        groups["subject"].setdefault(r["subject"], []).append(r)
+        if r["level"]:
+            groups["level"].setdefault(r["level"], []).append(r)
+    return {"overall": block(records),
+            "by_subject": {k: block(v) for k, v in sorted(groups["subject"].items())},
+            "by_level": {k: block(v) for k, v in sorted(groups["level"].items())}}
+
+
+def markdown_table(metrics: dict, n: int, weighting: str) -> str:
+    asc_key = f"asc_{weighting}" if weighting != "count" else "sc"
+    has_asc = asc_key in metrics["overall"]
+    head = f"| group | questions | greedy | SC@{n} |" + (f" ASC@{n} ({weighting}) |" if has_asc else "") + \
+        f" pass@{n} |"
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+
+    def row(name: str, m: dict) -> str:
+        cells = [name, str(m["questions"]), f"{m['greedy']:.1f}", f"{m['sc']:.1f}"]
+        cells += [f"{m[asc_key]:.1f}"] if has_asc else []
+        return "| " + " | ".join([*cells, f"{m['pass_at_n']:.1f}"]) + " |"
+
+    lines.append(row("**all**", metrics["overall"]))
+    lines += [row(f"subject {k}", m) for k, m in metrics["by_subject"].items()]
+    lines += [row(f"level {k}", m) for k, m in metrics["by_level"].items()]
+    if has_asc:
+        o = metrics["overall"]
+        keys = {w: "sc" if w == "count" else f"asc_{w}" for w in WEIGHTINGS}
+        lines += ["", "ASC vote weightings (all questions; s = sigmoid(ranker output)): "
+                  + ", ".join(f"{w.replace('score', 's')} {o[k]:.1f}" for w, k in keys.items() if k in o)]
+    return "\n".join(lines) + "\n"
+
+
+def main(cfg: EvalConfig) -> int:
+    from train.generation import load_generator
+    from train.models.reward import load_ranker
+
+    out = Path(cfg.engine.output_dir)
+    if already_done("eval", out):
+        return 0
+    questions = read_test_questions(cfg.eval.test)  # bad test files fail here, before any model loads
+    if cfg.eval.max_questions > 0:
+        questions = questions[:cfg.eval.max_questions]
+    device = dist_.setup()
+    world, rank = dist_.world(), dist_.rank()
+    t0 = time.time()
+    if dist_.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    dist_.barrier()
+    done = read_predictions(out)
+    todo = [q for q in questions if q.qid not in done][rank::world]
+    model, tok, what = load_generator(cfg.eval.model, device, cfg.engine.dtype, cfg.engine.attn_implementation)
+    ranker, ranker_tok = load_ranker(cfg.eval.ranker, device, cfg.engine.dtype) if cfg.eval.ranker else (None, None)
+    if dist_.is_main():
+        print(f"[eval] {what}; {len(questions)} questions ({len(done)} already done), {cfg.eval.n} samples each, "
+              f"{world} rank(s)" + (f"; ranker {cfg.eval.ranker}" if ranker is not None else "; no ranker"),
+              flush=True)
+    bar = None
+    if dist_.is_main() and cfg.engine.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), desc="eval (rank 0)", unit="question", dynamic_ncols=True)
+    mine = out / f"predictions-rank{rank}.jsonl"
+    drop_torn_tail(mine)
+    with open(mine, "a", encoding="utf-8") as f:
+        for start in range(0, len(todo), cfg.eval.batch_questions):
+            batch = todo[start:start + cfg.eval.batch_questions]
+            for rec in evaluate_batch(model, tok, ranker, ranker_tok, batch, cfg, device):
+                f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            if bar is not None:
+                bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+    dist_.barrier()
+    if dist_.is_main():
+        _finish(cfg, out, questions, t0)
+    dist_.barrier()
+    return 0
+
+
+def _finish(cfg: EvalConfig, out: Path, questions: list[Question], t0: float) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    done = read_predictions(out)
+    missing = [q.qid for q in questions if q.qid not in done]
+    if missing:
+        raise RuntimeError(f"{out}: {len(missing)} questions have no predictions after every rank finished "
+                           f"(e.g. {missing[:3]})")
+    records = [done[q.qid] for q in questions]
+    tmp = out / f".{PREDICTIONS}.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    os.replace(tmp, out / PREDICTIONS)
+    metrics = summarize(records)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    table = markdown_table(metrics, cfg.eval.n, cfg.eval.weighting)
+    (out / "metrics.md").write_text(f"# Evaluation of {cfg.eval.model}\n\nTest: {cfg.eval.test}\n\n{table}")
+    with SummaryWriter(str(out / "tb")) as tb:
+        for k, v in metrics["overall"].items():
+            tb.add_scalar(f"eval/{k}", v, 0)
+    inputs = {"test": file_digest(Path(cfg.eval.test)) if Path(cfg.eval.test).is_file() else dir_digest(cfg.eval.test)}
+    write_done(out, config=asdict(cfg), inputs=inputs,
+               metrics={**metrics["overall"], "seconds": round(time.time() - t0, 2), "world_size": dist_.world()})
+    print(table, flush=True)

@@ -1,0 +1,181 @@
+"""Stage `ranker`: the ASC reward model, trained on (positive, negative) pairs of the same question.
+
+    loss = -log sigmoid(r(pos) - r(neg))      (Bradley-Terry), summed over pairs, mean per step
+
+A question with P positives and N negatives gives max(P, N) pairs (capped by
+`ranker.pairs_per_question`): both lists shuffled, then cycled, so every rationale is used and
+none twice more than needed. Questions with only one kind cannot form a pair; they are skipped
+and counted. A `ranker.heldout_fraction` of questions (chosen by a hash of question id and seed,
+so the split does not depend on data order) is kept out; its pairwise accuracy (share of pairs
+with r(pos) > r(neg)) is measured at each epoch end, logged to TensorBoard and kept in DONE.json.
+
+Output: `adapter/` (LoRA on the body), `head.safetensors` (the scalar head, fully trained),
+`ranker.json`. Stage `eval` loads it with `train.models.reward.load_ranker`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from train.config import RankerConfig
+from train.data.batching import TokenBudgetBatcher
+from train.data.dataset import TokenizedSet, collate, read_prepared, tokenize
+from train.data.tokenizer import load_tokenizer
+from train.engine import distributed as dist_
+from train.engine.loop import TrainTask
+from train.errors import InputError
+from train.models.adapters import expected_lora_shapes, save_adapter
+from train.models.loading import check_target_modules, load_base_model, tokenizer_dir
+from train.models.reward import RANKER_JSON, RewardModel, save_head
+from train.stages.common import run_stage
+from train.stages.sft import peft_lora_config
+
+
+@dataclass
+class PairSet:
+    """(pos, neg) pairs over one tokenized set; `lengths` is what a pair costs in a padded batch."""
+
+    seqs: TokenizedSet
+    pos: np.ndarray
+    neg: np.ndarray
+
+    @property
+    def ids(self) -> list[str]:
+        return [f"{self.seqs.ids[p]}>{self.seqs.ids[n]}" for p, n in zip(self.pos, self.neg, strict=True)]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        lens = self.seqs.lengths
+        return 2 * np.maximum(lens[self.pos], lens[self.neg])
+
+    def __len__(self) -> int:
+        return len(self.pos)
+
+    def batch(self, indices, pad_id: int) -> dict:
+        """Rows 0..B-1 the positives, rows B..2B-1 their negatives, right padded."""
+        rows = np.concatenate([self.pos[indices], self.neg[indices]])
+        b = collate(self.seqs, rows, pad_id, packing=False)
+        return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+
+
+def is_heldout(qid: str, fraction: float, seed: int) -> bool:
+    h = int.from_bytes(hashlib.sha1(f"{seed}:{qid}".encode()).digest()[:8], "big")
+    return h / 2**64 < fraction
+
+
+def make_pairs(qids: list[str], labels: list[str], data: TokenizedSet, row_of: dict[str, int], ids: list[str],
+               fraction: float, cap: int, seed: int) -> tuple[PairSet, PairSet, dict]:
+    """Train and held-out pairs from rows (qid, label, id); rows missing from `data` are ignored."""
+    groups: dict[str, tuple[list[int], list[int]]] = {}
+    for qid, label, rid in zip(qids, labels, ids, strict=True):
+        if rid in row_of:
+            groups.setdefault(qid, ([], []))[0 if label == "pos" else 1].append(row_of[rid])
+    pairs = {False: ([], []), True: ([], [])}
+    stats = {"questions": len(groups), "only_pos": 0, "only_neg": 0}
+    for qid in sorted(groups):
+        pos, neg = groups[qid]
+        if not pos or not neg:
+            stats["only_pos" if pos else "only_neg"] += 1
+            continue
+        rng = random.Random(f"{seed}:{qid}")
+        rng.shuffle(pos)
+        rng.shuffle(neg)
+        n = max(len(pos), len(neg))
+        n = min(n, cap) if cap > 0 else n
+        held = is_heldout(qid, fraction, seed)
+        pairs[held][0].extend(pos[k % len(pos)] for k in range(n))
+        pairs[held][1].extend(neg[k % len(neg)] for k in range(n))
+
+    def as_set(held: bool) -> PairSet:
+        return PairSet(data, np.asarray(pairs[held][0], dtype=np.int64), np.asarray(pairs[held][1], dtype=np.int64))
+
+    train, heldout = as_set(False), as_set(True)
+    stats.update(train_pairs=len(train), heldout_pairs=len(heldout))
+    return train, heldout, stats
+
+
+def bradley_terry(rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sum over pairs of -log sigmoid(r_pos - r_neg); rewards = [r_pos..., r_neg...]."""
+    half = rewards.shape[0] // 2
+    diff = rewards[:half] - rewards[half:]
+    return -F.logsigmoid(diff).sum(), {"acc": (diff > 0).float().sum().detach(), "margin": diff.sum().detach()}
+
+
+def heldout_accuracy(module: torch.nn.Module, pairs: PairSet, max_tokens: int, pad_id: int,
+                     device: torch.device) -> dict[str, float]:
+    """Pairwise accuracy and loss on held-out pairs, split over ranks. Every rank makes the same
+    number of forward calls (ZeRO-3 needs it); the extra ones repeat batch 0 and are dropped."""
+    if len(pairs) == 0:
+        return {}
+    batches = TokenBudgetBatcher(pairs.lengths, max_tokens, shuffle=False, group_size=len(pairs)).batches(0)
+    world, rank = dist_.world(), dist_.rank()
+    mine = batches[rank::world]
+    calls = -(-len(batches) // world)
+    sums = torch.zeros(3, device=device)  # correct, loss, pairs
+    for k in range(calls):
+        b = mine[k] if k < len(mine) else batches[0]
+        batch = {key: v.to(device) for key, v in pairs.batch(b, pad_id).items()}
+        loss, terms = bradley_terry(module(**batch))
+        if k < len(mine):
+            sums += torch.stack([terms["acc"], loss.detach().float(), torch.tensor(float(len(b)), device=device)])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    return {"ranker/heldout_acc": float(sums[0] / sums[2]), "ranker/heldout_loss": float(sums[1] / sums[2])}
+
+
+def build(cfg: RankerConfig, ds_cfg: dict) -> TrainTask:
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    tok = load_tokenizer(tokenizer_dir(cfg.model), cfg.model.trust_remote_code)
+    table = read_prepared(cfg.data.path, columns=["id", "qid", "label", "question", "rationale"])
+    data = tokenize(table, tok, cfg.data.max_len)
+    train, heldout, stats = make_pairs(
+        table.column("qid").to_pylist(), table.column("label").to_pylist(), data,
+        {rid: i for i, rid in enumerate(data.ids)}, table.column("id").to_pylist(),
+        cfg.ranker.heldout_fraction, cfg.ranker.pairs_per_question, cfg.ranker.seed)
+    if len(train) == 0:
+        raise InputError(cfg.data.path, None, f"no question has both a positive and a negative rationale "
+                         f"({stats['only_pos']} only positive, {stats['only_neg']} only negative)", "empty_input")
+    if dist_.is_main():
+        print(f"[ranker] {stats['train_pairs']} training pairs, {stats['heldout_pairs']} held-out pairs; skipped "
+              f"{stats['only_pos']} questions with only positives, {stats['only_neg']} with only negatives",
+              flush=True)
+
+    base = load_base_model(cfg.model, on_cpu=dist_.on_cpu(), ds_config=ds_cfg, scalar_head=True)
+    base.config.pad_token_id = tok.pad_token_id
+    check_target_modules(base, cfg.lora.target_modules)
+    expected = expected_lora_shapes(base, cfg.lora.target_modules, cfg.lora.r)
+    hidden = base.config.hidden_size
+    torch.manual_seed(cfg.engine.seed)
+    model = RewardModel(get_peft_model(base, peft_lora_config(cfg, task_type=None), adapter_name="ranker"))
+    model.head().requires_grad_(True)
+    device = torch.device("cpu") if dist_.on_cpu() else torch.device("cuda", torch.cuda.current_device())
+
+    def save(module: RewardModel, out: Path) -> dict:
+        lora = {n: p for n, p in module.lm.named_parameters() if p.requires_grad and "lora_" in n}
+        state = get_peft_model_state_dict(module.lm, state_dict=lora, adapter_name="ranker")
+        save_adapter(state, module.lm.peft_config["ranker"], out / "adapter", expected)
+        save_head(module.head(), out, hidden)
+        (out / RANKER_JSON).write_text(json.dumps({
+            "base_model": str(Path(cfg.model.path).resolve()),
+            "tokenizer": str(Path(tokenizer_dir(cfg.model)).resolve()), "hidden_size": hidden}, indent=1))
+        return {"ranker": str(out), **stats}
+
+    return TrainTask(
+        name="ranker", model=model, data=train,
+        loss_fn=lambda module, batch: bradley_terry(module(**batch)),
+        save_fn=save, pad_id=tok.pad_token_id, units=len,
+        collate_fn=lambda idx: train.batch(idx, tok.pad_token_id),
+        evaluate_fn=lambda module: heldout_accuracy(module, heldout, cfg.data.max_tokens, tok.pad_token_id, device))
+
+
+def main(cfg: RankerConfig) -> int:
+    return run_stage("ranker", cfg, build)
