@@ -54,9 +54,10 @@ def test_ranker_loss_falls_and_heldout_accuracy_beats_chance(ranker_dir):
     m = json.loads((ranker_dir / "DONE.json").read_text())["metrics"]
     assert m["world_size"] == 2
     assert m["final_loss"] < m["first_loss"] - 0.1
-    assert m["heldout_pairs"] >= 20 and m["train_pairs"] > 3 * m["heldout_pairs"] - 60
+    assert m["heldout_pairs"] >= 20 and m["train_pairs"] >= 2 * m["heldout_pairs"]
     assert m["heldout_acc"] >= 0.85  # chance is 0.5
-    assert (ranker_dir / "adapter" / "adapter_model.safetensors").is_file() and (ranker_dir / "head.safetensors").is_file()
+    assert (ranker_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert (ranker_dir / "head.safetensors").is_file()
     assert (ranker_dir / "tb").is_dir()
 
 
