@@ -6,7 +6,7 @@
 #   e.g. slurm/pipeline.sh configs/llama7b -N 2 --ntasks-per-node 8 --gpus-per-node 8
 #
 # Stage order, by config file name: pretrain.yaml (stage sft), sft.yaml, neg.yaml, nat.yaml,
-# score.yaml, distill.yaml.
+# score.yaml, distill.yaml, ranker.yaml, eval.yaml.
 # Each job's log goes to <engine.output_dir>/logs/<job name>-<job id>.out. Resubmitting after
 # a failure is safe: finished stages find their DONE.json and exit 0 at once.
 set -euo pipefail
@@ -21,7 +21,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${TDG_PYTHON:-${repo}/.venv/bin/python}
 
 prev=""
-for entry in pretrain:sft sft:sft neg:neg nat:nat score:score distill:distill; do
+for entry in pretrain:sft sft:sft neg:neg nat:nat score:score distill:distill ranker:ranker eval:eval; do
     name=${entry%%:*}
     stage=${entry##*:}
     cfg="${config_dir}/${name}.yaml"
@@ -40,6 +40,6 @@ for entry in pretrain:sft sft:sft neg:neg nat:nat score:score distill:distill; d
     prev=${jid}
 done
 if [ -z "${prev}" ]; then
-    echo "no stage configs (pretrain/sft/neg/nat/score/distill .yaml) in ${config_dir}" >&2
+    echo "no stage configs (pretrain/sft/neg/nat/score/distill/ranker/eval .yaml) in ${config_dir}" >&2
     exit 2
 fi

@@ -46,7 +46,9 @@ def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo", help="run the pipeline on the embedded synthetic data (CPU, minutes)",
         description="Generate the embedded synthetic arithmetic data set, train its tokenizer, prepare it, build "
-                    "a tiny Llama, then train stage neg and stage nat with torchrun (DeepSpeed ZeRO-3 on CPU). "
+                    "a tiny Llama (pre-trained on gold solutions), then run every stage with torchrun (DeepSpeed "
+                    "ZeRO-3 on CPU): neg, nat, score, distill, export of the student, ranker, and eval of the "
+                    "student on the held-out test split (greedy, self-consistency and ASC accuracy). "
                     "Every step is skipped when its output is complete, so rerunning resumes.",
     )
     p.add_argument("--output", default="demo_out", metavar="DIR", help="where every stage writes (default demo_out)")

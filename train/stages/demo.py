@@ -9,6 +9,8 @@ Steps (each skipped when its output is already complete, so a rerun resumes):
   5. stage neg, then stage nat: 2 processes, DeepSpeed ZeRO-3    -> OUT/neg, OUT/nat
   6. stage score (teacher sharded, ZeRO-3), stage distill (NCE)   -> OUT/score, OUT/distill
   7. export: the student merged into a Hugging Face model dir    -> OUT/export
+  8. stage ranker (ASC reward model on the base), stage eval of the exported student on the
+     held-out test split: greedy, self-consistency and ASC accuracy -> OUT/ranker, OUT/eval
 Training stages run as separate `torchrun` launches, exactly as a user would start them.
 """
 
@@ -93,13 +95,20 @@ def run_demo(opts: DemoOptions) -> dict:
     _run_stage("distill", opts, [*paths, f"distill.scores={out / 'score'}", f"engine.output_dir={out / 'distill'}"])
     if not (out / "export" / "config.json").is_file():
         _log(export(out / "distill", out / "export"))
-    for stage in ("pretrain", "neg", "nat", "distill"):
+    _run_stage("ranker", opts, [*paths, f"engine.output_dir={out / 'ranker'}"])
+    _run_stage("eval", opts, [f"eval.model={out / 'export'}", f"eval.test={raw / 'test'}",
+                              f"eval.ranker={out / 'ranker'}", f"engine.output_dir={out / 'eval'}"])
+    for stage in ("pretrain", "neg", "nat", "distill", "ranker"):
         m = read_done(out / stage)["metrics"]
         _log(f"{stage}: {m['global_step']} steps on {m['world_size']} ranks in {m['seconds']} s, "
              f"loss {m['first_loss']:.3f} -> {m['final_loss']:.3f}")
     beta = read_done(out / "score")["metrics"]
     _log(f"score: beta mean {beta['beta_mean']:.4f} (min {beta['beta_min']:.4f}, max {beta['beta_max']:.4f})")
+    r = read_done(out / "ranker")["metrics"]
+    _log(f"ranker: held-out pairwise accuracy {r['heldout_acc']:.3f} on {r['heldout_pairs']} pairs")
     _log(f"student: {out / 'export'} (loads with AutoModelForCausalLM.from_pretrained)")
+    _log(f"student on {opts.test_questions} held-out test questions ({out / 'eval' / 'metrics.md'}):")
+    print((out / "eval" / "metrics.md").read_text().split("\n", 4)[-1], flush=True)
     _log(f"done: {out}  (TensorBoard: tensorboard --logdir {out})")
     return stats
 
@@ -112,7 +121,8 @@ def _run_stage(name: str, opts: DemoOptions, overrides: list[str], stage: str | 
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
     if opts.nproc == 1:
         cmd = [sys.executable, *args]
-    _log(f"{name} (stage {stage}): {opts.nproc} process(es), DeepSpeed ZeRO-3 on CPU")
+    how = "data parallel" if stage == "eval" else "DeepSpeed ZeRO-3"
+    _log(f"{name} (stage {stage}): {opts.nproc} process(es), {how} on CPU")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     code = subprocess.run(cmd, env=env).returncode
     if code != 0:

@@ -4,6 +4,9 @@ Per question: one greedy rationale and `eval.n` sampled ones, each answer (last 
 against the gold with the prepare grader, each sample scored by the ranker (if given). Voting
 and its weightings are in `train.voting`.
 
+A stop signal (SIGUSR1/SIGTERM, as the Slurm launcher forwards) ends a rank after its current
+batch with exit 75, which the launcher requeues.
+
 Data parallel: rank r takes every W-th unfinished question; each model is a full copy per rank
 (generation under ZeRO-3 would gather every layer for every token). Each finished question is
 appended (and flushed) as one line to `predictions-rank<r>.jsonl`, so a killed run loses at most
@@ -31,6 +34,7 @@ from train.data.dataset import collate, tokenize
 from train.data.grading import grade_inline
 from train.data.readers import Question, read_test_questions
 from train.engine import distributed as dist_
+from train.engine.signals import EXIT_CHECKPOINTED, StopRequest
 from train.manifest import dir_digest, file_digest, write_done
 from train.stages.common import already_done
 from train.voting import WEIGHTINGS, Candidate, any_correct, vote
@@ -177,7 +181,7 @@ def main(cfg: EvalConfig) -> int:
         bar = tqdm(total=len(todo), desc="eval (rank 0)", unit="question", dynamic_ncols=True)
     mine = out / f"predictions-rank{rank}.jsonl"
     drop_torn_tail(mine)
-    with open(mine, "a", encoding="utf-8") as f:
+    with StopRequest() as stop, open(mine, "a", encoding="utf-8") as f:
         for start in range(0, len(todo), cfg.eval.batch_questions):
             batch = todo[start:start + cfg.eval.batch_questions]
             for rec in evaluate_batch(model, tok, ranker, ranker_tok, batch, cfg, device):
@@ -186,6 +190,10 @@ def main(cfg: EvalConfig) -> int:
             os.fsync(f.fileno())
             if bar is not None:
                 bar.update(len(batch))
+            if stop.requested:  # ranks share no collective until the end: each stops on its own signal
+                print(f"[eval] rank {rank}: stop requested after {start + len(batch)} of {len(todo)} questions "
+                      f"(saved); exit {EXIT_CHECKPOINTED}, resubmit to continue", flush=True)
+                return EXIT_CHECKPOINTED
     if bar is not None:
         bar.close()
     dist_.barrier()
