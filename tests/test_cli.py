@@ -54,10 +54,13 @@ def test_demo_runs_every_stage_end_to_end(tmp_path):
            "--test-questions", "15", "--pretrain-questions", "300", "--workers", "1"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=stage_env(), cwd=REPO, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for stage in ("prepared", "pretrain", "neg", "nat", "score", "distill"):
+    for stage in ("prepared", "pretrain", "neg", "nat", "score", "distill", "ranker", "eval"):
         assert (out / stage / "DONE.json").is_file(), stage
+    # it ends with the student's accuracy table: greedy, self-consistency and ASC on the test split
+    assert "| **all** | 15 |" in result.stdout and "ASC@" in result.stdout
+    assert json.loads((out / "eval" / "metrics.json").read_text())["overall"]["questions"] == 15
     assert (out / "nat" / "nat.json").is_file() and list((out / "nat" / "tb").glob("events*"))
     assert (out / "export" / "config.json").is_file() and (out / "export" / "README.md").is_file()
     assert json.loads((out / "neg" / "DONE.json").read_text())["metrics"]["world_size"] == 2
     again = subprocess.run(cmd, capture_output=True, text=True, env=stage_env(), cwd=REPO, timeout=900)
-    assert again.returncode == 0 and again.stdout.count("already has DONE.json") == 5  # rerun resumes: no work
+    assert again.returncode == 0 and again.stdout.count("already has DONE.json") == 7  # rerun resumes: no work

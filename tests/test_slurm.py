@@ -28,7 +28,8 @@ def slurm(tmp_path_factory):
     cluster.stop()
 
 
-def _write_configs(d: Path, prepared, base, out_root: Path, neg_extra: dict | None = None) -> Path:
+def _write_configs(d: Path, prepared, base, out_root: Path, neg_extra: dict | None = None, full: bool = False,
+                   test: Path | None = None) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     common = {"model": {"path": str(base)},
               "data": {"path": str(prepared), "max_len": 384, "max_tokens": 2048},
@@ -41,6 +42,20 @@ def _write_configs(d: Path, prepared, base, out_root: Path, neg_extra: dict | No
            "engine": {"output_dir": str(out_root / "nat"), "ds_config": "zero3", "progress": False}}
     (d / "neg.yaml").write_text(yaml.safe_dump(neg))
     (d / "nat.yaml").write_text(yaml.safe_dump(nat))
+    if full:  # the rest of the chain: score, distill, ranker, eval (a few steps each)
+        eng = {"ds_config": "zero3", "progress": False}
+        stages = {
+            "score": {"data": common["data"], "score": {"nat_dir": str(out_root / "nat"), "top_k": 8},
+                      "engine": {"output_dir": str(out_root / "score"), "ds_config": "zero3", "progress": False}},
+            "distill": {**common, "distill": {"scores": str(out_root / "score")},
+                        "engine": {**eng, "output_dir": str(out_root / "distill")}},
+            "ranker": {**common, "engine": {**eng, "output_dir": str(out_root / "ranker")}},
+            "eval": {"eval": {"model": str(out_root / "distill"), "test": str(test), "ranker": str(out_root / "ranker"),
+                              "n": 2, "max_new_tokens": 8, "max_questions": 4},
+                     "engine": {"output_dir": str(out_root / "eval"), "progress": False}},
+        }
+        for name, cfg in stages.items():
+            (d / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
     return d
 
 
@@ -59,10 +74,12 @@ def _log(out: Path) -> str:
     return "\n".join(p.read_text() for p in sorted((out / "logs").glob("*.out")))
 
 
-def test_pipeline_runs_every_stage_through_its_sbatch_script(slurm, tmp_path, prepared_dir, base_model_dir):
+def test_pipeline_runs_every_stage_through_its_sbatch_script(slurm, tmp_path, prepared_dir, base_model_dir,
+                                                             synthetic_raw):
     out = tmp_path / "runs"
-    jobs = _submit_pipeline(slurm, _write_configs(tmp_path / "cfg", prepared_dir, base_model_dir, out))
-    assert list(jobs) == ["neg", "nat"]
+    jobs = _submit_pipeline(slurm, _write_configs(tmp_path / "cfg", prepared_dir, base_model_dir, out, full=True,
+                                                  test=synthetic_raw / "test"))
+    assert list(jobs) == ["neg", "nat", "score", "distill", "ranker", "eval"]
     for stage, job in jobs.items():
         assert slurm.wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED", _log(out / stage)
         assert (out / stage / "DONE.json").is_file()

@@ -1,0 +1,79 @@
+"""Engine overhead: steps/s of our loop (stage sft, LoRA) vs a bare `deepspeed.initialize` loop.
+
+Same process, same tiny model and LoRA, same batches (the engine's own batcher and collate), same
+DeepSpeed config (ZeRO-2, fp32 on CPU), one rank. The bare loop is forward, loss, backward, step and
+nothing else: no TensorBoard, no progress bar, no per-step all-reduce of the loss terms, no stop
+check. The metric is the median step time (first step excluded). Goal (issue 8): >= 0.95x.
+Usage: python bench/engine_overhead.py [--demo demo_out] [--steps 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CONFIGS, demo_outputs, record, run_stage_in_process  # noqa: E402
+
+
+def bare_loop(overrides: list[str], steps: int) -> float:
+    """Median step seconds of the plainest DeepSpeed loop over the engine's first `steps` batches."""
+    import deepspeed
+    import torch
+
+    from train.config import SftConfig, load_config
+    from train.data.batching import TokenBudgetBatcher
+    from train.data.dataset import collate
+    from train.engine import distributed as dist_
+    from train.engine.ds_config import build_ds_config
+    from train.stages.common import causal_lm_loss, load_stage_data
+    from train.stages.sft import lora_model
+
+    cfg = load_config(SftConfig, CONFIGS / "pretrain.yaml", [*overrides, "sft.full=false"])
+    dist_.setup()
+    ds_cfg = build_ds_config(cfg.engine.ds_config, cfg.optim, 1, bf16=False)
+    data, tok = load_stage_data(cfg, labels=("pos",))
+    model, _ = lora_model(cfg, ds_cfg, "bare")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_cfg,
+                                      optimizer=torch.optim.AdamW(trainable, lr=cfg.optim.lr))
+    batches = TokenBudgetBatcher(data.lengths, cfg.data.max_tokens, seed=cfg.data.seed,
+                                 group_size=cfg.data.group_size).batches(0)[:steps]
+    times = []
+    for b in batches:
+        t0 = time.time()
+        batch = collate(data, b, tok.pad_token_id, False)
+        loss, _ = causal_lm_loss(engine, batch)
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        engine.backward(loss / n)
+        engine.step()
+        times.append(time.time() - t0)
+    return statistics.median(times[1:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--demo", default="demo_out", help="a finished `tdg demo` output (run first if absent)")
+    ap.add_argument("--steps", type=int, default=40)
+    args = ap.parse_args()
+    demo = demo_outputs(args.demo)
+    common = [f"model.path={demo / 'pretrain/model'}", f"data.path={demo / 'prepared'}",
+              f"optim.max_steps={args.steps}", "engine.ds_config=zero2", "engine.save_every=0",
+              "engine.progress=false", "lora.dropout=0.0"]
+    with tempfile.TemporaryDirectory() as tmp:
+        bare = bare_loop([*common, f"engine.output_dir={tmp}/bare"], args.steps)
+        ours = run_stage_in_process("sft", "pretrain", [*common, "sft.full=false",
+                                                        f"engine.output_dir={tmp}/engine"])["step_seconds_median"]
+        bare2 = bare_loop([*common, f"engine.output_dir={tmp}/bare2"], args.steps)  # warm-up order check
+    base = min(bare, bare2)
+    record(f"engine overhead: LoRA SFT step, tiny model (demo), {args.steps} steps, 1 rank ZeRO-2",
+           f"bare deepspeed loop {base * 1000:.1f} ms/step", f"tdg engine {ours * 1000:.1f} ms/step",
+           f"{base / ours:.2f}x", f">= 0.95x: {'met' if base / ours >= 0.95 else 'missed'}")
+
+
+if __name__ == "__main__":
+    main()

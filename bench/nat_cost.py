@@ -1,0 +1,42 @@
+"""NAT cost: step time of stage nat (pos LoRA + gate over the frozen neg LoRA) vs plain LoRA (stage neg).
+
+Same process, same engine, same data, batches and LoRA targets, one rank, ZeRO-2. The NAT layer
+runs the neg branch, the pos branch and the gate on top of every adapted linear layer, so some
+cost over plain LoRA is inherent; the goal (issue 8) is >= 0.9x on GPU, where the base matmuls
+dominate. On the CPU demo model (width 64) the adapters are a large share of the work, so this
+ratio is a pessimistic bound.
+Usage: python bench/nat_cost.py [--demo demo_out] [--steps 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import demo_outputs, record, run_stage_in_process  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--demo", default="demo_out", help="a finished `tdg demo` output (run first if absent)")
+    ap.add_argument("--steps", type=int, default=40)
+    args = ap.parse_args()
+    demo = demo_outputs(args.demo)
+    common = [f"model.path={demo / 'pretrain/model'}", f"data.path={demo / 'prepared'}",
+              f"optim.max_steps={args.steps}", "engine.ds_config=zero2", "engine.save_every=0",
+              "engine.progress=false", "sft.labels=[pos]"]
+    with tempfile.TemporaryDirectory() as tmp:
+        lora = run_stage_in_process("sft", "neg", [*common, f"engine.output_dir={tmp}/lora"])
+        nat = run_stage_in_process("nat", "nat", [*common[:-1], f"nat.neg_adapter={demo / 'neg'}",
+                                                  f"engine.output_dir={tmp}/nat"])
+    t_lora, t_nat = lora["step_seconds_median"], nat["step_seconds_median"]
+    record(f"NAT vs LoRA step time, tiny model (demo), {args.steps} steps, 1 rank ZeRO-2",
+           f"LoRA {t_lora * 1000:.1f} ms/step", f"NAT {t_nat * 1000:.1f} ms/step", f"{t_lora / t_nat:.2f}x",
+           ">= 0.9x on GPU: not measured (no GPU lent)")
+
+
+if __name__ == "__main__":
+    main()
