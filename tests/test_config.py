@@ -89,8 +89,9 @@ def test_every_shipped_stage_config_loads():
     from train import config
 
     classes = {"neg": config.NegConfig, "nat": config.NatConfig, "sft": config.SftConfig,
-               "pretrain": config.SftConfig, "score": config.ScoreConfig, "distill": config.DistillConfig}
+               "pretrain": config.SftConfig, "score": config.ScoreConfig, "distill": config.DistillConfig,
+               "ranker": config.RankerConfig, "eval": config.EvalConfig}
     files = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
-    assert len(files) >= 10
+    assert len(files) >= 14
     for f in files:
         load_config(classes[f.stem], f)
