@@ -117,7 +117,8 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
         save_config(cfg, out / "config.yaml")
     dist_.barrier()
 
-    batcher = TokenBudgetBatcher(task.data.lengths, cfg.data.max_tokens, seed=cfg.data.seed,
+    lengths = task.data.lengths  # a property that walks every sample: read it once
+    batcher = TokenBudgetBatcher(lengths, cfg.data.max_tokens, seed=cfg.data.seed,
                                  packing=cfg.data.packing, group_size=cfg.data.group_size)
     units = task.units or _target_tokens(task.data)
     collate_fn = task.collate_fn or (lambda idx: collate(task.data, idx, task.pad_id, cfg.data.packing,
@@ -157,7 +158,7 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
             print(f"[{task.name}] resumed from {root / resume.tag} at step {resume.global_step}{how}", flush=True)
 
     log = _Logger(out, dist_.is_main())
-    fpt = flops_per_token(engine.module, n_trainable, float(np.mean(task.data.lengths)))
+    fpt = flops_per_token(engine.module, n_trainable, float(np.mean(lengths)))
     peak = peak_flops(cfg.engine.peak_tflops)
     bar = None
     if dist_.is_main() and cfg.engine.progress:
@@ -225,7 +226,7 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
                 cursor += per_step
                 pos.global_step += 1
                 pos.samples_in_epoch = batcher.samples_before(pos.epoch, cursor)
-                step_tokens = int(sum(task.data.lengths[b].sum() for b in step_batches))
+                step_tokens = int(sum(lengths[b].sum() for b in step_batches))
                 tokens_seen += step_tokens
                 names = sorted(sums)
                 reduced = torch.stack([sums[k] for k in names]).to(device)
