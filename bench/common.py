@@ -73,3 +73,17 @@ def run_stage_in_process(stage: str, config: str, overrides: list[str]) -> dict:
     if code != 0:
         raise RuntimeError(f"{stage} exited with {code}")
     return read_done(cfg.engine.output_dir)["metrics"]
+
+
+def alternate(variants: dict, repeats: int) -> dict[str, list[float]]:
+    """Run each zero-argument variant `repeats` times, interleaved (A B A B ...), so that drift in
+    the machine's speed (shared CPUs vary by 10-20% over minutes) hits every variant alike."""
+    results: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            results[name].append(fn())
+    return results
+
+
+def spread(values: list[float], scale: float = 1000.0) -> str:
+    return f"{min(values) * scale:.0f}-{max(values) * scale:.0f}"

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CONFIGS, demo_outputs, record, run_stage_in_process  # noqa: E402
+from common import CONFIGS, alternate, demo_outputs, record, run_stage_in_process, spread  # noqa: E402
 
 
 def bare_loop(overrides: list[str], steps: int) -> float:
@@ -66,19 +66,19 @@ def main() -> None:
     common = [f"model.path={demo / 'pretrain/model'}", f"data.path={demo / 'prepared'}",
               f"optim.max_steps={args.steps}", "engine.ds_config=zero2", "engine.save_every=0",
               "engine.progress=false", "lora.dropout=0.0"]
-    bare, ours = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for rep in range(args.repeats):  # alternate, so drift in machine speed hits both alike
-            bare.append(bare_loop([*common, f"engine.output_dir={tmp}/bare{rep}"], args.steps))
-            ours.append(run_stage_in_process("sft", "pretrain", [*common, "sft.full=false",
-                                                                 f"engine.output_dir={tmp}/engine{rep}"])
-                        ["step_seconds_median"])
-    print(f"bare ms/step {[round(b * 1000, 1) for b in bare]}, engine {[round(o * 1000, 1) for o in ours]}")
-    spread = f"runs {min(bare) * 1000:.0f}-{max(bare) * 1000:.0f} vs {min(ours) * 1000:.0f}-{max(ours) * 1000:.0f} ms"
+        runs = iter(range(1000))
+        times = alternate({
+            "bare": lambda: bare_loop([*common, f"engine.output_dir={tmp}/b{next(runs)}"], args.steps),
+            "ours": lambda: run_stage_in_process("sft", "pretrain", [*common, "sft.full=false",
+                                                                     f"engine.output_dir={tmp}/e{next(runs)}"])
+            ["step_seconds_median"]}, args.repeats)
+    bare, ours = times["bare"], times["ours"]
+    runs_text = f"runs {spread(bare)} vs {spread(ours)} ms"
     base, ours = statistics.median(bare), statistics.median(ours)
     verdict = "met" if base / ours >= 0.95 else "missed"
     record(f"engine overhead: LoRA SFT step, tiny model (demo), {args.steps} steps, 1 rank ZeRO-2, train mode",
-           f"bare deepspeed loop {base * 1000:.1f} ms/step", f"tdg engine {ours * 1000:.1f} ms/step ({spread})",
+           f"bare deepspeed loop {base * 1000:.1f} ms/step", f"tdg engine {ours * 1000:.1f} ms/step ({runs_text})",
            f"{base / ours:.2f}x (median of {args.repeats} alternating runs)", f">= 0.95x: {verdict}")
 
 

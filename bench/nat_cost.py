@@ -11,30 +11,38 @@ Usage: python bench/nat_cost.py [--demo demo_out] [--steps 40]
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import demo_outputs, record, run_stage_in_process  # noqa: E402
+from common import alternate, demo_outputs, record, run_stage_in_process, spread  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--demo", default="demo_out", help="a finished `tdg demo` output (run first if absent)")
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=3, help="alternating runs of each variant (median reported)")
     args = ap.parse_args()
     demo = demo_outputs(args.demo)
     common = [f"model.path={demo / 'pretrain/model'}", f"data.path={demo / 'prepared'}",
               f"optim.max_steps={args.steps}", "engine.ds_config=zero2", "engine.save_every=0",
               "engine.progress=false", "sft.labels=[pos]"]
     with tempfile.TemporaryDirectory() as tmp:
-        lora = run_stage_in_process("sft", "neg", [*common, f"engine.output_dir={tmp}/lora"])
-        nat = run_stage_in_process("nat", "nat", [*common[:-1], f"nat.neg_adapter={demo / 'neg'}",
-                                                  f"engine.output_dir={tmp}/nat"])
-    t_lora, t_nat = lora["step_seconds_median"], nat["step_seconds_median"]
+        runs = iter(range(1000))
+        times = alternate({
+            "lora": lambda: run_stage_in_process("sft", "neg", [*common, f"engine.output_dir={tmp}/l{next(runs)}"])
+            ["step_seconds_median"],
+            "nat": lambda: run_stage_in_process("nat", "nat", [*common[:-1], f"nat.neg_adapter={demo / 'neg'}",
+                                                               f"engine.output_dir={tmp}/n{next(runs)}"])
+            ["step_seconds_median"]}, args.repeats)
+    t_lora, t_nat = statistics.median(times["lora"]), statistics.median(times["nat"])
     record(f"NAT vs LoRA step time, tiny model (demo), {args.steps} steps, 1 rank ZeRO-2",
-           f"LoRA {t_lora * 1000:.1f} ms/step", f"NAT {t_nat * 1000:.1f} ms/step", f"{t_lora / t_nat:.2f}x",
+           f"LoRA {t_lora * 1000:.1f} ms/step (runs {spread(times['lora'])})",
+           f"NAT {t_nat * 1000:.1f} ms/step (runs {spread(times['nat'])})",
+           f"{t_lora / t_nat:.2f}x (median of {args.repeats} alternating runs)",
            ">= 0.9x on GPU: not measured (no GPU lent)")
 
 

@@ -270,10 +270,13 @@ class NegConfig(TrainStageConfig):
 class SftSection:
     labels: list[str] = dataclasses.field(default_factory=lambda: ["pos"])  # which rationales: pos, neg or both
     full: bool = False  # full fine-tune (writes a model dir) instead of a LoRA adapter
+    unlikelihood: float = 0.0  # > 0: CE on positives + this weight x unlikelihood -log(1 - p) on negatives
 
     def validate(self) -> None:
         if not self.labels or set(self.labels) - {"pos", "neg"}:
             raise ConfigError(f"sft.labels: a non-empty subset of [pos, neg], got {self.labels}")
+        if self.unlikelihood < 0 or (self.unlikelihood > 0 and set(self.labels) != {"pos", "neg"}):
+            raise ConfigError("sft.unlikelihood: must be >= 0, and > 0 needs sft.labels=[pos, neg]")
 
 
 @dataclasses.dataclass

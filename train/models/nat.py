@@ -76,12 +76,14 @@ class NATLinear(nn.Module):
         h = torch.stack([base + d_pos, base + d_neg], dim=-2)  # [..., 2, out]
         q = self.gate_q(x)  # [..., g]
         k = self.gate_k(h)  # [..., 2, g]
-        v = self.gate_v2(F.gelu(self.gate_v1(h)))  # [..., 2, out]
+        u = F.gelu(self.gate_v1(h))  # [..., 2, g]
         a = torch.softmax((k @ q.unsqueeze(-1)).squeeze(-1) / self.temperature, dim=-1)
         alpha = 2.0 * self.beta * a[..., 1] - self.beta
         self.alpha_stats = torch.stack([alpha.mean(), alpha.std()]).detach()
         alpha = alpha.unsqueeze(-1)
-        return base + (1.0 - alpha) * v[..., 0, :] + alpha * v[..., 1, :]
+        # (1 - alpha) V2(u_pos) + alpha V2(u_neg) = V2((1 - alpha) u_pos + alpha u_neg), V2 being affine and
+        # the weights summing to 1: one V2 matmul instead of two, and no [..., 2, out] tensor kept for backward
+        return base + self.gate_v2((1.0 - alpha) * u[..., 0, :] + alpha * u[..., 1, :])
 
 
 def nat_layers(model: nn.Module) -> dict[str, NATLinear]:

@@ -3,6 +3,11 @@
 Stage `neg` is this with labels = [neg] and LoRA. With `sft.full`, every parameter trains and
 the result is a Hugging Face model dir (`model/`) that later stages can use as a base; the demo
 pre-trains its tiny base this way. With `sft.labels=[pos]` it is the usual distillation baseline.
+
+With `sft.unlikelihood = w > 0` (labels [pos, neg]) it is the unlikelihood baseline the paper
+compares against (Welleck et al. 2020, token level): positive tokens get cross-entropy, negative
+tokens get w * -log(1 - p(token)), pushing probability away from what the negative rationale says.
+Both are summed over tokens and averaged over all target tokens of the step.
 """
 
 from __future__ import annotations
@@ -10,9 +15,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from train.config import SftConfig, TrainStageConfig
+from train.data.dataset import IGNORE, collate, read_prepared
 from train.engine import distributed as dist_
 from train.engine.loop import TrainTask
 from train.models.adapters import AdapterSaveError, expected_lora_shapes, save_adapter
@@ -68,16 +75,52 @@ def full_model(cfg: TrainStageConfig, ds_cfg: dict, tok) -> tuple[torch.nn.Modul
     return model, save
 
 
-def build_sft(cfg: TrainStageConfig, ds_cfg: dict, labels: tuple[str, ...], name: str, full: bool) -> TrainTask:
+def build_sft(cfg: TrainStageConfig, ds_cfg: dict, labels: tuple[str, ...], name: str, full: bool,
+              unlikelihood: float = 0.0) -> TrainTask:
     """Causal-LM fine-tuning on rationales with `labels` (stage sft; stage neg is labels=(neg,))."""
     data, tok = load_stage_data(cfg, labels=labels)
     model, save = full_model(cfg, ds_cfg, tok) if full else lora_model(cfg, ds_cfg, name)
-    return TrainTask(name=name, model=model, data=data, loss_fn=causal_lm_loss, pad_id=tok.pad_token_id,
-                     save_fn=lambda module, out: {**save(module, out), "samples": len(data)})
+    loss_fn, collate_fn = causal_lm_loss, None
+    if unlikelihood > 0:
+        label_of = dict(zip(*(read_prepared(cfg.data.path, columns=["id", "label"]).column(c).to_pylist()
+                              for c in ("id", "label")), strict=True))
+        is_neg = np.array([label_of[i] == "neg" for i in data.ids])
+        collate_fn = _flagged_collate(data, is_neg, tok.pad_token_id, cfg.data.packing, cfg.data.mask_prompt)
+        loss_fn = lambda module, batch: unlikelihood_loss(module, batch, unlikelihood)  # noqa: E731
+    return TrainTask(name=name, model=model, data=data, loss_fn=loss_fn, pad_id=tok.pad_token_id,
+                     collate_fn=collate_fn, save_fn=lambda module, out: {**save(module, out), "samples": len(data)})
+
+
+def _flagged_collate(data, is_neg: np.ndarray, pad_id: int, packing: bool, mask_prompt: bool):
+    """The usual batch plus `neg`: 1 at every position of a negative sample (same layout as labels)."""
+    def collate_fn(indices) -> dict:
+        batch = collate(data, indices, pad_id, packing, mask_prompt)
+        if packing:
+            flags = np.concatenate([np.full(len(data.input_ids[i]), is_neg[i]) for i in indices])[None]
+        else:
+            flags = np.repeat(is_neg[indices][:, None], batch["labels"].shape[1], axis=1)
+        batch["neg"] = torch.from_numpy(flags.astype(np.bool_))
+        return batch
+
+    return collate_fn
+
+
+def unlikelihood_loss(module: torch.nn.Module, batch: dict, weight: float) -> tuple[torch.Tensor, dict]:
+    """Sum of CE over positive target tokens + weight * sum of -log(1 - p) over negative ones."""
+    logits = module(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                    position_ids=batch.get("position_ids"), use_cache=False).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE
+    lp = torch.log_softmax(logits[mask].float(), -1).gather(-1, labels[mask][:, None]).squeeze(-1)
+    neg = batch["neg"][:, 1:][mask]
+    ce = -(lp[~neg]).sum()
+    ul = -torch.log1p(-lp[neg].exp().clamp(max=1 - 1e-6)).sum()
+    return ce + weight * ul, {"ce": ce.detach(), "ul": ul.detach()}
 
 
 def build(cfg: SftConfig, ds_cfg: dict) -> TrainTask:
-    return build_sft(cfg, ds_cfg, tuple(cfg.sft.labels), "sft", full=cfg.sft.full)
+    return build_sft(cfg, ds_cfg, tuple(cfg.sft.labels), "sft", full=cfg.sft.full,
+                     unlikelihood=cfg.sft.unlikelihood)
 
 
 def main(cfg: SftConfig) -> int:
