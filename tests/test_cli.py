@@ -51,7 +51,8 @@ def test_stage_help_lists_and_explains_every_config_key(stage):
 def test_demo_runs_every_stage_end_to_end(tmp_path):
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "train", "demo", "--output", str(out), "--questions", "60",
-           "--test-questions", "15", "--pretrain-questions", "300", "--workers", "1"]
+           "--test-questions", "15", "--pretrain-questions", "300", "--workers", "1",
+           "--ablation", "--ablation-seeds", "1", "--ablation-steps", "2", "--ablation-questions", "3"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=stage_env(), cwd=REPO, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for stage in ("prepared", "pretrain", "neg", "nat", "score", "distill", "ranker", "eval"):
@@ -63,4 +64,10 @@ def test_demo_runs_every_stage_end_to_end(tmp_path):
     assert (out / "export" / "config.json").is_file() and (out / "export" / "README.md").is_file()
     assert json.loads((out / "neg" / "DONE.json").read_text())["metrics"]["world_size"] == 2
     again = subprocess.run(cmd, capture_output=True, text=True, env=stage_env(), cwd=REPO, timeout=900)
-    assert again.returncode == 0 and again.stdout.count("already has DONE.json") == 7  # rerun resumes: no work
+    # the reduced ablation (1 seed, 2 steps per stage): every variant has a row, a chart exists
+    table = (out / "ablation" / "results.md").read_text()
+    for variant in ("sft-pos", "sft-mix", "neg-then-pos", "ul", "nat", "kd", "nat+nce"):
+        assert f"| {variant} |" in table and f"| {variant} |" in result.stdout
+    assert (out / "ablation" / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+    # a rerun resumes: 7 demo stages + 9 ablation trainings + 7 ablation evals, all found finished
+    assert again.returncode == 0 and again.stdout.count("already has DONE.json") == 23

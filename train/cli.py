@@ -54,12 +54,20 @@ def _add_demo(sub) -> None:
     p.add_argument("--output", default="demo_out", metavar="DIR", help="where every stage writes (default demo_out)")
     p.add_argument("--questions", type=int, default=600, help="training questions to generate (8 rationales each)")
     p.add_argument("--test-questions", type=int, default=150, help="held-out test questions to generate")
-    p.add_argument("--pretrain-questions", type=int, default=3000,
+    p.add_argument("--pretrain-questions", type=int, default=20000,
                    help="fresh questions whose gold solutions pre-train the tiny base model")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="grading worker processes")
     p.add_argument("--vocab-size", type=int, default=512, help="sentencepiece vocabulary size")
     p.add_argument("--nproc", type=int, default=2, help="processes per training stage (torchrun)")
+    p.add_argument("--ablation", action="store_true",
+                   help="afterwards, run the negative-data ablation (tdg ablation) on the demo's data and print "
+                        "its mean ± std table; writes DIR/ablation/results.md and ablation.png")
+    p.add_argument("--ablation-seeds", type=int, default=3, metavar="N", help="seeds of the ablation (default 3)")
+    p.add_argument("--ablation-steps", type=int, default=0, metavar="N",
+                   help="cap every ablation training stage at N optimizer steps (0: the configs' full epochs)")
+    p.add_argument("--ablation-questions", type=int, default=0, metavar="N",
+                   help="evaluate the ablation on the first N test questions only (0: all)")
 
 
 STAGES = {
@@ -78,6 +86,9 @@ STAGES = {
     "eval": ("evaluate a model: greedy, self-consistency and ranker-weighted (ASC) accuracy on test questions",
              "train.stages.evaluate", "EvalConfig"),
 }
+
+STAGES["ablation"] = ("does negative data help? train and evaluate every baseline and variant over seeds "
+                      "(sft-pos, sft-mix, neg-then-pos, ul, nat, kd, nat+nce)", "train.ablation", "AblationConfig")
 
 EVAL_SHORTCUTS = {"model": "eval.model", "test": "eval.test", "ranker": "eval.ranker", "n": "eval.n",
                   "output": "engine.output_dir"}
@@ -125,10 +136,13 @@ def _add_stage(sub, name: str) -> None:
     cls = getattr(importlib.import_module("train.config"), cls_name)
     p = sub.add_parser(
         name, help=summary, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=f"{summary}. Launch one process per device with torchrun or srun (see slurm/); "
-                    "a plain call runs as a single process. Finished outputs (DONE.json) are skipped; "
-                    "a partial run resumes from its latest complete checkpoint. Exit status 75 means "
-                    "'stopped by a signal after a checkpoint: resubmit to continue'.",
+        description=f"{summary}. " + (
+            "Runs on this node: it launches every stage itself with torchrun (ablation.nproc processes); a rerun "
+            "skips finished stages." if name == "ablation" else
+            "Launch one process per device with torchrun or srun (see slurm/); "
+            "a plain call runs as a single process. Finished outputs (DONE.json) are skipped; "
+            "a partial run resumes from its latest complete checkpoint. Exit status 75 means "
+            "'stopped by a signal after a checkpoint: resubmit to continue'."),
         epilog=config_keys_help(cls))
     p.add_argument("--config", metavar="FILE", help="stage config (YAML); see configs/ for examples")
     p.add_argument("--print", metavar="KEY", dest="print_key", default=None,
@@ -191,7 +205,9 @@ def _run(args: argparse.Namespace) -> int:
 
         run_demo(DemoOptions(output=args.output, questions=args.questions, test_questions=args.test_questions,
                              pretrain_questions=args.pretrain_questions,
-                             seed=args.seed, workers=args.workers, vocab_size=args.vocab_size, nproc=args.nproc))
+                             seed=args.seed, workers=args.workers, vocab_size=args.vocab_size, nproc=args.nproc,
+                             ablation=args.ablation, ablation_seeds=args.ablation_seeds,
+                             ablation_steps=args.ablation_steps, ablation_questions=args.ablation_questions))
         return 0
     if args.command == "export":
         from train.export import export

@@ -433,3 +433,45 @@ class EvalConfig:
 
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     engine: EvalEngine = dataclasses.field(default_factory=EvalEngine)
+
+
+ABLATION_VARIANTS = ["sft-pos", "sft-mix", "neg-then-pos", "ul", "nat", "kd", "nat+nce"]
+
+
+@dataclasses.dataclass
+class AblationSection:
+    configs: str = "configs/tiny"  # stage configs dir: baseline (stage sft), neg, nat, score, distill, eval .yaml
+    variants: list[str] = dataclasses.field(default_factory=lambda: list(ABLATION_VARIANTS))  # which to run
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])  # one full run per seed
+    base_model: str = ""  # base model dir every student and teacher starts from
+    data: str = ""  # prepared data dir (tdg prepare)
+    test: str = ""  # held-out test questions (as for stage eval)
+    ranker: str = ""  # stage-ranker output for ASC; empty: greedy and self-consistency only
+    unlikelihood: float = 1.0  # weight of the unlikelihood term in variant ul
+    nproc: int = 2  # processes per stage launch (torchrun on this node)
+    train_overrides: list[str] = dataclasses.field(default_factory=list)  # key=value for every training stage
+    eval_overrides: list[str] = dataclasses.field(default_factory=list)  # key=value for every eval
+
+    def validate(self) -> None:
+        unknown = set(self.variants) - set(ABLATION_VARIANTS)
+        if unknown or not self.variants:
+            raise ConfigError(f"ablation.variants: unknown {sorted(unknown)}; choose from {ABLATION_VARIANTS}")
+        if not self.seeds or not self.base_model or not self.data or not self.test:
+            raise ConfigError("ablation: seeds, base_model, data and test are required")
+
+
+@dataclasses.dataclass
+class AblationEngine:
+    output_dir: str = ""  # seed<s>/<stage or variant>/, results.json, results.md, ablation.png
+
+    def validate(self) -> None:
+        if not self.output_dir:
+            raise ConfigError("engine.output_dir: required")
+
+
+@dataclasses.dataclass
+class AblationConfig:
+    """`tdg ablation`: train and evaluate every variant on the same data, per seed; mean and std table."""
+
+    ablation: AblationSection = dataclasses.field(default_factory=AblationSection)
+    engine: AblationEngine = dataclasses.field(default_factory=AblationEngine)

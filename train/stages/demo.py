@@ -17,18 +17,14 @@ Training stages run as separate `torchrun` launches, exactly as a user would sta
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from train.data.prepare import PrepareOptions, format_stats, prepare
 from train.data.synthetic import generate, write_gold_solutions
 from train.data.tokenizer import train_tokenizer
-from train.engine.distributed import free_port
-from train.errors import TdgError
 from train.export import export
+from train.launch import launch_stage
 from train.manifest import read_done, write_done
 from train.models.loading import build_tiny_model
 
@@ -39,12 +35,16 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "tiny"
 class DemoOptions:
     output: str = "demo_out"
     questions: int = 600
-    pretrain_questions: int = 3000
+    pretrain_questions: int = 20000
     test_questions: int = 150
     seed: int = 0
     workers: int = 2
     vocab_size: int = 512
     nproc: int = 2  # processes per training stage
+    ablation: bool = False  # then run `tdg ablation` on the demo's data
+    ablation_seeds: int = 3
+    ablation_steps: int = 0  # > 0: optim.max_steps for every ablation training stage
+    ablation_questions: int = 0  # > 0: eval.max_questions for the ablation
 
 
 def _log(msg: str) -> None:
@@ -109,23 +109,27 @@ def run_demo(opts: DemoOptions) -> dict:
     _log(f"student: {out / 'export'} (loads with AutoModelForCausalLM.from_pretrained)")
     _log(f"student on {opts.test_questions} held-out test questions ({out / 'eval' / 'metrics.md'}):")
     print((out / "eval" / "metrics.md").read_text().split("\n", 4)[-1], flush=True)
+    if opts.ablation:
+        run_demo_ablation(opts, out)
     _log(f"done: {out}  (TensorBoard: tensorboard --logdir {out})")
     return stats
 
 
-def _run_stage(name: str, opts: DemoOptions, overrides: list[str], stage: str | None = None) -> None:
-    """Launch one training stage with torchrun (argv list, no shell), like a user would."""
-    stage = stage or name
-    args = ["-m", "train", stage, "--config", str(CONFIGS / f"{name}.yaml"), *overrides]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(opts.nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]
-    if opts.nproc == 1:
-        cmd = [sys.executable, *args]
-    how = "data parallel" if stage == "eval" else "DeepSpeed ZeRO-3"
-    _log(f"{name} (stage {stage}): {opts.nproc} process(es), {how} on CPU")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    code = subprocess.run(cmd, env=env).returncode
-    if code != 0:
-        raise TdgError(f"{name} (stage {stage}) failed with exit status {code} (its log is above); "
-                       "rerun tdg demo to resume")
+def run_demo_ablation(opts: DemoOptions, out: Path) -> dict:
+    from train.ablation import run_ablation
+    from train.config import AblationConfig, load_config
 
+    train = [f"optim.max_steps={opts.ablation_steps}"] if opts.ablation_steps else []
+    evals = [f"eval.max_questions={opts.ablation_questions}"] if opts.ablation_questions else []
+    cfg = load_config(AblationConfig, None, [
+        f"ablation.configs={CONFIGS}", f"ablation.seeds={list(range(opts.ablation_seeds))}",
+        f"ablation.base_model={out / 'pretrain' / 'model'}", f"ablation.data={out / 'prepared'}",
+        f"ablation.test={out / 'raw' / 'test'}", f"ablation.ranker={out / 'ranker'}", f"ablation.nproc={opts.nproc}",
+        f"ablation.train_overrides={train}", f"ablation.eval_overrides={evals}",
+        f"engine.output_dir={out / 'ablation'}"])
+    return run_ablation(cfg)
+
+
+def _run_stage(name: str, opts: DemoOptions, overrides: list[str], stage: str | None = None) -> None:
+    launch_stage(stage or name, CONFIGS / f"{name}.yaml", overrides, opts.nproc, f"demo {name}",
+                 "rerun tdg demo to resume")
