@@ -90,7 +90,7 @@ def test_every_shipped_stage_config_loads():
 
     classes = {"neg": config.NegConfig, "nat": config.NatConfig, "sft": config.SftConfig,
                "pretrain": config.SftConfig, "score": config.ScoreConfig, "distill": config.DistillConfig,
-               "ranker": config.RankerConfig, "eval": config.EvalConfig, "baseline": config.SftConfig}
+               "ranker": config.RankerConfig, "eval": config.EvalConfig, "ablation": config.AblationConfig}
     files = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
     assert len(files) >= 14
     for f in files:

@@ -149,3 +149,46 @@ def test_launcher_usage_error_without_config(slurm, tmp_path):
     r = subprocess.run(["bash", str(REPO / "slurm" / "neg.sbatch")], capture_output=True, text=True,
                        env={"SLURM_SUBMIT_DIR": str(REPO), "PATH": "/usr/bin:/bin"})
     assert r.returncode == 2 and "usage: sbatch" in r.stderr
+
+
+def test_ablation_job_is_preempted_mid_stage_and_requeued_run_finishes_the_table(slurm, tmp_path, prepared_dir,
+                                                                                 base_model_dir, synthetic_raw):
+    """USR1 goes batch script -> srun -> tdg ablation -> torchrun -> both workers, which checkpoint."""
+    cfg_dir = _write_configs(tmp_path / "cfg", prepared_dir, base_model_dir, tmp_path / "unused", full=True,
+                             test=synthetic_raw / "test")
+    sft = {"model": {"path": str(base_model_dir)},
+           "data": {"path": str(prepared_dir), "max_len": 384, "max_tokens": 2048},
+           "optim": {"lr": 5e-3, "warmup_steps": 2, "epochs": 5, "max_steps": 3 * STEPS},
+           "engine": {"output_dir": "unused", "ds_config": "zero3", "save_every": 2, "progress": False}}
+    (cfg_dir / "sft.yaml").write_text(yaml.safe_dump(sft))
+    out = tmp_path / "ablation"
+    ablation = {"ablation": {"configs": str(cfg_dir), "variants": ["sft-pos"], "seeds": [0], "nproc": 2,
+                             "base_model": str(base_model_dir), "data": str(prepared_dir),
+                             "test": str(synthetic_raw / "test")},
+                "engine": {"output_dir": str(out)}}
+    (tmp_path / "ablation.yaml").write_text(yaml.safe_dump(ablation))
+    (tmp_path / "logs").mkdir()
+    r = slurm.run(["sbatch", "--parsable", "--nodes=1", "--ntasks=1", f"--output={tmp_path}/logs/%x-%j.out",
+                   str(REPO / "slurm" / "ablation.sbatch"), str(tmp_path / "ablation.yaml")],
+                  cwd=str(REPO), env=_env())
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().split(";")[0]
+    stage_dir = out / "seed0" / "sft-pos"
+    deadline = time.time() + 300
+    while not list((stage_dir / "checkpoints").glob("step*/COMPLETE.json")):
+        assert time.time() < deadline and slurm.job_state(job) in ("PENDING", "RUNNING"), _log(tmp_path)
+        time.sleep(0.1)
+    assert slurm.run(["scancel", "--signal=USR1", "--batch", job]).returncode == 0
+    deadline = time.time() + 300
+    while "requeueing job" not in _log(tmp_path):
+        assert time.time() < deadline, _log(tmp_path)
+        time.sleep(0.2)
+    assert not (stage_dir / "DONE.json").exists()  # stopped mid-stage, not finished
+    assert slurm.wait_for(job, {"PENDING"}, timeout=120) == "PENDING"
+    time.sleep(3)
+    slurm.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
+    assert slurm.wait_for(job, {"COMPLETED", "FAILED"}) == "COMPLETED", _log(tmp_path)
+    log = _log(tmp_path)
+    assert "stopped on request" in log and "restart count 1" in log and "resumed from" in log
+    assert json.loads((stage_dir / "DONE.json").read_text())["metrics"]["world_size"] == 2
+    assert "| sft-pos |" in (out / "results.md").read_text()

@@ -11,6 +11,7 @@ Variants (the paper's comparison, on one student size):
 Each seed re-runs every training stage with engine.seed = data.seed = seed (neg and nat too, as
 the teacher is part of the method), then evaluates each variant with stage eval (greedy, SC, ASC;
 the ranker, trained once, is shared). Stage outputs live in OUT/seed<s>/, so a rerun resumes.
+Stages run on this node's GPUs when torch sees any (`ablation.nproc` processes), else on CPU.
 Results: results.json (per variant and metric: every seed's value, mean, std), results.md (a
 mean ± std table) and ablation.png (bar chart with std error bars).
 """
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from train.config import AblationConfig
 from train.errors import ConfigError
@@ -40,7 +42,7 @@ def run_ablation(cfg: AblationConfig) -> dict:
     a = cfg.ablation
     out = Path(cfg.engine.output_dir)
     configs = Path(a.configs)
-    for name in ("baseline", "neg", "nat", "score", "distill", "eval"):
+    for name in ("sft", "neg", "nat", "score", "distill", "eval"):
         if not (configs / f"{name}.yaml").is_file():
             raise ConfigError(f"ablation.configs: {configs} has no {name}.yaml")
     t0 = time.time()
@@ -69,13 +71,14 @@ def _eval_n(cfg: AblationConfig) -> int:
 def _run_seed(cfg: AblationConfig, seed: int, variants: list[str], d: Path) -> None:
     a = cfg.ablation
     configs = Path(a.configs)
+    cpu = not torch.cuda.is_available()
     common = [f"data.path={a.data}", f"engine.seed={seed}", f"data.seed={seed}", *a.train_overrides]
     student = [f"model.path={a.base_model}", *common]
 
     def stage(stage_name: str, config: str, name: str, extra: list[str]) -> Path:
         target = d / name
         launch_stage(stage_name, configs / f"{config}.yaml", [*extra, f"engine.output_dir={target}"], a.nproc,
-                     f"ablation seed {seed} {name}", "rerun to resume")
+                     f"ablation seed {seed} {name}", "rerun to resume", cpu=cpu)
         return target
 
     wanted = set(variants)
@@ -88,17 +91,17 @@ def _run_seed(cfg: AblationConfig, seed: int, variants: list[str], d: Path) -> N
     if wanted & NEEDS["score"]:
         score = stage("score", "score", "score", [f"data.path={a.data}", f"score.nat_dir={nat}"])
     if "sft-pos" in wanted:
-        models["sft-pos"] = stage("sft", "baseline", "sft-pos", [*student, "sft.labels=[pos]"])
+        models["sft-pos"] = stage("sft", "sft", "sft-pos", [*student, "sft.labels=[pos]"])
     if "sft-mix" in wanted:
-        models["sft-mix"] = stage("sft", "baseline", "sft-mix", [*student, "sft.labels=[pos,neg]"])
+        models["sft-mix"] = stage("sft", "sft", "sft-mix", [*student, "sft.labels=[pos,neg]"])
     if "ul" in wanted:
-        models["ul"] = stage("sft", "baseline", "ul", [*student, "sft.labels=[pos,neg]",
+        models["ul"] = stage("sft", "sft", "ul", [*student, "sft.labels=[pos,neg]",
                                                       f"sft.unlikelihood={a.unlikelihood}"])
     if "neg-then-pos" in wanted:
         merged = d / "neg-merged"
         if not (merged / "config.json").is_file():
             _log(export(neg, merged))
-        models["neg-then-pos"] = stage("sft", "baseline", "neg-then-pos",
+        models["neg-then-pos"] = stage("sft", "sft", "neg-then-pos",
                                        [f"model.path={merged}", f"model.tokenizer={a.base_model}", *common,
                                         "sft.labels=[pos]"])
     if "kd" in wanted:
@@ -111,7 +114,7 @@ def _run_seed(cfg: AblationConfig, seed: int, variants: list[str], d: Path) -> N
         launch_stage("eval", configs / "eval.yaml",
                      [f"eval.model={models[v]}", f"eval.test={a.test}", *ranker, f"eval.seed={seed}",
                       *a.eval_overrides, f"engine.output_dir={d / 'eval' / v}"], a.nproc,
-                     f"ablation seed {seed} eval {v}", "rerun to resume")
+                     f"ablation seed {seed} eval {v}", "rerun to resume", cpu=cpu)
 
 
 def aggregate(out: Path, seeds: list[int], variants: list[str]) -> dict:

@@ -10,7 +10,8 @@ import argparse
 import os
 import sys
 
-from train.errors import TdgError
+from train.engine.signals import EXIT_CHECKPOINTED
+from train.errors import StageStopped, TdgError
 
 EXIT_USER_ERROR = 2
 
@@ -238,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
+    except StageStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return EXIT_CHECKPOINTED
     except TdgError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -440,7 +440,7 @@ ABLATION_VARIANTS = ["sft-pos", "sft-mix", "neg-then-pos", "ul", "nat", "kd", "n
 
 @dataclasses.dataclass
 class AblationSection:
-    configs: str = "configs/tiny"  # stage configs dir: baseline (stage sft), neg, nat, score, distill, eval .yaml
+    configs: str = "configs/tiny"  # stage configs dir: sft (the sft baselines), neg, nat, score, distill, eval .yaml
     variants: list[str] = dataclasses.field(default_factory=lambda: list(ABLATION_VARIANTS))  # which to run
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])  # one full run per seed
     base_model: str = ""  # base model dir every student and teacher starts from

@@ -7,6 +7,10 @@ class TdgError(Exception):
     """Base class: a message that names the file, line, key or rank at fault."""
 
 
+class StageStopped(TdgError):
+    """A stop request interrupted a launched stage; its checkpoint is written and a rerun resumes it."""
+
+
 class ConfigError(TdgError):
     """A config file or override is wrong (unknown key, wrong type, inconsistent values)."""
 
