@@ -1,6 +1,7 @@
 """`tdg ablation`: does negative data help? Every variant trained and evaluated on the same data.
 
 Variants (the paper's comparison, on one student size):
+    base          the base model as it is, no training on the rationales (the reference point)
     sft-pos       LoRA on positives only (the usual distillation baseline)
     sft-mix       LoRA on positives and negatives, negatives unmarked
     neg-then-pos  the neg adapter merged into the base, then LoRA on positives (no gate)
@@ -82,7 +83,7 @@ def _run_seed(cfg: AblationConfig, seed: int, variants: list[str], d: Path) -> N
         return target
 
     wanted = set(variants)
-    models: dict[str, Path] = {}
+    models: dict[str, Path] = {"base": Path(a.base_model)}
     if wanted & NEEDS["neg"]:
         neg = stage("neg", "neg", "neg", student)
     if wanted & NEEDS["nat"]:

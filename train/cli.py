@@ -89,7 +89,8 @@ STAGES = {
 }
 
 STAGES["ablation"] = ("does negative data help? train and evaluate every baseline and variant over seeds "
-                      "(sft-pos, sft-mix, neg-then-pos, ul, nat, kd, nat+nce)", "train.ablation", "AblationConfig")
+                      "(base, sft-pos, sft-mix, neg-then-pos, ul, nat, kd, nat+nce)",
+                      "train.ablation", "AblationConfig")
 
 EVAL_SHORTCUTS = {"model": "eval.model", "test": "eval.test", "ranker": "eval.ranker", "n": "eval.n",
                   "output": "engine.output_dir"}

@@ -435,7 +435,7 @@ class EvalConfig:
     engine: EvalEngine = dataclasses.field(default_factory=EvalEngine)
 
 
-ABLATION_VARIANTS = ["sft-pos", "sft-mix", "neg-then-pos", "ul", "nat", "kd", "nat+nce"]
+ABLATION_VARIANTS = ["base", "sft-pos", "sft-mix", "neg-then-pos", "ul", "nat", "kd", "nat+nce"]
 
 
 @dataclasses.dataclass

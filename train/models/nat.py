@@ -36,6 +36,16 @@ NAT_JSON = "nat.json"
 GATE_FILE = "gate.safetensors"
 
 
+def _register_external(module: nn.Module, params: list[nn.Parameter]) -> None:
+    """deepspeed.zero.register_external_parameter for each (a no-op outside ZeRO-3; skipped without DeepSpeed)."""
+    try:
+        from deepspeed.zero import register_external_parameter
+    except ImportError:
+        return
+    for p in params:
+        register_external_parameter(module, p)
+
+
 class NATLinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, gate_dim: int, beta: float,
                  temperature: float):
@@ -62,28 +72,43 @@ class NATLinear(nn.Module):
         nn.init.zeros_(self.gate_v2.weight)
         nn.init.zeros_(self.gate_v2.bias)
         self.alpha_stats: torch.Tensor | None = None  # (mean, std) of alpha in the last nat forward
+        # _gated reads these weights without calling their modules. Registered so that ZeRO-3 gathers them with
+        # this module (recent DeepSpeed also detects such reads on the fly; this says it up front)
+        _register_external(self, [self.gate_k.weight, self.gate_v1.weight, self.gate_v1.bias,
+                                  self.lora_B_pos.weight, self.lora_B_neg.weight])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer(x)
         if self.mode == "base":
             return base
-        d_neg = self.lora_B_neg(self.lora_A_neg(x)) * self.scaling
         if self.mode == "neg":
-            return base + d_neg
-        d_pos = self.lora_B_pos(self.lora_A_pos(self.dropout(x))) * self.scaling
+            return base + self.lora_B_neg(self.lora_A_neg(x)) * self.scaling
         if self.mode == "pos":
-            return base + d_pos
-        h = torch.stack([base + d_pos, base + d_neg], dim=-2)  # [..., 2, out]
-        q = self.gate_q(x)  # [..., g]
-        k = self.gate_k(h)  # [..., 2, g]
-        u = F.gelu(self.gate_v1(h))  # [..., 2, g]
-        a = torch.softmax((k @ q.unsqueeze(-1)).squeeze(-1) / self.temperature, dim=-1)
-        alpha = 2.0 * self.beta * a[..., 1] - self.beta
+            return base + self.lora_B_pos(self.lora_A_pos(self.dropout(x))) * self.scaling
+        return base + self._gated(x, base)
+
+    def _gated(self, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """(1 - alpha) v_pos + alpha v_neg, without forming the full-width h_pos and h_neg.
+
+        K and V1 are affine in h_i = W x + s B_i A_i x, so [K; V1] h_i = [K; V1] W x + ([K; V1] s B_i)(A_i x):
+        one [2g, out] matmul on W x shared by both branches, plus the r-wide LoRA activations through
+        a [2g, r] matrix per branch. The B_i matmuls to full width, and the [..., 2, out] stack the
+        equations suggest, are never computed. The two-way softmax is a sigmoid of the score difference,
+        and V2 is applied once to the alpha-mixed hidden (V2 is affine and the weights sum to 1).
+        """
+        g = self.gate_q.out_features
+        kv_weight = torch.cat([self.gate_k.weight, self.gate_v1.weight])  # [2g, out]
+        kv_bias = torch.cat([torch.zeros_like(self.gate_v1.bias), self.gate_v1.bias])
+        kv_base = F.linear(base, kv_weight, kv_bias)  # [..., 2g]
+        kv_pos = kv_base + F.linear(self.lora_A_pos(self.dropout(x)), kv_weight @ self.lora_B_pos.weight * self.scaling)
+        kv_neg = kv_base + F.linear(self.lora_A_neg(x), kv_weight @ self.lora_B_neg.weight * self.scaling)
+        (k_pos, v_pos), (k_neg, v_neg) = kv_pos.split(g, dim=-1), kv_neg.split(g, dim=-1)
+        q = self.gate_q(x)
+        a_neg = torch.sigmoid(((k_neg - k_pos) * q).sum(-1, keepdim=True) / self.temperature)
+        alpha = 2.0 * self.beta * a_neg - self.beta
         self.alpha_stats = torch.stack([alpha.mean(), alpha.std()]).detach()
-        alpha = alpha.unsqueeze(-1)
-        # (1 - alpha) V2(u_pos) + alpha V2(u_neg) = V2((1 - alpha) u_pos + alpha u_neg), V2 being affine and
-        # the weights summing to 1: one V2 matmul instead of two, and no [..., 2, out] tensor kept for backward
-        return base + self.gate_v2((1.0 - alpha) * u[..., 0, :] + alpha * u[..., 1, :])
+        u_pos = F.gelu(v_pos)
+        return self.gate_v2(u_pos + alpha * (F.gelu(v_neg) - u_pos))
 
 
 def nat_layers(model: nn.Module) -> dict[str, NATLinear]:
