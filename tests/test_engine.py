@@ -83,6 +83,7 @@ def test_neg_trains_and_saves_an_adapter_plain_peft_loads(zero, neg_runs, prepar
     metrics = json.loads((out / "DONE.json").read_text())["metrics"]
     assert metrics["global_step"] == STEPS and metrics["world_size"] == 2
     assert metrics["final_loss"] < metrics["first_loss"]
+    assert metrics["tokens_per_s_median"] > 0 and "mfu_median" not in metrics  # CPU: no known peak, no MFU
     batch = _batch(prepared_dir, base_model_dir, ("neg",))
     base_ce = _mean_ce(_base(base_model_dir), batch)
     tuned = PeftModel.from_pretrained(_base(base_model_dir), out / "adapter").eval()
@@ -232,3 +233,12 @@ def test_bad_configs_fail_with_named_errors(extra, message, tmp_path, prepared_d
     result = run_stage(stage, overrides(prepared_dir, base_model_dir, tmp_path / "out", *rest), nproc=1)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_throughput_summary_leaves_out_the_warm_up_step_and_computes_mfu():
+    from train.engine.loop import _throughput
+
+    got = _throughput([9.0, 1.0, 2.0, 1.0], [10.0, 100.0, 50.0, 100.0], flops_per_tok=6e9, world_peak_flops=1e12)
+    assert got["step_seconds_median"] == 1.0 and got["tokens_per_s_median"] == 100.0
+    assert got["mfu_median"] == 100.0 * 6e9 / 1e12
+    assert "mfu_median" not in _throughput([1.0], [5.0], 6e9, 0.0) and _throughput([], [], 1.0, 1.0) == {}

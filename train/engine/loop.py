@@ -101,6 +101,22 @@ class _Logger:
             self.writer.close()
 
 
+def _throughput(step_seconds: list[float], step_rates: list[float], flops_per_tok: float,
+                world_peak_flops: float) -> dict[str, float]:
+    """Medians over optimizer steps (the first, which warms up, left out when there are more), for DONE.json:
+    step time, tokens/s of all ranks, MFU where the device peak is known, and this rank's peak GPU memory."""
+    if not step_seconds:
+        return {}
+    rates = step_rates[1:] or step_rates
+    out = {"step_seconds_median": float(np.median(step_seconds[1:] or step_seconds)),
+           "tokens_per_s_median": float(np.median(rates))}
+    if world_peak_flops > 0:
+        out["mfu_median"] = float(np.median(rates)) * flops_per_tok / world_peak_flops
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
 def _seed_for(seed: int, step: int, batch_in_step: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + batch_in_step) % (2**63 - 1)
 
@@ -202,6 +218,7 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
     per_step = world * accum
     losses: list[float] = []  # per optimizer step, for the start/end summary in DONE.json
     step_seconds: list[float] = []  # wall time of each optimizer step (benchmarks compare the median)
+    step_rates: list[float] = []  # tokens/s of each optimizer step, all ranks together
     t_start, tokens_seen = time.time(), 0
     exit_code = 0
     engine.train()
@@ -236,6 +253,7 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
                 losses.append(means["loss"])
                 dt = max(time.time() - t0, 1e-9)
                 step_seconds.append(dt)
+                step_rates.append(step_tokens / dt)
                 if pos.global_step % cfg.engine.log_every == 0:
                     grad_norm = engine.get_global_grad_norm()
                     scalars = {f"{task.name}/{k}": v for k, v in means.items()}
@@ -281,7 +299,7 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
                "final_loss": float(np.mean(losses[-window:])) if losses else math.nan,
                "tokens": tokens_seen, "seconds": round(time.time() - t_start, 2), "world_size": world,
                "trainable_params": n_trainable,
-               "step_seconds_median": float(np.median(step_seconds[1:] or step_seconds)) if step_seconds else math.nan,
+               **_throughput(step_seconds, step_rates, fpt, peak * world),
                **{k.rsplit("/", 1)[-1]: v for k, v in last_eval.items()}}
     with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
         if dist_.is_main():
