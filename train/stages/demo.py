@@ -51,7 +51,7 @@ def _log(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def _raw_texts(raw: Path):
+def raw_texts(raw: Path):
     """Every text of the train and pretrain splits (never the test split)."""
     for f in sorted([*(raw / "train").rglob("*.jsonl"), *(raw / "pretrain").rglob("*.jsonl")]):
         for line in f.read_text(encoding="utf-8").splitlines():
@@ -71,7 +71,7 @@ def run_demo(opts: DemoOptions) -> dict:
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         _log(f"training a {opts.vocab_size}-piece sentencepiece tokenizer -> {tok_dir}")
-        train_tokenizer(_raw_texts(raw), tok_dir, vocab_size=opts.vocab_size)
+        train_tokenizer(raw_texts(raw), tok_dir, vocab_size=opts.vocab_size)
     prepared = out / "prepared"
     _log(f"prepare -> {prepared}")
     stats = prepare(PrepareOptions(inputs=[str(raw / "train")], output=str(prepared), workers=opts.workers,

@@ -1,0 +1,118 @@
+"""Every training stage at Llama 1B / 7B shapes on one device: tokens/s, MFU, peak memory, and the ratios.
+
+Runs neg (plain LoRA), nat, score (forward only), distill from the stored top-k and distill with
+the teacher online, each as its own process (`python -m train STAGE`, a world of one) under ZeRO-3
+(bf16 and SDPA attention on a GPU, which the stages choose by themselves). Records three rows: NAT vs LoRA step
+throughput (issue goal >= 0.9x), stored vs online distill (>= 2x), and a per-stage summary
+(tokens/s, MFU, peak GPU memory; score in samples/s).
+
+Model: random init with the shapes of TinyLlama-1.1B or LLaMA-7B (speed does not depend on the
+weights); vocabulary from the synthetic data's 512-piece tokenizer instead of 32,000, so the lm
+head is about 2% of a 7B model's matmuls too small. Data: the embedded synthetic task, prepared here.
+`--size tiny` runs the same path on CPU in a few minutes (it is how the script is checked).
+Usage: python bench/gpu_stages.py --size 1b|7b|tiny [--steps 20] [--work DIR]
+A GPU machine without DeepSpeed needs its wheel first (see the device tool's README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CONFIGS, record  # noqa: E402
+
+LLAMA = {"max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+SIZES = {
+    "1b": {**LLAMA, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+           "num_attention_heads": 32, "num_key_value_heads": 4},
+    "7b": {**LLAMA, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+           "num_attention_heads": 32, "num_key_value_heads": 32},
+}
+
+
+def prepare_inputs(work: Path, size: str, questions: int) -> tuple[Path, Path]:
+    """Synthetic prepared data and a random-init model dir of `size`; reused when present."""
+    import torch
+
+    from train.data.prepare import PrepareOptions, prepare
+    from train.data.synthetic import generate
+    from train.data.tokenizer import train_tokenizer
+    from train.models.loading import build_tiny_model
+    from train.stages.demo import raw_texts
+
+    raw, tok, prepared, model = work / "raw", work / "tokenizer", work / "prepared", work / f"model-{size}"
+    if not (raw / "train").is_dir():
+        generate(raw, n_train=questions, n_test=3)
+    if not (tok / "tokenizer.json").is_file():
+        train_tokenizer(raw_texts(raw), tok, vocab_size=512)
+    if not (prepared / "DONE.json").is_file():
+        prepare(PrepareOptions(inputs=[str(raw / "train")], output=str(prepared), workers=2, tokenizer=str(tok),
+                               show_progress=False))
+    if not (model / "config.json").is_file():
+        spec = json.loads((CONFIGS / "model.json").read_text()) if size == "tiny" else SIZES[size]
+        gpu = torch.cuda.is_available()
+        build_tiny_model(spec, tok, model, dtype=torch.bfloat16 if gpu else torch.float32,
+                         device="cuda" if gpu else "cpu")
+    return prepared, model
+
+
+def _summary(name: str, m: dict) -> str:
+    parts = [f"{m['tokens_per_s_median']:.0f} tok/s"]
+    if "mfu_median" in m:
+        parts.append(f"MFU {100 * m['mfu_median']:.1f}%")
+    if "peak_memory_gib" in m:
+        parts.append(f"{m['peak_memory_gib']:.1f} GiB")
+    return f"{name} " + " ".join(parts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=["tiny", *SIZES], default="1b", help="model shape")
+    ap.add_argument("--steps", type=int, default=20, help="optimizer steps per training stage")
+    ap.add_argument("--questions", type=int, default=200, help="synthetic training questions (8 rationales each)")
+    ap.add_argument("--max-tokens", type=int, default=16384, help="tokens per micro-batch (data.max_tokens)")
+    ap.add_argument("--work", default=None, help="keep data, model and stage outputs here (default: a temp dir)")
+    args = ap.parse_args()
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work or tmp)
+        prepared, model = prepare_inputs(work, args.size, args.questions)
+        common = [f"model.path={model}", f"data.path={prepared}", f"data.max_tokens={args.max_tokens}",
+                  f"optim.max_steps={args.steps}", "engine.ds_config=zero3", "engine.save_every=0",
+                  "engine.progress=false"]
+        out = work / f"runs-{args.size}"
+
+        def stage(name: str, extra: list[str], run: str | None = None) -> dict:
+            from train.launch import launch_stage
+            from train.manifest import read_done
+
+            target = out / (run or name)
+            launch_stage(name, CONFIGS / f"{name}.yaml", [*extra, f"engine.output_dir={target}"], 1,
+                         f"bench {run or name}", "rerun to resume", cpu=not torch.cuda.is_available())
+            return read_done(target)["metrics"]
+
+        neg = stage("neg", common)
+        nat = stage("nat", [*common, f"nat.neg_adapter={out / 'neg'}"])
+        score = stage("score", [f"data.path={prepared}", f"score.nat_dir={out / 'nat'}", "engine.ds_config=zero3"])
+        offline = stage("distill", [*common, f"distill.scores={out / 'score'}"])
+        online = stage("distill", [*common, "distill.mode=online", f"distill.nat_dir={out / 'nat'}"], "distill-online")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    what = f"Llama-{args.size} shapes, random init, {args.steps} steps, 1 device ZeRO-3"
+    gpu_goal = "" if torch.cuda.is_available() else " (CPU run: checks the script, not the goal)"
+    r_nat = nat["tokens_per_s_median"] / neg["tokens_per_s_median"]
+    record(f"NAT vs LoRA throughput, {what}", _summary("LoRA", neg), _summary("NAT", nat), f"{r_nat:.2f}x",
+           ">= 0.9x" + gpu_goal, dev=device)
+    r_kd = offline["tokens_per_s_median"] / online["tokens_per_s_median"]
+    record(f"distill stored top-k vs online teacher, {what}", _summary("online", online),
+           _summary("stored", offline), f"{r_kd:.2f}x", ">= 2x" + gpu_goal, dev=device)
+    record(f"score (forward only), {what}", "-", f"{score['samples'] / score['seconds']:.1f} samples/s "
+           f"({score['samples']} samples, {score['seconds']} s incl. loading)", "-", "-", dev=device)
+
+
+if __name__ == "__main__":
+    main()
