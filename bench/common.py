@@ -55,6 +55,24 @@ def demo_outputs(path: str | Path) -> Path:
     return out
 
 
+def demo_bench_args(doc: str, steps: int, repeats: bool = True):
+    """The command line every demo-based step-time bench takes: --demo, --steps and (alternating) --repeats."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc)
+    ap.add_argument("--demo", default="demo_out", help="a finished `tdg demo` output (run first if absent)")
+    ap.add_argument("--steps", type=int, default=steps, help="optimizer steps per run")
+    if repeats:
+        ap.add_argument("--repeats", type=int, default=3, help="alternating runs of each variant (median reported)")
+    return ap.parse_args()
+
+
+def demo_stage_overrides(demo: Path, steps: int, *extra: str) -> list[str]:
+    """One rank, ZeRO-2, `steps` steps, no checkpoints or progress bar, on the demo's base model and data."""
+    return [f"model.path={demo / 'pretrain/model'}", f"data.path={demo / 'prepared'}", f"optim.max_steps={steps}",
+            "engine.ds_config=zero2", "engine.save_every=0", "engine.progress=false", *extra]
+
+
 def run_stage_in_process(stage: str, config: str, overrides: list[str]) -> dict:
     """Run a training stage in this process as a world of one (CPU); return its DONE.json metrics."""
     import importlib

@@ -9,23 +9,18 @@ Usage: python bench/distill_modes.py [--demo demo_out] [--steps 30]
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import demo_outputs, record, run_stage_in_process  # noqa: E402
+from common import demo_bench_args, demo_outputs, demo_stage_overrides, record, run_stage_in_process  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--demo", default="demo_out", help="a finished `tdg demo` output (run first if absent)")
-    ap.add_argument("--steps", type=int, default=30, help="optimizer steps per mode")
-    args = ap.parse_args()
+    args = demo_bench_args(__doc__, steps=30, repeats=False)
     demo = demo_outputs(args.demo)
-    common = [f"model.path={demo / 'pretrain/model'}", f"data.path={demo / 'prepared'}",
-              f"optim.max_steps={args.steps}", "engine.ds_config=zero2", "engine.save_every=0", "engine.progress=false"]
+    common = demo_stage_overrides(demo, args.steps)
     with tempfile.TemporaryDirectory() as tmp:
         offline = run_stage_in_process("distill", "distill", [*common, f"distill.scores={demo / 'score'}",
                                                               f"engine.output_dir={tmp}/offline"])

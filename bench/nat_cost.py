@@ -10,26 +10,19 @@ Usage: python bench/nat_cost.py [--demo demo_out] [--steps 40]
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate, demo_outputs, record, run_stage_in_process, spread  # noqa: E402
+from common import alternate, demo_bench_args, demo_outputs, demo_stage_overrides, record, run_stage_in_process, spread  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--demo", default="demo_out", help="a finished `tdg demo` output (run first if absent)")
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--repeats", type=int, default=3, help="alternating runs of each variant (median reported)")
-    args = ap.parse_args()
+    args = demo_bench_args(__doc__, steps=40)
     demo = demo_outputs(args.demo)
-    common = [f"model.path={demo / 'pretrain/model'}", f"data.path={demo / 'prepared'}",
-              f"optim.max_steps={args.steps}", "engine.ds_config=zero2", "engine.save_every=0",
-              "engine.progress=false", "sft.labels=[pos]"]
+    common = demo_stage_overrides(demo, args.steps, "sft.labels=[pos]")
     with tempfile.TemporaryDirectory() as tmp:
         runs = iter(range(1000))
         times = alternate({

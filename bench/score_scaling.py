@@ -10,9 +10,6 @@ Usage: python bench/score_scaling.py [--demo demo_out]
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -20,17 +17,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CONFIGS, demo_outputs, record  # noqa: E402
 
-from train.engine.distributed import free_port  # noqa: E402
+from train.launch import launch_stage  # noqa: E402
+from train.manifest import read_done  # noqa: E402
 
 
 def run_score(demo: Path, out: Path, nproc: int) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), "-m", "train", "score", "--config",
-           str(CONFIGS / "score.yaml"), f"data.path={demo / 'prepared'}", f"score.nat_dir={demo / 'nat'}",
-           f"engine.output_dir={out}", "engine.progress=false", "engine.ds_config=none"]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd, env=env, check=True, capture_output=True)
-    return json.loads((out / "DONE.json").read_text())["metrics"]
+    overrides = [f"data.path={demo / 'prepared'}", f"score.nat_dir={demo / 'nat'}", f"engine.output_dir={out}",
+                 "engine.progress=false", "engine.ds_config=none"]
+    launch_stage("score", CONFIGS / "score.yaml", overrides, nproc, f"bench score x{nproc}", "the bench stops here")
+    return read_done(out)["metrics"]
 
 
 def main() -> None:
