@@ -55,13 +55,14 @@ def demo_outputs(path: str | Path) -> Path:
     return out
 
 
-def demo_bench_args(doc: str, steps: int, repeats: bool = True):
-    """The command line every demo-based step-time bench takes: --demo, --steps and (alternating) --repeats."""
+def demo_bench_args(doc: str, steps: int | None, repeats: bool = True):
+    """The command line every demo-based bench takes: --demo, --steps (unless None) and (alternating) --repeats."""
     import argparse
 
     ap = argparse.ArgumentParser(description=doc)
     ap.add_argument("--demo", default="demo_out", help="a finished `tdg demo` output (run first if absent)")
-    ap.add_argument("--steps", type=int, default=steps, help="optimizer steps per run")
+    if steps is not None:
+        ap.add_argument("--steps", type=int, default=steps, help="optimizer steps per run")
     if repeats:
         ap.add_argument("--repeats", type=int, default=3, help="alternating runs of each variant (median reported)")
     return ap.parse_args()
@@ -103,5 +104,5 @@ def alternate(variants: dict, repeats: int) -> dict[str, list[float]]:
     return results
 
 
-def spread(values: list[float], scale: float = 1000.0) -> str:
-    return f"{min(values) * scale:.0f}-{max(values) * scale:.0f}"
+def spread(values: list[float], scale: float = 1000.0, digits: int = 0) -> str:
+    return f"{min(values) * scale:.{digits}f}-{max(values) * scale:.{digits}f}"

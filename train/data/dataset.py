@@ -21,6 +21,11 @@ from train.errors import InputError
 IGNORE = -100
 
 
+def target_mask(batch: dict):
+    """[B, L-1] bool: positions whose next token is a target (rationale) token, i.e. labels[:, 1:] != IGNORE."""
+    return batch["labels"][:, 1:] != IGNORE
+
+
 def prompt_text(question: str) -> str:
     """The text the model sees before the rationale: one function for training and evaluation."""
     return question + "\n"

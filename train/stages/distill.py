@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from train.config import DistillConfig
-from train.data.dataset import IGNORE, TokenizedSet, collate
+from train.data.dataset import TokenizedSet, collate, target_mask
 from train.engine.loop import TrainTask
 from train.errors import ConfigError, TdgError
 from train.manifest import dir_digest
@@ -126,7 +126,7 @@ def nce_loss(student_logits: torch.Tensor, labels: torch.Tensor, kd: torch.Tenso
 def _student_targets(module, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     logits = module(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                     position_ids=batch.get("position_ids"), use_cache=False).logits[:, :-1]
-    mask = batch["labels"][:, 1:] != IGNORE
+    mask = target_mask(batch)
     return logits[mask], batch["labels"][:, 1:][mask], mask
 
 
@@ -167,12 +167,11 @@ def _online_loss(cfg: DistillConfig, tok):
 
     def loss_fn(module, batch):
         teacher.to(batch["input_ids"].device)
-        lp_nat, _, kl = teacher_logprobs(teacher, batch)
+        t_lp, _, kl = teacher_logprobs(teacher, batch, target_mask(batch))
         logits, labels, mask = _student_targets(module, batch)
-        beta = sample_beta(kl, mask) if cfg.distill.fixed_beta is None else torch.full(
+        beta = sample_beta(kl, mask)[0] if cfg.distill.fixed_beta is None else torch.full(
             (mask.shape[0],), cfg.distill.fixed_beta)
         weight = (0.5 + beta)[:, None].expand_as(mask)[mask]
-        t_lp = lp_nat[mask]
         if k > 0:
             values, ids = t_lp.topk(k, -1)
             tail = torch.log1p(-values.exp().sum(-1).clamp(max=1.0 - 1e-7))

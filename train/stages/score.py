@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 
 from train.config import OptimConfig, ScoreConfig, save_config
 from train.data.batching import TokenBudgetBatcher
-from train.data.dataset import IGNORE, collate, read_prepared, tokenize
+from train.data.dataset import collate, read_prepared, target_mask, tokenize
 from train.data.tokenizer import load_tokenizer
 from train.engine import distributed as dist_
 from train.engine.ds_config import build_ds_config
@@ -56,37 +56,47 @@ def shard_path(out: Path, index: int) -> Path:
 
 
 @torch.no_grad()
-def teacher_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(log p_nat, log p_neg, KL(p_neg || p_nat)) at every position of a padded batch, next-token aligned."""
+def teacher_logprobs(model, batch: dict, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log p_nat, log p_neg, KL(p_neg || p_nat)) at the `mask` positions of a padded batch, as [T, V], [T, V], [T].
+
+    Prompt and pad positions are dropped before the fp32 log-softmax, so the vocabulary-wide work
+    (log-softmax, KL, top-k) is done only where it is used."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     set_mode(model, "nat")
-    lp_nat = F.log_softmax(model(**inputs).logits[:, :-1].float(), dim=-1)
+    lp_nat = F.log_softmax(model(**inputs).logits[:, :-1][mask].float(), dim=-1)
     set_mode(model, "neg")
-    lp_neg = F.log_softmax(model(**inputs).logits[:, :-1].float(), dim=-1)
+    lp_neg = F.log_softmax(model(**inputs).logits[:, :-1][mask].float(), dim=-1)
     set_mode(model, "nat")
     return lp_nat, lp_neg, (lp_neg.exp() * (lp_neg - lp_nat)).sum(-1)
 
 
-def sample_beta(kl: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """beta_i = tanh(mean over sample i's rationale positions of KL(p_neg || p_nat)), per row."""
-    return torch.tanh((kl * mask).sum(-1) / mask.sum(-1).clamp(min=1))
+def sample_beta(kl: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(beta, mean KL) per row: beta_i = tanh(mean over row i's mask positions of KL(p_neg || p_nat)).
+
+    `kl` holds the [T] values at the mask positions in row-major order (as `tensor[mask]` gives them)."""
+    rows = mask.nonzero()[:, 0]
+    total = torch.zeros(mask.shape[0], dtype=kl.dtype, device=kl.device).index_add_(0, rows, kl)
+    mean = total / mask.sum(-1).clamp(min=1)
+    return torch.tanh(mean), mean
 
 
 @torch.no_grad()
 def score_batch(model, batch: dict, top_k: int) -> list[dict]:
-    """Teacher outputs for one padded batch: one dict of numpy arrays per sample."""
-    lp_nat, _, kl = teacher_logprobs(model, batch)
-    mask = batch["labels"][:, 1:] != IGNORE  # positions whose next token is a rationale token
+    """Teacher outputs for one padded batch: one dict of CPU tensors per sample.
+
+    Everything is computed for the whole batch on the device and copied to the host once."""
+    mask = target_mask(batch)
+    lp_nat, _, kl = teacher_logprobs(model, batch, mask)
     values, ids = lp_nat.topk(top_k, dim=-1)
     tail = torch.log1p(-values.exp().sum(-1).clamp(max=1.0 - 1e-7))
-    beta = sample_beta(kl, mask)
-    out = []
-    for row in range(mask.shape[0]):
-        m = mask[row]
-        out.append({"beta": float(beta[row]), "kl_mean": float(kl[row][m].mean()),
-                    "topk_ids": ids[row][m].to(torch.int32).cpu(), "topk_logprobs": values[row][m].cpu(),
-                    "tail_logprob": tail[row][m].cpu()})
-    return out
+    beta, kl_mean = sample_beta(kl, mask)
+    counts = mask.sum(-1).tolist()
+    ids, values, tail = ids.to(torch.int32).cpu(), values.cpu(), tail.cpu()
+    beta, kl_mean = beta.cpu(), kl_mean.cpu()
+    return [{"beta": float(beta[row]), "kl_mean": float(kl_mean[row]), "topk_ids": i, "topk_logprobs": v,
+             "tail_logprob": t}
+            for row, (i, v, t) in enumerate(zip(ids.split(counts), values.split(counts), tail.split(counts),
+                                                strict=True))]
 
 
 def _write_shard(path: Path, ids: list[str], results: list[dict], top_k: int, dtype: torch.dtype) -> None:
@@ -109,7 +119,7 @@ def read_shard_ids(path: Path) -> list[str]:
         return json.loads(f.metadata()["ids"])
 
 
-def _plan(lengths: np.ndarray, shard_size: int, max_tokens: int) -> list[list[np.ndarray]]:
+def plan_shards(lengths: np.ndarray, shard_size: int, max_tokens: int) -> list[list[np.ndarray]]:
     """Batches (global sample indices) of every shard; length-sorted inside a shard."""
     plans = []
     for start in range(0, len(lengths), shard_size):
@@ -134,7 +144,7 @@ def main(cfg: ScoreConfig) -> int:
     table = read_prepared(cfg.data.path, labels=("pos",))
     data = tokenize(table, tok, cfg.data.max_len)
     lengths = data.lengths
-    plans = _plan(lengths, cfg.score.shard_size, cfg.data.max_tokens)
+    plans = plan_shards(lengths, cfg.score.shard_size, cfg.data.max_tokens)
     if dist_.is_main():
         (out / "shards").mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -162,6 +172,7 @@ def main(cfg: ScoreConfig) -> int:
         from tqdm import tqdm
 
         bar = tqdm(total=len(mine), desc="score (rank 0 shards)", unit="shard")
+    t_loop = time.time()
     for i in mine:
         results: dict[int, dict] = {}
         for b in plans[i]:
@@ -177,15 +188,16 @@ def main(cfg: ScoreConfig) -> int:
             score_batch(model, batch_of(np.array([0])), cfg.score.top_k)
     if bar is not None:
         bar.close()
+    loop_seconds = time.time() - t_loop
     dist_.barrier()
     if dist_.is_main():
-        _finish(cfg, out, nat_dir, data.ids, len(plans), t0, dropped=data.dropped)
+        _finish(cfg, out, nat_dir, data.ids, len(plans), t0, loop_seconds, dropped=data.dropped)
     dist_.barrier()
     return 0
 
 
 def _finish(cfg: ScoreConfig, out: Path, nat_dir: Path, expected_ids: list[str], n_shards: int, t0: float,
-            dropped: int) -> None:
+            loop_seconds: float, dropped: int) -> None:
     """Check every positive sample was scored exactly once; write manifest.json and DONE.json."""
     seen: dict[str, int] = {}
     shards, betas = [], []
@@ -213,7 +225,8 @@ def _finish(cfg: ScoreConfig, out: Path, nat_dir: Path, expected_ids: list[str],
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     metrics = {"samples": len(expected_ids), "shards": n_shards, "beta_mean": float(beta.mean()),
                "beta_std": float(beta.std()), "beta_min": float(beta.min()), "beta_max": float(beta.max()),
-               "seconds": round(time.time() - t0, 2), "world_size": dist_.world()}
+               "seconds": round(time.time() - t0, 2), "world_size": dist_.world(),
+               "rank0_scoring_seconds": round(loop_seconds, 2)}  # its shards only: no load, tokenizing or checks
     write_done(out, config=asdict(cfg), inputs={"data": dir_digest(cfg.data.path), "nat": dir_digest(nat_dir)},
                metrics=metrics)
     print(f"[score] {len(expected_ids)} samples in {n_shards} shards; beta mean {metrics['beta_mean']:.4f} "
