@@ -75,6 +75,18 @@ def base_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session")
+def zero3_partitioned(tmp_path_factory) -> Path:
+    """The shipped ds_configs/zero3.json with persistence threshold 0. The shipped threshold (10,000
+    elements) keeps almost every weight of the tiny test models whole on each rank, so tests that
+    should exercise ZeRO-3 partitioning would barely touch it."""
+    cfg = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = tmp_path_factory.mktemp("ds") / "zero3_partitioned.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
 

@@ -39,12 +39,12 @@ def labelled_prepared(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ranker_dir(tmp_path_factory, labelled_prepared, base_model_dir):
+def ranker_dir(tmp_path_factory, labelled_prepared, base_model_dir, zero3_partitioned):
     out = tmp_path_factory.mktemp("ranker") / "out"
     result = run_stage("ranker", [
         f"model.path={base_model_dir}", f"data.path={labelled_prepared}", "data.max_len=128", "data.max_tokens=640",
         "optim.lr=3e-3", "optim.warmup_steps=2", "optim.epochs=3", "ranker.heldout_fraction=0.25",
-        "engine.ds_config=zero3", "engine.progress=false", f"engine.output_dir={out}",
+        f"engine.ds_config={zero3_partitioned}", "engine.progress=false", f"engine.output_dir={out}",
         "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out

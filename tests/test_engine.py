@@ -30,25 +30,21 @@ def _ok(result) -> None:
 
 
 @pytest.fixture(scope="module")
-def neg_runs(tmp_path_factory, prepared_dir, base_model_dir) -> dict[str, Path]:
+def neg_runs(tmp_path_factory, prepared_dir, base_model_dir, zero3_partitioned) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("neg")
     outs = {}
-    for zero in ("zero2", "zero3"):
+    for zero, ds_config in (("zero2", "zero2"), ("zero3", zero3_partitioned)):
         outs[zero] = root / zero
-        _ok(run_stage("neg", overrides(prepared_dir, base_model_dir, outs[zero], f"engine.ds_config={zero}")))
+        _ok(run_stage("neg", overrides(prepared_dir, base_model_dir, outs[zero], f"engine.ds_config={ds_config}")))
     return outs
 
 
 @pytest.fixture(scope="module")
-def nat_runs(tmp_path_factory, prepared_dir, base_model_dir, neg_runs) -> dict[str, Path]:
+def nat_runs(tmp_path_factory, prepared_dir, base_model_dir, neg_runs, zero3_partitioned) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("nat")
-    # zero3-partitioned: persistence threshold 0, so ZeRO-3 partitions even this tiny model's gate and LoRA
-    # weights (the shipped threshold keeps parameters under 10,000 elements whole on every rank)
-    zero3 = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
-    zero3["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    (root / "zero3_partitioned.json").write_text(json.dumps(zero3))
     outs = {}
-    runs = {"zero2": "zero2", "zero3": "zero3", "zero3-partitioned": root / "zero3_partitioned.json"}
+    # "zero3" is the shipped config (tiny weights stay whole); "zero3-partitioned" partitions even the gate
+    runs = {"zero2": "zero2", "zero3": "zero3", "zero3-partitioned": zero3_partitioned}
     for name, ds_config in runs.items():
         outs[name] = root / name
         _ok(run_stage("nat", overrides(prepared_dir, base_model_dir, outs[name], f"engine.ds_config={ds_config}",
@@ -166,9 +162,9 @@ def _start_and_signal(args: list[str], out: Path, nproc: int = 2) -> subprocess.
 
 
 def test_sigterm_checkpoints_then_resume_matches_uninterrupted_run(tmp_path, neg_runs, prepared_dir,
-                                                                    base_model_dir):
+                                                                    base_model_dir, zero3_partitioned):
     out = tmp_path / "interrupted"
-    args = overrides(prepared_dir, base_model_dir, out, "engine.ds_config=zero3")
+    args = overrides(prepared_dir, base_model_dir, out, f"engine.ds_config={zero3_partitioned}")
     stopped = _start_and_signal(args, out)
     assert "stop requested: checkpointed at step" in stopped.stdout, stopped.stdout[-3000:]
     assert not (out / "DONE.json").exists()
@@ -183,9 +179,9 @@ def test_sigterm_checkpoints_then_resume_matches_uninterrupted_run(tmp_path, neg
         torch.testing.assert_close(final[k], reference[k], rtol=0, atol=1e-6)
 
 
-def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path, prepared_dir, base_model_dir):
+def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path, prepared_dir, base_model_dir, zero3_partitioned):
     out = tmp_path / "shrunk"
-    args = overrides(prepared_dir, base_model_dir, out, "engine.ds_config=zero3")
+    args = overrides(prepared_dir, base_model_dir, out, f"engine.ds_config={zero3_partitioned}")
     stopped = _start_and_signal(args, out)
     assert "stop requested" in stopped.stdout, stopped.stdout[-3000:]
     step = int(stopped.stdout.split("checkpointed at step ")[1].split(";")[0])

@@ -52,9 +52,10 @@ def test_merged_lora_export_gives_the_adapter_logits(tmp_path, prepared_dir, bas
 
 
 def test_full_finetune_consolidated_from_zero3_checkpoint_equals_its_saved_model(tmp_path, prepared_dir,
-                                                                                 base_model_dir):
+                                                                                 base_model_dir, zero3_partitioned):
     src = tmp_path / "full"
-    result = run_stage("sft", _sft(prepared_dir, base_model_dir, src, "sft.full=true", "engine.ds_config=zero3"))
+    result = run_stage("sft", _sft(prepared_dir, base_model_dir, src, "sft.full=true",
+                                   f"engine.ds_config={zero3_partitioned}"))
     assert result.returncode == 0, result.stderr[-3000:]
     saved = AutoModelForCausalLM.from_pretrained(src / "model", local_files_only=True)
     from_ckpt = tmp_path / "from_ckpt"

@@ -35,10 +35,10 @@ def _expected_ids(prepared, base_model_dir):
 
 
 @pytest.fixture(scope="module")
-def zero3_scores(tmp_path_factory, teacher, prepared_dir, base_model_dir):
+def zero3_scores(tmp_path_factory, teacher, prepared_dir, base_model_dir, zero3_partitioned):
     out = tmp_path_factory.mktemp("score") / "z3"
     five_shards = -(-len(_expected_ids(prepared_dir, base_model_dir)) // 5)  # 5 shards: 3 on rank 0, 2 on rank 1
-    result = run_stage("score", overrides(teacher, prepared_dir, out, "engine.ds_config=zero3",
+    result = run_stage("score", overrides(teacher, prepared_dir, out, f"engine.ds_config={zero3_partitioned}",
                                           f"score.shard_size={five_shards}"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out
