@@ -3,6 +3,7 @@
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -238,3 +239,28 @@ def test_throughput_summary_leaves_out_the_warm_up_step_and_computes_mfu():
     assert got["step_seconds_median"] == 1.0 and got["tokens_per_s_median"] == 100.0
     assert got["mfu_median"] == 100.0 * 6e9 / 1e12
     assert "mfu_median" not in _throughput([1.0], [5.0], 6e9, 0.0) and _throughput([], [], 1.0, 1.0) == {}
+
+
+def test_a_zero3_load_does_not_partition_later_loads_in_the_same_process(base_model_dir, zero3_partitioned):
+    # transformers partitions whatever it builds while a HfDeepSpeedConfig is alive; a hook left by a
+    # ZeRO-3 stage used to make the next whole-weight load in the process (a bench, a notebook) fail
+    script = f"""
+from train.config import ModelConfig, OptimConfig
+from train.engine import distributed
+from train.engine.ds_config import build_ds_config
+from train.models.loading import load_base_model
+distributed.setup()
+ds = build_ds_config({str(zero3_partitioned)!r}, OptimConfig(), 1, bf16=False)
+cfg = ModelConfig(path={str(base_model_dir)!r})
+z3 = load_base_model(cfg, on_cpu=True, ds_config=ds)
+whole = load_base_model(cfg, on_cpu=True)
+z3_again = load_base_model(cfg, on_cpu=True, ds_config=ds)
+print(z3.lm_head.weight.numel(), whole.lm_head.weight.numel(), z3_again.lm_head.weight.numel(),
+      whole.config.vocab_size * whole.config.hidden_size)
+"""
+    result = subprocess.run([sys.executable, "-c", script], env=stage_env(), capture_output=True, text=True,
+                            timeout=300, cwd=REPO)
+    _ok(result)
+    z3, whole, z3_again, full = map(int, result.stdout.split()[-4:])
+    assert z3 == 0 and z3_again == 0  # partitioned: the parameter holds no local data until gathered
+    assert whole == full

@@ -42,6 +42,12 @@ def load_base_model(mcfg: ModelConfig, on_cpu: bool, ds_config: dict | None = No
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     check_model_dir(mcfg.path)
+    # transformers partitions every model it builds while a HfDeepSpeedConfig is alive, so a hook left from
+    # an earlier ZeRO-3 load in this process must not leak into a load that asked for whole weights
+    _DS_HOOK = None
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
     if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
