@@ -2,9 +2,10 @@
 
 Runs neg (plain LoRA), nat, score (forward only), distill from the stored top-k and distill with
 the teacher online, each as its own process (`python -m train STAGE`, a world of one) under ZeRO-3
-(bf16 and SDPA attention on a GPU, which the stages choose by themselves). Records three rows: NAT vs LoRA step
-throughput (issue goal >= 0.9x), stored vs online distill (>= 2x), and a per-stage summary
-(tokens/s, MFU, peak GPU memory; score in samples/s).
+(bf16 and SDPA attention on a GPU, which the stages choose by themselves). Records three rows:
+NAT vs LoRA step throughput (issue goal >= 0.9x) and stored vs online distill (>= 2x), both with
+tokens/s, MFU and peak GPU memory, and the scorer's loop against bare teacher forward passes over
+the same batches in this process (>= 0.9x).
 
 Model: random init with the shapes of TinyLlama-1.1B or LLaMA-7B (speed does not depend on the
 weights); vocabulary from the synthetic data's 512-piece tokenizer instead of 32,000, so the lm
@@ -24,6 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CONFIGS, record  # noqa: E402
+from score_forward import bare_forward  # noqa: E402
+
+from train.manifest import read_done  # noqa: E402
 
 LLAMA = {"max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
 SIZES = {
@@ -89,7 +93,6 @@ def main() -> None:
 
         def stage(name: str, extra: list[str], run: str | None = None) -> dict:
             from train.launch import launch_stage
-            from train.manifest import read_done
 
             target = out / (run or name)
             launch_stage(name, CONFIGS / f"{name}.yaml", [*extra, f"engine.output_dir={target}"], 1,
@@ -101,6 +104,10 @@ def main() -> None:
         score = stage("score", [f"data.path={prepared}", f"score.nat_dir={out / 'nat'}", "engine.ds_config=zero3"])
         offline = stage("distill", [*common, f"distill.scores={out / 'score'}"])
         online = stage("distill", [*common, "distill.mode=online", f"distill.nat_dir={out / 'nat'}"], "distill-online")
+        bare, _ = bare_forward(prepared, out / "nat", {**read_done(out / "score")["config"]["data"],
+                                                       **read_done(out / "score")["config"]["score"]},
+                               "cuda" if torch.cuda.is_available() else "cpu")
+        t_bare = min(bare() for _ in range(2))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     what = f"Llama-{args.size} shapes, random init, {args.steps} steps, 1 device ZeRO-3"
     gpu_goal = "" if torch.cuda.is_available() else " (CPU run: checks the script, not the goal)"
@@ -110,8 +117,12 @@ def main() -> None:
     r_kd = offline["tokens_per_s_median"] / online["tokens_per_s_median"]
     record(f"distill stored top-k vs online teacher, {what}", _summary("online", online),
            _summary("stored", offline), f"{r_kd:.2f}x", ">= 2x" + gpu_goal, dev=device)
-    record(f"score (forward only), {what}", "-", f"{score['samples'] / score['seconds']:.1f} samples/s "
-           f"({score['samples']} samples, {score['seconds']} s incl. loading)", "-", "-", dev=device)
+    t_loop = score["rank0_scoring_seconds"]
+    record(f"scorer vs bare teacher forward passes (nat + neg), {what}",
+           f"bare forward loop {score['samples'] / t_bare:.1f} samples/s",
+           f"stage score {score['samples'] / t_loop:.1f} samples/s in its scoring loop "
+           f"({score['samples']} samples; whole stage {score['seconds']} s incl. loading)",
+           f"{t_bare / t_loop:.2f}x", ">= 0.9x" + gpu_goal, dev=device)
 
 
 if __name__ == "__main__":

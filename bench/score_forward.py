@@ -30,13 +30,14 @@ from train.models.nat import NAT_JSON, load_nat_teacher, set_mode  # noqa: E402
 from train.stages.score import plan_shards  # noqa: E402
 
 
-def bare_forward(demo: Path, cfg: dict):
-    """A zero-argument timer of two teacher forward passes over every batch stage score would run."""
-    tok = load_tokenizer(json.loads((demo / "nat" / NAT_JSON).read_text())["base_model"])
-    data = tokenize(read_prepared(demo / "prepared", labels=("pos",)), tok, cfg["max_len"])
-    batches = [collate(data, b, tok.pad_token_id, packing=False)
-               for plan in plan_shards(data.lengths, cfg["shard_size"], cfg["max_tokens"]) for b in plan]
-    model = load_nat_teacher(demo / "nat", "nat")
+def bare_forward(prepared: Path, nat_dir: Path, score_cfg: dict, device: str = "cpu"):
+    """A zero-argument timer of two teacher forward passes over every batch stage score would run with
+    `score_cfg` (its data.max_len, data.max_tokens and score.shard_size), and the number of samples."""
+    tok = load_tokenizer(json.loads((nat_dir / NAT_JSON).read_text())["base_model"])
+    data = tokenize(read_prepared(prepared, labels=("pos",)), tok, score_cfg["max_len"])
+    batches = [{k: v.to(device) for k, v in collate(data, b, tok.pad_token_id, packing=False).items()}
+               for plan in plan_shards(data.lengths, score_cfg["shard_size"], score_cfg["max_tokens"]) for b in plan]
+    model = load_nat_teacher(nat_dir, "nat", on_cpu=device == "cpu").to(device)
 
     @torch.no_grad()
     def run() -> float:
@@ -46,6 +47,8 @@ def bare_forward(demo: Path, cfg: dict):
                 set_mode(model, mode)
                 model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
         set_mode(model, "nat")
+        if device != "cpu":
+            torch.cuda.synchronize()
         return time.perf_counter() - t0
 
     return run, len(data.ids)
@@ -56,7 +59,7 @@ def main() -> None:
     demo = demo_outputs(args.demo)
     cfg = json.loads((demo / "score" / "DONE.json").read_text())["config"]
     cfg = {**cfg["data"], **cfg["score"]}
-    bare, samples = bare_forward(demo, cfg)
+    bare, samples = bare_forward(demo / "prepared", demo / "nat", cfg)
     overrides = [f"data.path={demo / 'prepared'}", f"score.nat_dir={demo / 'nat'}", "engine.ds_config=none",
                  "engine.progress=false"]
     with tempfile.TemporaryDirectory() as tmp:
