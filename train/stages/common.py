@@ -59,6 +59,9 @@ def run_stage(name: str, cfg: TrainStageConfig, build: Callable[[TrainStageConfi
         return 0
     device = dist_.setup()
     ds_cfg = build_ds_config(cfg.engine.ds_config, cfg.optim, dist_.world(), bf16=not dist_.on_cpu())
+    # Weights a model creates while loading (the ranker's new scalar head) come from the torch RNG, which
+    # torch seeds from entropy in every new process: seed it so every run and every rank builds the same
+    torch.manual_seed(cfg.engine.seed)
     task = build(cfg, ds_cfg)
     inputs = {"data": dir_digest(cfg.data.path), "model_config": file_digest(Path(cfg.model.path) / "config.json"),
               **(extra_inputs or {})}
