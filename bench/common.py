@@ -55,8 +55,9 @@ def demo_outputs(path: str | Path) -> Path:
     return out
 
 
-def demo_bench_args(doc: str, steps: int | None, repeats: bool = True):
-    """The command line every demo-based bench takes: --demo, --steps (unless None) and (alternating) --repeats."""
+def demo_bench_args(doc: str, steps: int | None, repeats: bool = True, extra=None):
+    """The command line every demo-based bench takes: --demo, --steps (unless None), (alternating) --repeats,
+    and what `extra(parser)` adds."""
     import argparse
 
     ap = argparse.ArgumentParser(description=doc)
@@ -65,6 +66,8 @@ def demo_bench_args(doc: str, steps: int | None, repeats: bool = True):
         ap.add_argument("--steps", type=int, default=steps, help="optimizer steps per run")
     if repeats:
         ap.add_argument("--repeats", type=int, default=3, help="alternating runs of each variant (median reported)")
+    if extra is not None:
+        extra(ap)
     return ap.parse_args()
 
 
