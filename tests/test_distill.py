@@ -47,6 +47,23 @@ def test_stored_full_vocabulary_loss_equals_the_online_teacher_loss(full_vocab_s
     torch.testing.assert_close(loss_off, loss_on, rtol=1e-4, atol=1e-4)
 
 
+def test_online_with_fixed_beta_runs_the_teacher_once_and_matches_stored(full_vocab_scores, teacher, prepared_dir,
+                                                                          base_model_dir, tmp_path, monkeypatch):
+    modes = []
+    set_mode = score.set_mode
+    monkeypatch.setattr(score, "set_mode", lambda model, mode: (modes.append(mode), set_mode(model, mode)))
+    offline = _task(prepared_dir, base_model_dir, tmp_path / "a", f"distill.scores={full_vocab_scores}",
+                    "distill.fixed_beta=0.25")
+    online = _task(prepared_dir, base_model_dir, tmp_path / "b", "distill.mode=online", f"distill.nat_dir={teacher}",
+                   "distill.fixed_beta=0.25")
+    idx = list(range(8))
+    with torch.no_grad():
+        loss_off, _ = offline.loss_fn(offline.model, offline.collate_fn(idx))
+        loss_on, _ = online.loss_fn(online.model, collate(online.data, idx, online.pad_id, packing=False))
+    assert modes == ["nat"]  # beta is fixed, so the neg-mode forward pass (needed only for KL) is skipped
+    torch.testing.assert_close(loss_off, loss_on, rtol=1e-4, atol=1e-4)
+
+
 def test_beta_weights_reach_the_gradient(full_vocab_scores, prepared_dir, base_model_dir, tmp_path):
     norms = {}
     for beta in (0.0, 1.0):

@@ -167,10 +167,10 @@ def _online_loss(cfg: DistillConfig, tok):
 
     def loss_fn(module, batch):
         teacher.to(batch["input_ids"].device)
-        t_lp, _, kl = teacher_logprobs(teacher, batch, target_mask(batch))
+        fixed = cfg.distill.fixed_beta
+        t_lp, kl = teacher_logprobs(teacher, batch, target_mask(batch), with_kl=fixed is None)
         logits, labels, mask = _student_targets(module, batch)
-        beta = sample_beta(kl, mask)[0] if cfg.distill.fixed_beta is None else torch.full(
-            (mask.shape[0],), cfg.distill.fixed_beta)
+        beta = sample_beta(kl, mask)[0] if fixed is None else torch.full((mask.shape[0],), fixed, device=mask.device)
         weight = (0.5 + beta)[:, None].expand_as(mask)[mask]
         if k > 0:
             values, ids = t_lp.topk(k, -1)

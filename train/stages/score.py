@@ -56,18 +56,22 @@ def shard_path(out: Path, index: int) -> Path:
 
 
 @torch.no_grad()
-def teacher_logprobs(model, batch: dict, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(log p_nat, log p_neg, KL(p_neg || p_nat)) at the `mask` positions of a padded batch, as [T, V], [T, V], [T].
+def teacher_logprobs(model, batch: dict, mask: torch.Tensor,
+                     with_kl: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log p_nat [T, V], KL(p_neg || p_nat) [T]) at the `mask` positions of a padded batch.
 
     Prompt and pad positions are dropped before the fp32 log-softmax, so the vocabulary-wide work
-    (log-softmax, KL, top-k) is done only where it is used."""
+    (log-softmax, KL, top-k) is done only where it is used. Without `with_kl` (beta is fixed) the
+    neg-mode forward pass is skipped and KL is None."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     set_mode(model, "nat")
     lp_nat = F.log_softmax(model(**inputs).logits[:, :-1][mask].float(), dim=-1)
+    if not with_kl:
+        return lp_nat, None
     set_mode(model, "neg")
     lp_neg = F.log_softmax(model(**inputs).logits[:, :-1][mask].float(), dim=-1)
     set_mode(model, "nat")
-    return lp_nat, lp_neg, (lp_neg.exp() * (lp_neg - lp_nat)).sum(-1)
+    return lp_nat, (lp_neg.exp() * (lp_neg - lp_nat)).sum(-1)
 
 
 def sample_beta(kl: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +90,7 @@ def score_batch(model, batch: dict, top_k: int) -> list[dict]:
 
     Everything is computed for the whole batch on the device and copied to the host once."""
     mask = target_mask(batch)
-    lp_nat, _, kl = teacher_logprobs(model, batch, mask)
+    lp_nat, kl = teacher_logprobs(model, batch, mask)
     values, ids = lp_nat.topk(top_k, dim=-1)
     tail = torch.log1p(-values.exp().sum(-1).clamp(max=1.0 - 1e-7))
     beta, kl_mean = sample_beta(kl, mask)
