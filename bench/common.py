@@ -97,6 +97,21 @@ def run_stage_in_process(stage: str, config: str, overrides: list[str]) -> dict:
     return read_done(cfg.engine.output_dir)["metrics"]
 
 
+def stage_timer(stage: str, config: str, overrides: list[str], out_root: str | Path,
+                metric: str = "step_seconds_median", seen: list[dict] | None = None):
+    """A zero-argument variant for `alternate`: each call runs the stage in process into a fresh
+    output dir under `out_root` and returns DONE.json's `metric` (all metrics appended to `seen`)."""
+    runs = iter(range(1_000_000))
+
+    def run() -> float:
+        metrics = run_stage_in_process(stage, config, [*overrides, f"engine.output_dir={out_root}/{next(runs)}"])
+        if seen is not None:
+            seen.append(metrics)
+        return metrics[metric]
+
+    return run
+
+
 def alternate(variants: dict, repeats: int) -> dict[str, list[float]]:
     """Run each zero-argument variant `repeats` times, interleaved (A B A B ...), so that drift in
     the machine's speed (shared CPUs vary by 10-20% over minutes) hits every variant alike."""

@@ -23,8 +23,8 @@ from common import (  # noqa: E402
     demo_outputs,
     demo_stage_overrides,
     record,
-    run_stage_in_process,
     spread,
+    stage_timer,
 )
 
 
@@ -33,14 +33,11 @@ def main() -> None:
     demo = demo_outputs(args.demo)
     common = demo_stage_overrides(demo, args.steps)
     with tempfile.TemporaryDirectory() as tmp:
-        runs = iter(range(1000))
         times = alternate({
-            "online": lambda: run_stage_in_process("distill", "distill", [
-                *common, "distill.mode=online", f"distill.nat_dir={demo / 'nat'}",
-                f"engine.output_dir={tmp}/on{next(runs)}"])["step_seconds_median"],
-            "offline": lambda: run_stage_in_process("distill", "distill", [
-                *common, f"distill.scores={demo / 'score'}", f"engine.output_dir={tmp}/off{next(runs)}"])
-            ["step_seconds_median"]}, args.repeats)
+            "online": stage_timer("distill", "distill", [*common, "distill.mode=online",
+                                                         f"distill.nat_dir={demo / 'nat'}"], f"{tmp}/online"),
+            "offline": stage_timer("distill", "distill", [*common, f"distill.scores={demo / 'score'}"],
+                                   f"{tmp}/offline")}, args.repeats)
     t_on, t_off = statistics.median(times["online"]), statistics.median(times["offline"])
     record(f"distill step time, tiny model (demo), {args.steps} steps, 1 rank ZeRO-2",
            f"online teacher {t_on * 1000:.0f} ms/step (runs {spread(times['online'])})",

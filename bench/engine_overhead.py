@@ -23,8 +23,8 @@ from common import (  # noqa: E402
     demo_outputs,
     demo_stage_overrides,
     record,
-    run_stage_in_process,
     spread,
+    stage_timer,
 )
 
 
@@ -35,7 +35,7 @@ def bare_loop(overrides: list[str], steps: int) -> float:
 
     from train.config import SftConfig, load_config
     from train.data.batching import TokenBudgetBatcher
-    from train.data.dataset import collate
+    from train.data.dataset import collate, target_mask
     from train.engine import distributed as dist_
     from train.engine.ds_config import build_ds_config
     from train.stages.common import causal_lm_loss, load_stage_data
@@ -57,7 +57,7 @@ def bare_loop(overrides: list[str], steps: int) -> float:
         t0 = time.time()
         batch = collate(data, b, tok.pad_token_id, False)
         loss, _ = causal_lm_loss(engine, batch)
-        n = int((batch["labels"][:, 1:] != -100).sum())
+        n = int(target_mask(batch).sum())
         engine.backward(loss / n)
         engine.step()
         times.append(time.time() - t0)
@@ -72,9 +72,7 @@ def main() -> None:
         runs = iter(range(1000))
         times = alternate({
             "bare": lambda: bare_loop([*common, f"engine.output_dir={tmp}/b{next(runs)}"], args.steps),
-            "ours": lambda: run_stage_in_process("sft", "pretrain", [*common, "sft.full=false",
-                                                                     f"engine.output_dir={tmp}/e{next(runs)}"])
-            ["step_seconds_median"]}, args.repeats)
+            "ours": stage_timer("sft", "pretrain", [*common, "sft.full=false"], f"{tmp}/ours")}, args.repeats)
     bare, ours = times["bare"], times["ours"]
     runs_text = f"runs {spread(bare)} vs {spread(ours)} ms"
     base, ours = statistics.median(bare), statistics.median(ours)

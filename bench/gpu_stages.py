@@ -104,9 +104,7 @@ def main() -> None:
         score = stage("score", [f"data.path={prepared}", f"score.nat_dir={out / 'nat'}", "engine.ds_config=zero3"])
         offline = stage("distill", [*common, f"distill.scores={out / 'score'}"])
         online = stage("distill", [*common, "distill.mode=online", f"distill.nat_dir={out / 'nat'}"], "distill-online")
-        bare, _ = bare_forward(prepared, out / "nat", {**read_done(out / "score")["config"]["data"],
-                                                       **read_done(out / "score")["config"]["score"]},
-                               "cuda" if torch.cuda.is_available() else "cpu")
+        bare, _ = bare_forward(out / "score", "cuda" if torch.cuda.is_available() else "cpu")
         t_bare = min(bare() for _ in range(2))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     what = f"Llama-{args.size} shapes, random init, {args.steps} steps, 1 device ZeRO-3"

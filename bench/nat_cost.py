@@ -28,6 +28,7 @@ from common import (  # noqa: E402
     record,
     run_stage_in_process,
     spread,
+    stage_timer,
 )
 
 
@@ -55,13 +56,9 @@ def main() -> None:
             gate, neg = [f"nat.gate_dim={gate_dim}"], Path(tmp) / "neg"
             run_stage_in_process("neg", "neg", [*common[:-1], "optim.max_steps=1", f"engine.output_dir={neg}"])
             what = f"random-init Llama width {args.width} (2 layers, 7B proportions, gate_dim {gate_dim})"
-        runs = iter(range(1000))
-        times = alternate({
-            "lora": lambda: run_stage_in_process("sft", "neg", [*common, f"engine.output_dir={tmp}/l{next(runs)}"])
-            ["step_seconds_median"],
-            "nat": lambda: run_stage_in_process("nat", "nat", [*common[:-1], f"nat.neg_adapter={neg}", *gate,
-                                                               f"engine.output_dir={tmp}/n{next(runs)}"])
-            ["step_seconds_median"]}, args.repeats)
+        times = alternate({"lora": stage_timer("sft", "neg", common, f"{tmp}/lora"),
+                           "nat": stage_timer("nat", "nat", [*common[:-1], f"nat.neg_adapter={neg}", *gate],
+                                              f"{tmp}/nat")}, args.repeats)
     t_lora, t_nat = statistics.median(times["lora"]), statistics.median(times["nat"])
     record(f"NAT vs LoRA step time, {what}, {args.steps} steps, 1 rank ZeRO-2",
            f"LoRA {t_lora * 1000:.1f} ms/step (runs {spread(times['lora'])})",

@@ -22,21 +22,25 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import alternate, demo_bench_args, demo_outputs, record, run_stage_in_process, spread  # noqa: E402
+from common import alternate, demo_bench_args, demo_outputs, record, spread, stage_timer  # noqa: E402
 
 from train.data.dataset import collate, read_prepared, tokenize  # noqa: E402
 from train.data.tokenizer import load_tokenizer  # noqa: E402
+from train.manifest import read_done  # noqa: E402
 from train.models.nat import NAT_JSON, load_nat_teacher, set_mode  # noqa: E402
 from train.stages.score import plan_shards  # noqa: E402
 
 
-def bare_forward(prepared: Path, nat_dir: Path, score_cfg: dict, device: str = "cpu"):
-    """A zero-argument timer of two teacher forward passes over every batch stage score would run with
-    `score_cfg` (its data.max_len, data.max_tokens and score.shard_size), and the number of samples."""
+def bare_forward(score_dir: Path, device: str = "cpu"):
+    """A zero-argument timer of two teacher forward passes over every batch that the finished stage-score
+    run in `score_dir` made (same data, teacher, max_len, max_tokens and shard_size), and the sample count."""
+    cfg = read_done(score_dir)["config"]
+    nat_dir = Path(cfg["score"]["nat_dir"])
     tok = load_tokenizer(json.loads((nat_dir / NAT_JSON).read_text())["base_model"])
-    data = tokenize(read_prepared(prepared, labels=("pos",)), tok, score_cfg["max_len"])
+    data = tokenize(read_prepared(cfg["data"]["path"], labels=("pos",)), tok, cfg["data"]["max_len"])
     batches = [{k: v.to(device) for k, v in collate(data, b, tok.pad_token_id, packing=False).items()}
-               for plan in plan_shards(data.lengths, score_cfg["shard_size"], score_cfg["max_tokens"]) for b in plan]
+               for plan in plan_shards(data.lengths, cfg["score"]["shard_size"], cfg["data"]["max_tokens"])
+               for b in plan]
     model = load_nat_teacher(nat_dir, "nat", on_cpu=device == "cpu").to(device)
 
     @torch.no_grad()
@@ -57,21 +61,13 @@ def bare_forward(prepared: Path, nat_dir: Path, score_cfg: dict, device: str = "
 def main() -> None:
     args = demo_bench_args(__doc__, steps=None)
     demo = demo_outputs(args.demo)
-    cfg = json.loads((demo / "score" / "DONE.json").read_text())["config"]
-    cfg = {**cfg["data"], **cfg["score"]}
-    bare, samples = bare_forward(demo / "prepared", demo / "nat", cfg)
+    bare, samples = bare_forward(demo / "score")
     overrides = [f"data.path={demo / 'prepared'}", f"score.nat_dir={demo / 'nat'}", "engine.ds_config=none",
                  "engine.progress=false"]
+    stages: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        runs = iter(range(1000))
-        stages: list[dict] = []
-
-        def stage() -> float:
-            out = f"engine.output_dir={tmp}/s{next(runs)}"
-            stages.append(run_stage_in_process("score", "score", [*overrides, out]))
-            return stages[-1]["seconds"]
-
-        times = alternate({"bare": bare, "stage": stage}, args.repeats)
+        times = alternate({"bare": bare, "stage": stage_timer("score", "score", overrides, tmp, "seconds", stages)},
+                          args.repeats)
     t_bare, t_stage = statistics.median(times["bare"]), statistics.median(times["stage"])
     t_loop = statistics.median(m["rank0_scoring_seconds"] for m in stages)
     record(f"scorer vs bare teacher forward passes (nat + neg), {samples} samples, tiny NAT teacher (demo), "
