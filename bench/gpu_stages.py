@@ -37,6 +37,11 @@ SIZES = {
            "num_attention_heads": 32, "num_key_value_heads": 32},
 }
 
+# Tokens per micro-batch. Without activation checkpointing a Llama layer keeps about 34 * width bytes
+# per token for backward (bf16): 16,384 tokens of 7B would need ~75 GiB of activations on top of the
+# weights (and the online teacher's), more than an H100 has; 4,096 need ~19 GiB.
+MAX_TOKENS = {"tiny": 16384, "1b": 16384, "7b": 4096}
+
 
 def prepare_inputs(work: Path, size: str, questions: int) -> tuple[Path, Path]:
     """Synthetic prepared data and a random-init model dir of `size`; reused when present."""
@@ -78,7 +83,8 @@ def main() -> None:
     ap.add_argument("--size", choices=["tiny", *SIZES], default="1b", help="model shape")
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps per training stage")
     ap.add_argument("--questions", type=int, default=200, help="synthetic training questions (8 rationales each)")
-    ap.add_argument("--max-tokens", type=int, default=16384, help="tokens per micro-batch (data.max_tokens)")
+    ap.add_argument("--max-tokens", type=int, default=None,
+                    help="tokens per micro-batch (data.max_tokens); default 16384, 4096 for 7b (see MAX_TOKENS)")
     ap.add_argument("--work", default=None, help="keep data, model and stage outputs here (default: a temp dir)")
     args = ap.parse_args()
     import torch
@@ -86,7 +92,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         prepared, model = prepare_inputs(work, args.size, args.questions)
-        common = [f"model.path={model}", f"data.path={prepared}", f"data.max_tokens={args.max_tokens}",
+        max_tokens = args.max_tokens or MAX_TOKENS[args.size]
+        common = [f"model.path={model}", f"data.path={prepared}", f"data.max_tokens={max_tokens}",
                   f"optim.max_steps={args.steps}", "engine.ds_config=zero3", "engine.save_every=0",
                   "engine.progress=false"]
         out = work / f"runs-{args.size}"
@@ -97,7 +104,9 @@ def main() -> None:
             target = out / (run or name)
             launch_stage(name, CONFIGS / f"{name}.yaml", [*extra, f"engine.output_dir={target}"], 1,
                          f"bench {run or name}", "rerun to resume", cpu=not torch.cuda.is_available())
-            return read_done(target)["metrics"]
+            metrics = read_done(target)["metrics"]
+            print(f"[bench] {run or name}: {json.dumps(metrics)}", flush=True)
+            return metrics
 
         neg = stage("neg", common)
         nat = stage("nat", [*common, f"nat.neg_adapter={out / 'neg'}"])

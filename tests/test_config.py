@@ -1,8 +1,11 @@
 import dataclasses
+import importlib
+from pathlib import Path
 
 import pytest
 import yaml
 
+from train.cli import STAGES
 from train.config import DataConfig, load_config, save_config
 from train.errors import ConfigError
 
@@ -95,3 +98,35 @@ def test_every_shipped_stage_config_loads():
     assert len(files) >= 14
     for f in files:
         load_config(classes[f.stem], f)
+
+
+SHIPPED = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*/*.yaml"))
+
+
+def _shipped(path: Path):
+    stage = "sft" if path.stem == "pretrain" else path.stem
+    _, module, cls = STAGES[stage]
+    return load_config(getattr(importlib.import_module(module), cls), path)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_loads_with_its_stage(path):
+    """A misspelt key in configs/llama7b would otherwise surface only on the cluster, after the queue."""
+    assert _shipped(path).engine.output_dir
+
+
+@pytest.mark.parametrize("family", sorted({p.parent.name for p in SHIPPED}))
+def test_shipped_stage_configs_feed_each_other(family):
+    """Each stage reads the directory the stage before it writes, from the same data and base model."""
+    cfg = {p.stem: _shipped(p) for p in SHIPPED if p.parent.name == family}
+    out = {name: c.engine.output_dir for name, c in cfg.items()}
+    assert cfg["nat"].nat.neg_adapter == out["neg"]
+    assert cfg["score"].score.nat_dir == out["nat"]
+    assert cfg["distill"].distill.scores == out["score"]
+    assert cfg["eval"].eval.ranker == out["ranker"]
+    trained = ["sft", "neg", "nat", "score", "distill", "ranker"]
+    assert len({cfg[name].data.path for name in trained}) == 1
+    assert len({cfg[name].model.path for name in trained if name != "score"}) == 1
+    if "ablation" in cfg:
+        a = cfg["ablation"].ablation
+        assert (a.data, a.base_model, a.ranker) == (cfg["neg"].data.path, cfg["neg"].model.path, out["ranker"])
