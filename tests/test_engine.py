@@ -36,7 +36,13 @@ def neg_runs(tmp_path_factory, prepared_dir, base_model_dir, zero3_partitioned) 
     outs = {}
     for zero, ds_config in (("zero2", "zero2"), ("zero3", zero3_partitioned)):
         outs[zero] = root / zero
-        _ok(run_stage("neg", overrides(prepared_dir, base_model_dir, outs[zero], f"engine.ds_config={ds_config}")))
+        # the zero2 run shows its progress (stderr is a pipe here, as it is a file under Slurm)
+        progress = "engine.progress=" + str(zero == "zero2").lower()
+        result = run_stage("neg", overrides(prepared_dir, base_model_dir, outs[zero], f"engine.ds_config={ds_config}",
+                                            progress))
+        _ok(result)
+        (root / f"{zero}.stdout").write_text(result.stdout)
+        (root / f"{zero}.stderr").write_text(result.stderr)
     return outs
 
 
@@ -98,6 +104,16 @@ def test_neg_trains_and_saves_an_adapter_plain_peft_loads(zero, neg_runs, prepar
 
     tags = EventAccumulator(str(events[0])).Reload().Tags()["scalars"]
     assert {"neg/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/samples_per_s"} <= set(tags)
+
+
+def test_progress_in_a_log_file_is_plain_lines_and_the_end_is_summarised(neg_runs):
+    root = neg_runs["zero2"].parent
+    stderr, stdout = (root / "zero2.stderr").read_text(), (root / "zero2.stdout").read_text()
+    assert "\r" not in stderr  # tqdm's redraws would pile up into one unreadable line in a Slurm log
+    meters = [line for line in stderr.splitlines() if "] neg: " in line]
+    assert meters and f"{STEPS}/{STEPS}" in meters[-1] and "loss=" in meters[-1]
+    assert f"[neg] done: step {STEPS}," in stdout and "tokens/s; wrote" in stdout
+    assert "] neg: " not in (root / "zero3.stderr").read_text()  # engine.progress=false: no meter
 
 
 def test_zero3_gathers_the_same_adapter_as_zero2(neg_runs):

@@ -236,7 +236,7 @@ class EngineConfig:
     keep_last: int = 2  # complete checkpoints kept; older ones deleted after a new one is complete
     log_every: int = 1  # TensorBoard scalars every N optimizer steps
     peak_tflops: float = 0.0  # per device, for MFU; 0 = look the GPU up (none on CPU)
-    progress: bool = True  # tqdm progress bar on rank 0
+    progress: bool = True  # rank 0: a tqdm bar on a terminal, a plain line every 30 s in a log file
 
     def validate(self) -> None:
         if not self.output_dir:
@@ -326,7 +326,7 @@ class ScoreEngine:
     output_dir: str = ""  # where shards/, manifest.json and DONE.json go
     ds_config: str = "none"  # none: a full teacher copy per rank; zero3: the teacher sharded over ranks
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # teacher dtype (auto: bf16 GPU, fp32 CPU)
-    progress: bool = True  # tqdm progress bar on rank 0
+    progress: bool = True  # rank 0: a tqdm bar on a terminal, a plain line every 30 s in a log file
 
     def validate(self) -> None:
         if not self.output_dir:
@@ -420,7 +420,7 @@ class EvalEngine:
     output_dir: str = ""  # predictions*.jsonl, metrics.json, metrics.md, tb/, DONE.json
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # model dtype (auto: bf16 GPU, fp32 CPU)
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
-    progress: bool = True  # tqdm progress bar on rank 0
+    progress: bool = True  # rank 0: a tqdm bar on a terminal, a plain line every 30 s in a log file
 
     def validate(self) -> None:
         if not self.output_dir:

@@ -18,9 +18,8 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
-from tqdm import tqdm
-
 from train.data.graders import get_grader
+from train.progress import progress
 
 OK, TIMEOUT, ERROR = "ok", "timeout", "error"
 
@@ -144,7 +143,7 @@ def _run_pool(pending: list[list[tuple[int, str, str]]], results: list, workers:
     busy: dict[int, list] = {}  # slot -> chunk in flight
     hard = timeout + 2  # the soft alarm fired at `timeout`; still busy 2 s later means stuck in C
     total = sum(len(c) for c in pending)
-    bar = tqdm(total=total, desc="grading", unit="ans", disable=not show_progress, mininterval=0.5)
+    bar = progress(total, "grading", "ans", enabled=show_progress)
     try:
         while pending or busy:
             for slot in range(len(pool.procs)):

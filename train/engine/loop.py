@@ -39,6 +39,7 @@ from train.engine.flops import flops_per_token, peak_flops
 from train.engine.schedule import warmup_cosine
 from train.engine.signals import EXIT_CHECKPOINTED, StopRequest
 from train.manifest import write_done
+from train.progress import progress
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
@@ -99,6 +100,18 @@ class _Logger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _done_line(name: str, metrics: dict, out: Path) -> str:
+    """One line for the job log: where things ended, so nobody has to open DONE.json to see it."""
+    line = f"[{name}] done: step {metrics['global_step']}, {metrics['seconds']:.0f} s"
+    if not math.isnan(metrics["first_loss"]):
+        line += f", loss {metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f} (this run)"
+    if "tokens_per_s_median" in metrics:
+        line += f", {metrics['tokens_per_s_median']:,.0f} tokens/s"
+    if "mfu_median" in metrics:
+        line += f", MFU {100 * metrics['mfu_median']:.1f}%"
+    return f"{line}; wrote {out}"
 
 
 def _throughput(step_seconds: list[float], step_rates: list[float], flops_per_tok: float,
@@ -176,11 +189,8 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
     log = _Logger(out, dist_.is_main())
     fpt = flops_per_token(engine.module, n_trainable, float(np.mean(lengths)))
     peak = peak_flops(cfg.engine.peak_tflops)
-    bar = None
-    if dist_.is_main() and cfg.engine.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total_steps, initial=pos.global_step, desc=task.name, unit="step", dynamic_ncols=True)
+    bar = progress(total_steps, task.name, "step", initial=pos.global_step,
+                   enabled=dist_.is_main() and cfg.engine.progress)
 
     saved_at = resume.global_step if resume is not None else -1
 
@@ -267,9 +277,8 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
                     if task.scalars_fn is not None:
                         scalars.update(task.scalars_fn(engine.module))
                     log.scalars(scalars, pos.global_step)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{engine.get_lr()[0]:.2e}")
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{engine.get_lr()[0]:.2e}")
+                bar.update(1)
                 if cfg.engine.save_every and pos.global_step % cfg.engine.save_every == 0:
                     save_checkpoint()
                 if dist_.any_rank(stop.requested, device):
@@ -283,8 +292,7 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
                 evaluate()
     if not exit_code:
         evaluate()  # the last step did not end an epoch (max_steps), or nothing was left to train
-    if bar is not None:
-        bar.close()
+    bar.close()
     log.close()
     if exit_code:
         if dist_.is_main():
@@ -307,5 +315,6 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
     dist_.barrier()
     if dist_.is_main():
         write_done(out, config=asdict(cfg), inputs=inputs, metrics=metrics)
+        print(_done_line(task.name, metrics, out), flush=True)
     dist_.barrier()
     return TrainResult(0, metrics)

@@ -36,6 +36,7 @@ from train.data.readers import Question, read_test_questions
 from train.engine import distributed as dist_
 from train.engine.signals import EXIT_CHECKPOINTED, StopRequest
 from train.manifest import dir_digest, file_digest, write_done
+from train.progress import progress
 from train.stages.common import already_done
 from train.voting import WEIGHTINGS, Candidate, any_correct, vote
 
@@ -174,11 +175,7 @@ def main(cfg: EvalConfig) -> int:
         print(f"[eval] {what}; {len(questions)} questions ({len(done)} already done), {cfg.eval.n} samples each, "
               f"{world} rank(s)" + (f"; ranker {cfg.eval.ranker}" if ranker is not None else "; no ranker"),
               flush=True)
-    bar = None
-    if dist_.is_main() and cfg.engine.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(todo), desc="eval (rank 0)", unit="question", dynamic_ncols=True)
+    bar = progress(len(todo), "eval (rank 0)", "question", enabled=dist_.is_main() and cfg.engine.progress)
     mine = out / f"predictions-rank{rank}.jsonl"
     drop_torn_tail(mine)
     with StopRequest() as stop, open(mine, "a", encoding="utf-8") as f:
@@ -188,14 +185,12 @@ def main(cfg: EvalConfig) -> int:
                 f.write(json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())
-            if bar is not None:
-                bar.update(len(batch))
+            bar.update(len(batch))
             if stop.requested:  # ranks share no collective until the end: each stops on its own signal
                 print(f"[eval] rank {rank}: stop requested after {start + len(batch)} of {len(todo)} questions "
                       f"(saved); exit {EXIT_CHECKPOINTED}, resubmit to continue", flush=True)
                 return EXIT_CHECKPOINTED
-    if bar is not None:
-        bar.close()
+    bar.close()
     dist_.barrier()
     if dist_.is_main():
         _finish(cfg, out, questions, t0)

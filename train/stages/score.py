@@ -46,6 +46,7 @@ from train.engine.ds_config import build_ds_config
 from train.errors import TdgError
 from train.manifest import dir_digest, file_digest, write_done
 from train.models.nat import NAT_JSON, load_nat_teacher, set_mode
+from train.progress import progress
 from train.stages.common import already_done
 
 FORMAT = "tdg-scores-1"
@@ -171,11 +172,7 @@ def main(cfg: ScoreConfig) -> int:
     def batch_of(indices) -> dict:
         return {k: v.to(device) for k, v in collate(data, indices, tok.pad_token_id, packing=False).items()}
 
-    bar = None
-    if dist_.is_main() and cfg.engine.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(mine), desc="score (rank 0 shards)", unit="shard")
+    bar = progress(len(mine), "score (rank 0 shards)", "shard", enabled=dist_.is_main() and cfg.engine.progress)
     t_loop = time.time()
     for i in mine:
         results: dict[int, dict] = {}
@@ -185,13 +182,11 @@ def main(cfg: ScoreConfig) -> int:
         order = sorted(results)
         _write_shard(shard_path(out, i), [data.ids[s] for s in order], [results[s] for s in order],
                      cfg.score.top_k, lp_dtype)
-        if bar is not None:
-            bar.update(1)
+        bar.update(1)
     if zero3:  # every rank must make as many forward calls as the busiest one
         for _ in range(max(calls) - calls[rank]):
             score_batch(model, batch_of(np.array([0])), cfg.score.top_k)
-    if bar is not None:
-        bar.close()
+    bar.close()
     loop_seconds = time.time() - t_loop
     dist_.barrier()
     if dist_.is_main():
