@@ -113,6 +113,7 @@ def test_progress_in_a_log_file_is_plain_lines_and_the_end_is_summarised(neg_run
     meters = [line for line in stderr.splitlines() if "] neg: " in line]
     assert meters and f"{STEPS}/{STEPS}" in meters[-1] and "loss=" in meters[-1]
     assert f"[neg] done: step {STEPS}," in stdout and "tokens/s; wrote" in stdout
+    assert "[neg] neg: " in stdout and "cut at data.max_len=384" in stdout  # what tokenizing cut is said
     assert "] neg: " not in (root / "zero3.stderr").read_text()  # engine.progress=false: no meter
 
 

@@ -32,6 +32,8 @@ def test_tokenize_prepared_data(tokenizer_dir, synthetic_raw, tmp_path):
     data = tokenize(table, tok, max_len=cut)
     assert len(data) + data.dropped == table.num_rows and len(data) > 0 and data.lengths.max() <= cut
     assert data.dropped == int((full.prompt_lens >= cut).sum())  # only samples with no room for a target
+    assert full.cut == 0 and data.cut == int(((full.lengths > cut) & (full.prompt_lens < cut)).sum()) > 0
+    assert f"{data.cut} (" in data.describe(cut) and f"{data.dropped} left out" in data.describe(cut)
     q, r = table.column("question")[0].as_py(), table.column("rationale")[0].as_py()
     first = full.input_ids[0]
     assert first[0] == tok.bos_token_id and first[-1] == tok.eos_token_id

@@ -54,6 +54,7 @@ class TokenizedSet:
     input_ids: list[np.ndarray]  # prompt + target, int32
     prompt_lens: np.ndarray  # tokens of each sample that are prompt
     dropped: int  # samples whose prompt alone filled max_len (no target tokens left)
+    cut: int = 0  # samples kept but cut at max_len (their rationale's end, with the answer, is lost)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -61,6 +62,12 @@ class TokenizedSet:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def describe(self, max_len: int) -> str:
+        """What tokenizing did to the data, for the job log: cuts at max_len are silent otherwise."""
+        share = 100 * self.cut / max(len(self) + self.dropped, 1)
+        return (f"{len(self)} samples, {int(self.lengths.sum()):,} tokens; {self.cut} ({share:.1f}%) cut at "
+                f"data.max_len={max_len}, {self.dropped} left out (the prompt alone reaches it)")
 
 
 def tokenize(table, tokenizer, max_len: int) -> TokenizedSet:
@@ -71,16 +78,17 @@ def tokenize(table, tokenizer, max_len: int) -> TokenizedSet:
     eos = tokenizer.eos_token_id
     p_ids = prompt_ids(tokenizer, questions)
     r_ids = tokenizer(rationales, add_special_tokens=False)["input_ids"]
-    ids, seqs, plens, dropped = [], [], [], 0
+    ids, seqs, plens, dropped, cut = [], [], [], 0, 0
     for rid, prompt, r in zip(row_ids, p_ids, r_ids, strict=True):
         if len(prompt) >= max_len:
             dropped += 1
             continue
         seq = np.asarray((prompt + r + [eos])[:max_len], dtype=np.int32)
+        cut += len(prompt) + len(r) + 1 > max_len
         ids.append(rid)
         seqs.append(seq)
         plens.append(len(prompt))
-    return TokenizedSet(ids, seqs, np.asarray(plens, dtype=np.int64), dropped)
+    return TokenizedSet(ids, seqs, np.asarray(plens, dtype=np.int64), dropped, cut)
 
 
 def collate(data: TokenizedSet, indices, pad_id: int, packing: bool, mask_prompt: bool = True) -> dict:

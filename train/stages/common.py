@@ -20,7 +20,7 @@ from train.manifest import dir_digest, file_digest, read_done
 from train.models.loading import tokenizer_dir
 
 
-def load_stage_data(cfg: TrainStageConfig, labels: tuple[str, ...]) -> tuple[TokenizedSet, object]:
+def load_stage_data(name: str, cfg: TrainStageConfig, labels: tuple[str, ...]) -> tuple[TokenizedSet, object]:
     tok = load_tokenizer(tokenizer_dir(cfg.model), cfg.model.trust_remote_code)
     table = read_prepared(cfg.data.path, labels=labels)
     if table.num_rows == 0:
@@ -29,6 +29,8 @@ def load_stage_data(cfg: TrainStageConfig, labels: tuple[str, ...]) -> tuple[Tok
     if len(data) == 0:
         raise InputError(cfg.data.path, None, f"every prompt is longer than data.max_len={cfg.data.max_len}",
                          "empty_input")
+    if dist_.is_main():
+        print(f"[{name}] {'/'.join(labels)}: {data.describe(cfg.data.max_len)}", flush=True)
     return data, tok
 
 

@@ -131,7 +131,7 @@ def _student_targets(module, batch) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 def build(cfg: DistillConfig, ds_cfg: dict) -> TrainTask:
-    data, tok = load_stage_data(cfg, labels=("pos",))
+    data, tok = load_stage_data("distill", cfg, labels=("pos",))
     lam, temp = cfg.distill.lam, cfg.distill.temperature
     if cfg.distill.mode == "offline":
         scores = StoredScores(cfg.distill.scores)

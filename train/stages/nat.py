@@ -47,7 +47,7 @@ def _check_matches_neg(cfg: NatConfig, neg_dir: Path) -> None:
 def build(cfg: NatConfig, ds_cfg: dict) -> TrainTask:
     neg_dir = neg_adapter_dir(cfg)
     _check_matches_neg(cfg, neg_dir)
-    data, tok = load_stage_data(cfg, labels=("pos",))
+    data, tok = load_stage_data("nat", cfg, labels=("pos",))
     base = load_base_model(cfg.model, on_cpu=dist_.on_cpu(), ds_config=ds_cfg)
     check_target_modules(base, cfg.lora.target_modules)
     expected_pos = expected_lora_shapes(base, cfg.lora.target_modules, cfg.lora.r)

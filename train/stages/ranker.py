@@ -145,6 +145,7 @@ def build(cfg: RankerConfig, ds_cfg: dict) -> TrainTask:
         raise InputError(cfg.data.path, None, f"no question has both a positive and a negative rationale "
                          f"({stats['only_pos']} only positive, {stats['only_neg']} only negative)", "empty_input")
     if dist_.is_main():
+        print(f"[ranker] pos/neg: {data.describe(cfg.data.max_len)}", flush=True)
         print(f"[ranker] {stats['train_pairs']} training pairs, {stats['heldout_pairs']} held-out pairs; skipped "
               f"{stats['only_pos']} questions with only positives, {stats['only_neg']} with only negatives",
               flush=True)

@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 
 from train.config import OptimConfig, ScoreConfig, save_config
 from train.data.batching import TokenBudgetBatcher
-from train.data.dataset import collate, read_prepared, target_mask, tokenize
+from train.data.dataset import TokenizedSet, collate, read_prepared, target_mask, tokenize
 from train.data.tokenizer import load_tokenizer
 from train.engine import distributed as dist_
 from train.engine.ds_config import build_ds_config
@@ -151,6 +151,7 @@ def main(cfg: ScoreConfig) -> int:
     lengths = data.lengths
     plans = plan_shards(lengths, cfg.score.shard_size, cfg.data.max_tokens)
     if dist_.is_main():
+        print(f"[score] pos: {data.describe(cfg.data.max_len)}", flush=True)
         (out / "shards").mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     todo = dist_.broadcast_object([i for i in range(len(plans)) if not shard_path(out, i).is_file()])
@@ -190,14 +191,15 @@ def main(cfg: ScoreConfig) -> int:
     loop_seconds = time.time() - t_loop
     dist_.barrier()
     if dist_.is_main():
-        _finish(cfg, out, nat_dir, data.ids, len(plans), t0, loop_seconds, dropped=data.dropped)
+        _finish(cfg, out, nat_dir, data, len(plans), t0, loop_seconds)
     dist_.barrier()
     return 0
 
 
-def _finish(cfg: ScoreConfig, out: Path, nat_dir: Path, expected_ids: list[str], n_shards: int, t0: float,
-            loop_seconds: float, dropped: int) -> None:
+def _finish(cfg: ScoreConfig, out: Path, nat_dir: Path, data: TokenizedSet, n_shards: int, t0: float,
+            loop_seconds: float) -> None:
     """Check every positive sample was scored exactly once; write manifest.json and DONE.json."""
+    expected_ids = data.ids
     seen: dict[str, int] = {}
     shards, betas = [], []
     for i in range(n_shards):
@@ -220,7 +222,7 @@ def _finish(cfg: ScoreConfig, out: Path, nat_dir: Path, expected_ids: list[str],
     manifest = {"format": FORMAT, "samples": len(expected_ids), "shards": shards, "top_k": cfg.score.top_k,
                 "max_len": cfg.data.max_len, "nat_dir": str(nat_dir.resolve()),
                 "tokenizer": json.loads((nat_dir / NAT_JSON).read_text())["base_model"],
-                "dropped_prompt_too_long": dropped}
+                "dropped_prompt_too_long": data.dropped, "cut_at_max_len": data.cut}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     metrics = {"samples": len(expected_ids), "shards": n_shards, "beta_mean": float(beta.mean()),
                "beta_std": float(beta.std()), "beta_min": float(beta.min()), "beta_max": float(beta.max()),

@@ -78,7 +78,7 @@ def full_model(cfg: TrainStageConfig, ds_cfg: dict, tok) -> tuple[torch.nn.Modul
 def build_sft(cfg: TrainStageConfig, ds_cfg: dict, labels: tuple[str, ...], name: str, full: bool,
               unlikelihood: float = 0.0) -> TrainTask:
     """Causal-LM fine-tuning on rationales with `labels` (stage sft; stage neg is labels=(neg,))."""
-    data, tok = load_stage_data(cfg, labels=labels)
+    data, tok = load_stage_data(name, cfg, labels=labels)
     model, save = full_model(cfg, ds_cfg, tok) if full else lora_model(cfg, ds_cfg, name)
     loss_fn, collate_fn = causal_lm_loss, None
     if unlikelihood > 0:
