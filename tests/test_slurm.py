@@ -77,19 +77,22 @@ def _log(out: Path) -> str:
 def test_pipeline_runs_every_stage_through_its_sbatch_script(slurm, tmp_path, prepared_dir, base_model_dir,
                                                              synthetic_raw):
     out = tmp_path / "runs"
+    show_progress = {"engine": {"progress": True}}
     jobs = _submit_pipeline(slurm, _write_configs(tmp_path / "cfg", prepared_dir, base_model_dir, out, full=True,
-                                                  test=synthetic_raw / "test"))
+                                                  test=synthetic_raw / "test", neg_extra=show_progress))
     assert list(jobs) == ["neg", "nat", "score", "distill", "ranker", "eval"]
     for stage, job in jobs.items():
         assert slurm.wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED", _log(out / stage)
         assert (out / stage / "DONE.json").is_file()
         assert f"stage {stage}, restart count 0" in _log(out / stage)
     assert json.loads((out / "neg" / "DONE.json").read_text())["metrics"]["world_size"] == 2
+    neg_log = _log(out / "neg")  # progress in a job log: readable lines, not tqdm's carriage-return redraws
+    assert "\r" not in neg_log and f"neg: 100% {STEPS}/{STEPS}" in neg_log and f"[neg] done: step {STEPS}" in neg_log
     # resubmitting the finished pipeline is safe: every stage sees DONE.json and exits 0 at once
     again = _submit_pipeline(slurm, tmp_path / "cfg")
     for stage, job in again.items():
         assert slurm.wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED"
-        assert "already has DONE.json" in _log(out / stage)
+        assert _log(out / stage).count("already has DONE.json") == 1  # said by rank 0 alone
 
 
 def test_preempted_job_requeues_and_ends_with_the_uninterrupted_adapter(slurm, tmp_path, prepared_dir,

@@ -22,6 +22,12 @@ def _env_from_slurm() -> None:
         os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
 
 
+def launch_rank() -> int:
+    """This process's rank before any process group exists: torchrun's RANK, or srun's SLURM_PROCID."""
+    _env_from_slurm()
+    return int(os.environ.get("RANK", "0"))
+
+
 def free_port() -> int:
     """A TCP port nothing listens on right now (for single-node rendezvous)."""
     import socket

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,7 +47,7 @@ def already_done(name: str, out: Path) -> bool:
     """True if `out` has DONE.json (said once, by the launcher's rank 0: no process group exists yet)."""
     if read_done(out) is None:
         return False
-    if os.environ.get("RANK", "0") == "0":
+    if dist_.launch_rank() == 0:
         print(f"[{name}] {out} already has DONE.json: nothing to do", flush=True)
     return True
 
