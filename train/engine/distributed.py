@@ -56,6 +56,8 @@ def setup() -> torch.device:
 
     # DeepSpeed calls torch collectives that torch 2.13 deprecates, every step: keep logs readable.
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+. is deprecated", category=FutureWarning)
+    # peft reads model.is_gradient_checkpointing, which transformers 5 deprecates: once per rank and load
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing. is deprecated", category=FutureWarning)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl", verbose=False)
     if on_cpu():
