@@ -26,13 +26,11 @@ class LineProgress:
         self.file = file if file is not None else sys.stderr
         self.n, self.postfix, self.printed_at = initial, "", None
         self.start = self.last = time.monotonic()
-        self.first = True
 
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.monotonic()
-        if self.first or now - self.last >= self.interval:
-            self.first = False
+        if self.printed_at is None or now - self.last >= self.interval:  # the first update is always shown
             self._write(now)
 
     def set_postfix(self, **values: object) -> None:
