@@ -2,7 +2,7 @@
 
 Token lengths come from a 32k-piece sentencepiece BPE trained here on the same rationales (no
 hub tokenizer is reachable offline; LLaMA's is also a 32k sentencepiece BPE, so lengths are
-comparable). Samples are cut at `--max-len` like the training stages do.
+comparable). Samples longer than `--max-len` are dropped, as the training stages do by default.
 Goal (issue 8): packing <= 5% pad.
 Usage: python bench/padding.py --prepared DIR [--max-len 1024] [--max-tokens 8192]
 """

@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import alternate, demo_bench_args, demo_outputs, record, spread, stage_timer  # noqa: E402
 
-from train.data.dataset import collate, read_prepared, tokenize  # noqa: E402
+from train.config import DataConfig  # noqa: E402
+from train.data.dataset import collate, read_prepared, tokenize_with  # noqa: E402
 from train.data.tokenizer import load_tokenizer  # noqa: E402
 from train.manifest import read_done  # noqa: E402
 from train.models.nat import NAT_JSON, load_nat_teacher, set_mode  # noqa: E402
@@ -37,7 +38,7 @@ def bare_forward(score_dir: Path, device: str = "cpu"):
     cfg = read_done(score_dir)["config"]
     nat_dir = Path(cfg["score"]["nat_dir"])
     tok = load_tokenizer(json.loads((nat_dir / NAT_JSON).read_text())["base_model"])
-    data = tokenize(read_prepared(cfg["data"]["path"], labels=("pos",)), tok, cfg["data"]["max_len"])
+    data = tokenize_with(read_prepared(cfg["data"]["path"], labels=("pos",)), tok, DataConfig(**cfg["data"]))
     batches = [{k: v.to(device) for k, v in collate(data, b, tok.pad_token_id, packing=False).items()}
                for plan in plan_shards(data.lengths, cfg["score"]["shard_size"], cfg["data"]["max_tokens"])
                for b in plan]

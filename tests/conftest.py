@@ -35,6 +35,25 @@ def tokenizer_dir(tmp_path_factory, synthetic_raw) -> Path:
     return out
 
 
+def mistral_sentencepiece() -> Path:
+    """Mistral-7B's 32,000-piece sentencepiece model, shipped in the `mistral-common` package (a test dependency)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mistral_common")
+    assert spec is not None, "mistral-common is a test dependency: bash scripts/setup.sh dev"
+    return Path(spec.submodule_search_locations[0]) / "data" / "tokenizer.model.v1"
+
+
+@pytest.fixture(scope="session")
+def llama32k_dir(tmp_path_factory) -> Path:
+    """A real 32,000-piece Llama-family tokenizer (Mistral-7B's) as a Hugging Face Llama tokenizer dir."""
+    from train.data.tokenizer import tokenizer_from_sentencepiece
+
+    out = tmp_path_factory.mktemp("llama32k")
+    tokenizer_from_sentencepiece(mistral_sentencepiece(), out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -57,6 +57,8 @@ def test_ranker_loss_falls_and_heldout_accuracy_beats_chance(ranker_dir):
     assert m["final_loss"] < m["first_loss"] - 0.1
     assert m["heldout_pairs"] >= 20 and m["train_pairs"] >= 2 * m["heldout_pairs"]
     assert m["heldout_acc"] >= 0.85  # chance is 0.5
+    # the pointwise loss (the default) makes s = sigmoid(r) an absolute score: high on positives, low on negatives
+    assert m["heldout_s_pos"] >= 0.7 and m["heldout_s_neg"] <= 0.3 and m["heldout_brier"] <= 0.15
     assert (ranker_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert (ranker_dir / "head.safetensors").is_file()
     assert (ranker_dir / "tb").is_dir()
@@ -66,7 +68,9 @@ def test_saved_ranker_reloads_with_the_accuracy_it_reported(ranker_dir, labelled
     from train.data.dataset import collate
     from train.models.reward import load_ranker
 
-    ranker, tok = load_ranker(ranker_dir, torch.device("cpu"))
+    loaded = load_ranker(ranker_dir, torch.device("cpu"))
+    ranker, tok = loaded.model, loaded.tokenizer
+    assert loaded.spec["max_len"] == 128 and loaded.spec["loss"] == "pointwise"
     table = read_prepared(labelled_prepared)
     data = tokenize(table, load_tokenizer(base_model_dir), 128)
     _, heldout, _ = make_pairs(table.column("qid").to_pylist(), table.column("label").to_pylist(), data,
@@ -135,6 +139,9 @@ def test_eval_writes_predictions_metrics_and_table(eval_out):
         assert len(r["samples"]) == 3 and all(isinstance(s["ranker"], float) for s in r["samples"])
         cands = [Candidate(s["answer"], s["correct"], s["ranker"]) for s in r["samples"]]
         assert r["votes"]["sc"] == vote(cands, "count") and r["votes"]["asc_score"] == vote(cands, "score")
+        # the exact prompt: the test file's "Problem: " label stripped, the template's added once
+        assert r["prompt"] == f"Problem:\n{r['question']}\nSolution:\n" and not r["question"].startswith("Problem")
+        assert all(isinstance(s["finished"], bool) for s in r["samples"])
     metrics = json.loads((eval_out / "metrics.json").read_text())
     overall = metrics["overall"]
     assert overall["questions"] == 6
@@ -187,7 +194,77 @@ def test_the_ranker_is_the_same_in_every_run(tmp_path, labelled_prepared, base_m
         result = run_stage("ranker", [
             f"model.path={base_model_dir}", f"data.path={labelled_prepared}", "data.max_len=128",
             "data.max_tokens=640", "optim.max_steps=2", "engine.ds_config=zero2", "engine.save_every=0",
-            "engine.progress=false", f"engine.output_dir={out}"], nproc=1)
+            "ranker.loss=pairwise", "engine.progress=false", f"engine.output_dir={out}"], nproc=1)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         heads.append(load_file(out / "head.safetensors")["weight"])
+        assert json.loads((out / "ranker.json").read_text())["loss"] == "pairwise"
     assert torch.equal(heads[0], heads[1])
+
+
+def test_pointwise_loss_is_the_references():
+    from train.stages.ranker import bradley_terry, pointwise
+
+    r = torch.tensor([2.0, -1.0, 0.5, 0.0], requires_grad=True)  # pos 2, -1; neg 0.5, 0
+    loss, terms = pointwise(r)
+    s = torch.sigmoid(r.detach())
+    assert loss.item() == pytest.approx(float((1 - s[0]) ** 3 + (1 - s[1]) ** 3 + s[2] ** 3 + s[3] ** 3))
+    assert terms["acc"].item() == 1.0  # 2 > 0.5, -1 < 0
+    loss.backward()
+    assert (r.grad[:2] < 0).all() and (r.grad[2:] > 0).all()  # positives pushed up, negatives down
+    # shifting every score moves the pointwise loss (s is absolute) but not Bradley-Terry (only differences count)
+    shifted = r.detach() + 3.0
+    assert bradley_terry(shifted)[0].item() == pytest.approx(bradley_terry(r.detach())[0].item())
+    assert pointwise(shifted)[0].item() != pytest.approx(pointwise(r.detach())[0].item())
+
+
+def test_eval_refuses_a_ranker_trained_with_another_prompt(tmp_path, base_model_dir, math_test_file, ranker_dir):
+    result = run_stage("eval", ["--model", str(base_model_dir), "--test", str(math_test_file), "--ranker",
+                                str(ranker_dir), "--output", str(tmp_path / "out"),
+                                'eval.prompt_template="Q: {question}\\nA: "'], nproc=1)  # YAML: quoted
+    assert result.returncode == 2 and "eval.ranker" in result.stderr and "prompt template" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def endings_only_prepared(tmp_path_factory):
+    """Positives and negatives drawn from one distribution of random words, except that two negatives in three
+    run past max_len: the only thing that tells them apart is that a cut sample loses its EOS."""
+    from train.data.prepare import PrepareOptions, prepare
+
+    rng = random.Random(3)
+    words = ["apple", "seven", "plus", "shells", "Nora", "packs", "each", "more", "finds", "total", "then"]
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n)) + f" \\boxed{{{rng.randint(1, 99)}}}"
+
+    rows = []
+    for q in range(120):
+        question = f"Question {q}: " + " ".join(rng.choice(words) for _ in range(5))
+        for k in range(3):
+            rows.append({"id": f"q{q}-p{k}", "question": question, "gold": "1", "label": "pos",
+                         "rationale": text(rng.randint(4, 12))})
+            tail = " ".join(rng.choice(words) for _ in range(80)) if k < 2 else ""
+            rows.append({"id": f"q{q}-n{k}", "question": question, "gold": "1", "label": "neg",
+                         "rationale": tail + " " + text(rng.randint(4, 12)) if tail else text(rng.randint(4, 12))})
+    root = tmp_path_factory.mktemp("endings")
+    src = write_lines(root / "rationales.jsonl", rows)
+    prepare(PrepareOptions(inputs=[str(src)], output=str(root / "prepared"), workers=1, show_progress=False))
+    return root / "prepared"
+
+
+@pytest.mark.parametrize("overlong", ["drop", "truncate"])
+def test_the_ranker_cannot_learn_a_cut_ending_shortcut(endings_only_prepared, base_model_dir, tmp_path, overlong):
+    """Cut negatives (truncate) teach "no EOS means wrong": held-out accuracy far above chance that no eval
+    candidate, which ends where it ends, would show. Dropped (the default), nothing but noise is left to learn."""
+    out = tmp_path / overlong
+    result = run_stage("ranker", [
+        f"model.path={base_model_dir}", f"data.path={endings_only_prepared}", "data.max_len=160",
+        f"data.overlong={overlong}", "data.max_tokens=1024", "optim.lr=3e-3", "optim.warmup_steps=2",
+        "optim.epochs=3", "ranker.heldout_fraction=0.3", "engine.ds_config=zero2", "engine.progress=false",
+        f"engine.output_dir={out}", "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]"], nproc=1)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    m = json.loads((out / "DONE.json").read_text())["metrics"]
+    assert m["data"]["overlong"] == {"neg": 240} and m["heldout_pairs"] >= 60
+    if overlong == "truncate":
+        assert m["heldout_acc"] >= 0.7, m
+    else:
+        assert abs(m["heldout_acc"] - 0.5) <= 0.2, m

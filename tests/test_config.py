@@ -130,3 +130,18 @@ def test_shipped_stage_configs_feed_each_other(family):
     if "ablation" in cfg:
         a = cfg["ablation"].ablation
         assert (a.data, a.base_model, a.ranker) == (cfg["neg"].data.path, cfg["neg"].model.path, out["ranker"])
+
+
+def test_grad_accum_is_derived_from_the_global_batch_for_any_world_size():
+    from train.config import OptimConfig
+    from train.engine.ds_config import effective_optim
+
+    recipe = OptimConfig(global_batch_tokens=65536)
+    assert [effective_optim(recipe, 4096, world).grad_accum for world in (1, 2, 8, 16)] == [16, 8, 2, 1]
+    assert effective_optim(OptimConfig(grad_accum=3), 4096, 8).grad_accum == 3  # 0: grad_accum as given
+    with pytest.raises(ConfigError, match=r"65,536 cannot be met on 3 rank\(s\) with data.max_tokens=4,096: it "
+                                          r"must be a multiple of ranks x max_tokens = 12,288 \(nearest: 61,440 or "
+                                          r"73,728\)"):
+        effective_optim(recipe, 4096, 3)
+    with pytest.raises(ConfigError, match="cannot be met on 32 rank"):  # less than one micro-batch per rank
+        effective_optim(recipe, 4096, 32)

@@ -113,7 +113,7 @@ def test_progress_in_a_log_file_is_plain_lines_and_the_end_is_summarised(neg_run
     meters = [line for line in stderr.splitlines() if "] neg: " in line]
     assert meters and f"{STEPS}/{STEPS}" in meters[-1] and "loss=" in meters[-1]
     assert f"[neg] done: step {STEPS}," in stdout and "tokens/s; wrote" in stdout
-    assert "[neg] neg: " in stdout and "cut at data.max_len=384" in stdout  # what tokenizing cut is said
+    assert "[neg] neg: " in stdout and "over data.max_len=384 dropped (data.overlong=drop)" in stdout  # said
     assert "] neg: " not in (root / "zero3.stderr").read_text()  # engine.progress=false: no meter
 
 
@@ -215,10 +215,15 @@ def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path, prepared_dir, base_mo
 
 def test_one_rank_accumulating_two_batches_equals_two_ranks(tmp_path, neg_runs, prepared_dir, base_model_dir):
     # The same global batches per step either way; the loss is normalised by the step's global
-    # token count and dropout follows the batch, so only float summation order differs.
+    # token count and dropout follows the batch, so only float summation order differs. The 1-rank run
+    # asks for the 2-rank run's global batch (2 x 2,048 tokens) and derives its accumulation from it.
     out = tmp_path / "accum"
-    _ok(run_stage("neg", overrides(prepared_dir, base_model_dir, out, "engine.ds_config=zero2",
-                                   "optim.grad_accum=2"), nproc=1))
+    result = run_stage("neg", overrides(prepared_dir, base_model_dir, out, "engine.ds_config=zero2",
+                                        "optim.global_batch_tokens=4096"), nproc=1)
+    _ok(result)
+    assert "global batch 4,096 tokens = 1 rank(s) x 2 micro-batch(es) x data.max_tokens 2,048" in result.stdout
+    done, theirs = (json.loads((d / "DONE.json").read_text())["metrics"] for d in (out, neg_runs["zero2"]))
+    assert (done["grad_accum"], theirs["grad_accum"]) == (2, 1) and done["global_step"] == theirs["global_step"]
     one = load_file(out / "adapter" / "adapter_model.safetensors")
     two = load_file(neg_runs["zero2"] / "adapter" / "adapter_model.safetensors")
     for k in two:
@@ -239,6 +244,10 @@ def test_finished_stage_is_skipped(neg_runs, prepared_dir, base_model_dir):
     (["neg", "lora.target_modules=[q_proj,foo_proj]"], "lora.target_modules: foo_proj not in the model"),
     (["neg", "optim.grad_accum=2", "engine.ds_config={ds}"], "gradient_accumulation_steps is 4 but the stage"),
     (["neg", "data.max_len=4096"], "data.max_len (4096) must be <= data.max_tokens"),
+    (["neg", "optim.global_batch_tokens=5000"], "optim.global_batch_tokens=5,000 cannot be met on 1 rank(s) with "
+                                                "data.max_tokens=2,048"),
+    (["neg", "optim.global_batch_tokens=4096", "optim.grad_accum=2"], "not both"),
+    (["neg", "data.prompt_template=Problem"], "data.prompt_template: must contain {question}"),
 ])
 def test_bad_configs_fail_with_named_errors(extra, message, tmp_path, prepared_dir, base_model_dir):
     ds = tmp_path / "ds.json"

@@ -150,4 +150,22 @@ def test_prepare_on_a_slice_of_the_real_gpt35_rationales(shared_data, tmp_path):
     assert 0 < all_["positives"] < all_["rationales"]
     rows = _rows(out)
     first = json.loads((sl / "0.jsonl").read_text().splitlines()[0])
-    assert rows[0]["question"] == first["question"] and rows[0]["rationale"] == first["generated_answer"][0]
+    # stored bare: the `Problem:`/`Solution:` labels the files carry are the prompt template's to add
+    assert first["question"] == "Problem:\n" + rows[0]["question"]
+    assert first["generated_answer"][0] in (rows[0]["rationale"], "Solution:\n" + rows[0]["rationale"])
+
+
+def test_data_prepared_by_an_older_version_is_refused_then_prepared_again(synthetic_raw, tmp_path):
+    """Before the prompt template, prepared questions kept their `Problem:` label: a stage would prompt
+    `Problem:\nProblem:\n...`. Stages refuse such data by name; prepare replaces it."""
+    from train.data.dataset import read_prepared
+
+    out = tmp_path / "p"
+    prepare(_opts([synthetic_raw / "train"], out))
+    done = json.loads((out / "DONE.json").read_text())
+    del done["metrics"]["format"]
+    (out / "DONE.json").write_text(json.dumps(done))
+    with pytest.raises(InputError, match=f"{out}: prepared by an older version"):
+        read_prepared(out)
+    prepare(_opts([synthetic_raw / "train"], out))
+    assert read_prepared(out).num_rows > 0

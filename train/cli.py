@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from train.data.prompt import DEFAULT_TEMPLATE
 from train.engine.signals import EXIT_CHECKPOINTED
 from train.errors import StageStopped, TdgError
 
@@ -38,7 +39,12 @@ def _add_prepare(sub) -> None:
     p.add_argument("--timeout", type=float, default=5.0,
                    help="seconds one answer may take to grade; slower ones count as ungradable (negative)")
     p.add_argument("--tokenizer", metavar="DIR", default=None,
-                   help="tokenizer directory for token-length percentiles (default: approximate by words+symbols)")
+                   help="tokenizer directory: sample lengths in tokens (BOS + prompt + rationale + EOS) per subject "
+                        "and label, with the share each max_len of 256/512/1024/2048 keeps; choose data.max_len "
+                        "from them (default: lengths approximated by words+symbols)")
+    p.add_argument("--prompt-template", metavar="TEXT", default=DEFAULT_TEMPLATE,
+                   help="the prompt template the lengths are measured with; use the stages' data.prompt_template "
+                        f"(default {DEFAULT_TEMPLATE!r})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -197,7 +203,7 @@ def _run(args: argparse.Namespace) -> int:
         stats = prepare(PrepareOptions(
             inputs=args.input, output=args.output, grader=args.grader, workers=args.workers,
             on_error=args.on_error, timeout=args.timeout, tokenizer=args.tokenizer, overwrite=args.overwrite,
-            show_progress=not args.no_progress))
+            prompt_template=args.prompt_template, show_progress=not args.no_progress))
         if stats.get("skipped_existing"):
             print(f"{args.output} is already prepared (DONE.json found); pass --overwrite to redo it")
         print(format_stats(stats))

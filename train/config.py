@@ -15,6 +15,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from train.data.prompt import DEFAULT_TEMPLATE, check_template
 from train.errors import ConfigError
 
 T = TypeVar("T")
@@ -25,12 +26,19 @@ class DataConfig:
     """Where the prepared data is and how it is cut into batches."""
 
     path: str = ""  # a directory written by `tdg prepare`
-    max_len: int = 256  # cutoff per sample in tokens (prompt + rationale), as in the paper
+    max_len: int = 1024  # longest sample in tokens (BOS + prompt + rationale + EOS); see `tdg prepare --tokenizer`
+    overlong: Literal["drop", "truncate"] = "drop"  # a longer sample: dropped and counted, or cut (loses its ending)
+    prompt_template: str = DEFAULT_TEMPLATE  # the prompt, with {question}: the same string in every stage and eval
     max_tokens: int = 4096  # token budget of one micro-batch (padded tokens count)
     packing: bool = False  # one row per micro-batch, samples concatenated, attention kept per sample
     mask_prompt: bool = True  # no loss on the question tokens
     group_size: int = 512  # samples per length-grouping window (bigger: less padding, less random)
     seed: int = 0  # seeds the batch order (the same on every rank; differs per epoch)
+
+    def validate(self) -> None:
+        check_template(self.prompt_template)
+        if self.max_len < 2 or self.max_tokens < 1:
+            raise ConfigError("data: max_len >= 2 and max_tokens >= 1 required")
 
 
 def _type_name(tp: Any) -> str:
@@ -219,10 +227,18 @@ class OptimConfig:
     max_steps: int = 0  # > 0 stops after this many optimizer steps (over all epochs)
     grad_clip: float = 1.0  # clip the global gradient norm to this
     grad_accum: int = 1  # micro-batches per rank per optimizer step
+    # the same recipe on any number of GPUs: grad_accum is derived so that ranks x grad_accum x data.max_tokens
+    # equals this token budget per optimizer step (padding counts, as in data.max_tokens)
+    global_batch_tokens: int = 0  # > 0: tokens per optimizer step over all ranks, grad_accum derived from it
 
     def validate(self) -> None:
         if self.grad_accum < 1 or self.epochs < 1 or self.lr <= 0:
             raise ConfigError("optim: grad_accum and epochs must be >= 1, lr > 0")
+        if self.global_batch_tokens < 0:
+            raise ConfigError("optim.global_batch_tokens: must be >= 0 (0: use optim.grad_accum as given)")
+        if self.global_batch_tokens > 0 and self.grad_accum != 1:
+            raise ConfigError(f"optim: set global_batch_tokens ({self.global_batch_tokens}) or grad_accum "
+                              f"({self.grad_accum}), not both: grad_accum is derived from global_batch_tokens")
 
 
 @dataclasses.dataclass
@@ -371,6 +387,9 @@ class DistillConfig(TrainStageConfig):
 
 @dataclasses.dataclass
 class RankerSection:
+    # pointwise: (1 - s_pos)^3 + s_neg^3 with s = sigmoid(r), as the reference, so s is an absolute score;
+    # pairwise: -log sigmoid(r_pos - r_neg) (Bradley-Terry), which leaves an arbitrary offset per question
+    loss: Literal["pointwise", "pairwise"] = "pointwise"  # pointwise (the reference; calibrated s) or pairwise
     heldout_fraction: float = 0.1  # share of questions kept out of training for pairwise accuracy
     pairs_per_question: int = 0  # cap on (pos, neg) pairs per question; 0: max(#pos, #neg), every rationale used
     seed: int = 0  # seeds the pairing and the held-out split
@@ -407,12 +426,15 @@ class EvalSection:
     grade_timeout: float = 5.0  # seconds one answer may take to grade
     max_questions: int = 0  # > 0: only the first N test questions
     seed: int = 0  # sampling seed (per question: reruns and resumes draw the same samples)
+    prompt_template: str = ""  # empty: the template the model was trained with (its config.yaml or tdg.json)
 
     def validate(self) -> None:
         if not self.model or not self.test:
             raise ConfigError("eval.model and eval.test: required")
         if self.n < 1 or self.temperature <= 0 or not 0 < self.top_p <= 1 or self.batch_questions < 1:
             raise ConfigError("eval: n >= 1, temperature > 0, 0 < top_p <= 1, batch_questions >= 1 required")
+        if self.prompt_template:
+            check_template(self.prompt_template, "eval.prompt_template")
 
 
 @dataclasses.dataclass

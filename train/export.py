@@ -7,8 +7,9 @@ What the source directory holds decides what happens:
   complete ZeRO checkpoint is consolidated with DeepSpeed's `zero_to_fp32` helpers;
 - `nat.json` (a NAT teacher): cannot be merged, the gate is a nonlinear function of both branches;
   the neg and pos adapters are exported side by side as PEFT adapters instead, with the gate.
-The output has sharded safetensors, config, tokenizer, generation config and a README card with
-the training provenance (the stage's DONE.json: config and metrics, and the data statistics).
+The output has sharded safetensors, config, tokenizer, generation config, a README card with
+the training provenance (the stage's DONE.json: config and metrics, and the data statistics) and
+`tdg.json` with the prompt template the model was trained with (what eval prompts it with).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from train.data.prompt import EXPORT_JSON, recorded_template
 from train.errors import TdgError
 from train.manifest import read_done
 from train.models.nat import NAT_JSON
@@ -30,7 +32,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def _card(src: Path, kind: str, base: str) -> str:
     done = read_done(src) or {}
     config = done.get("config", {})
+    template = recorded_template(src)
     lines = [f"# Exported from `{src}`", "", f"- kind: {kind}", f"- base model: `{base}`",
+             *([f"- prompt (the question replaces {{question}}; the model writes the rationale after it): "
+                f"`{template!r}`"] if template is not None else []),
              f"- exported by tdg-trainer {done.get('version', '?')}; stage finished {done.get('finished_at', '?')}"]
     data_path = config.get("data", {}).get("path")
     stats = Path(data_path) / "stats.json" if data_path else None
@@ -98,6 +103,10 @@ def export(src: str | Path, out: str | Path, max_shard_size: str = "2GB", dtype:
         what = f"re-saved the full fine-tune {src / 'model'} -> {out}"
     else:
         what = _export_from_checkpoint(src, tmp, out, max_shard_size, dtype)
+    template = recorded_template(src)
+    if template is not None:  # eval prompts an exported model with the template it was trained with
+        (tmp / EXPORT_JSON).write_text(json.dumps({"prompt_template": template, "source": str(src.resolve())},
+                                                  indent=1))
     if out.exists():
         out.rmdir()
     tmp.rename(out)

@@ -1,12 +1,14 @@
 """Rationales from a trained model: load any stage output as a generator, sample in batches.
 
-Prompts are built by `train.data.dataset.prompt_ids`, the function the training stages use, so a
-model is asked exactly the way it was trained. Prompts are left-padded for `generate`.
+Prompts are built by `train.data.dataset.prompt_ids` with the model's prompt template, the
+function and template the training stages used, so a model is asked exactly the way it was
+trained. Prompts are left-padded for `generate`.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -64,14 +66,21 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
+@dataclass
+class Generated:
+    greedy: list[str]  # one per question
+    samples: list[list[str]]  # n per question
+    finished: list[list[bool]]  # per sample: it ended with EOS (False: cut by max_new_tokens)
+
+
 @torch.no_grad()
-def generate_rationales(model, tok, questions: list[str], n: int, temperature: float, top_p: float,
-                        max_new_tokens: int, seed: int, device: torch.device) -> tuple[list[str], list[list[str]]]:
-    """One greedy rationale and n sampled ones per question."""
+def generate_rationales(model, tok, questions: list[str], template: str, n: int, temperature: float, top_p: float,
+                        max_new_tokens: int, seed: int, device: torch.device) -> Generated:
+    """One greedy rationale and n sampled ones per question, prompted through `template`."""
     from train.data.dataset import prompt_ids
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ids, mask = left_pad(prompt_ids(tok, questions), pad)
+    ids, mask = left_pad(prompt_ids(tok, questions, template), pad)
     ids, mask = ids.to(device), mask.to(device)
     common = {"attention_mask": mask, "max_new_tokens": max_new_tokens, "pad_token_id": pad,
               "eos_token_id": tok.eos_token_id, "use_cache": True}
@@ -82,4 +91,6 @@ def generate_rationales(model, tok, questions: list[str], n: int, temperature: f
     width = ids.shape[1]
     greedy_text = tok.batch_decode(greedy[:, width:], skip_special_tokens=True)
     sampled_text = tok.batch_decode(sampled[:, width:], skip_special_tokens=True)
-    return greedy_text, [sampled_text[i * n:(i + 1) * n] for i in range(len(questions))]
+    ended = (sampled[:, width:] == tok.eos_token_id).any(-1).tolist()
+    return Generated(greedy_text, [sampled_text[i * n:(i + 1) * n] for i in range(len(questions))],
+                     [ended[i * n:(i + 1) * n] for i in range(len(questions))])

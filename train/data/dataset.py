@@ -1,14 +1,28 @@
-"""Prepared data -> token ids -> model batches. The prompt format every stage uses lives here.
+"""Prepared data -> token ids -> model batches. How a sample becomes tokens lives here.
 
-A sample is `BOS + question + "\\n"` (the prompt) followed by `rationale + EOS` (the target),
-cut to `max_len` tokens. Batches are either padded to their own longest sample, or packed into
-one row with position ids restarting per sample (transformers then keeps attention within each
-sample: block-diagonal under SDPA/eager, varlen under flash-attention).
+A sample is `BOS + prompt` followed by `rationale + EOS` (the target), where the prompt is the
+question rendered through `data.prompt_template` (`train.data.prompt`). Prompt and rationale are
+tokenized as one text, as a user's tokenizer would see it, and the prompt's own ids are checked
+to be a prefix of it, so the rationale starts exactly where the prompt ends (a Llama tokenizer
+would otherwise give a rationale tokenized alone a leading space it never has in the text). The
+rare sample whose tokens straddle that boundary is tokenized in two parts instead.
+
+A sample longer than `max_len` is dropped and counted (`data.overlong=drop`, the default: a cut
+rationale loses its final answer, and a negative exactly the wrong ending the method learns
+from) or cut to `max_len` without EOS (`truncate`). Training samples and eval candidates go
+through the same `tokenize`, so the ranker never sees an ending at test time that training
+did not have: EOS marks a finished rationale, in both.
+
+Batches are either padded to their own longest sample, or packed into one row with position
+ids restarting per sample (transformers then keeps attention within each sample:
+block-diagonal under SDPA/eager, varlen under flash-attention).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +30,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from train.data.prompt import DEFAULT_TEMPLATE, render_prompt
 from train.errors import InputError
+from train.manifest import read_done
 
 IGNORE = -100
+OVERLONG_POLICIES = ("drop", "truncate")
+PREPARED_FORMAT = 2  # 2: questions and rationales stored bare (no `Problem:`/`Solution:` labels)
 
 
 def target_mask(batch: dict):
@@ -26,24 +44,49 @@ def target_mask(batch: dict):
     return batch["labels"][:, 1:] != IGNORE
 
 
-def prompt_text(question: str) -> str:
-    """The text the model sees before the rationale: one function for training and evaluation."""
-    return question + "\n"
-
-
-def prompt_ids(tokenizer, questions: list[str]) -> list[list[int]]:
-    """Token ids of each question's prompt (BOS + prompt_text): what training and generation both feed."""
+def prompt_ids(tokenizer, questions: Sequence[str], template: str = DEFAULT_TEMPLATE) -> list[list[int]]:
+    """Token ids of each question's prompt (BOS + rendered template): what training and generation both feed."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return [bos + p for p in tokenizer([prompt_text(q) for q in questions], add_special_tokens=False)["input_ids"]]
+    unique = list(dict.fromkeys(questions))  # a question has many rationales: tokenize its prompt once
+    ids = tokenizer([render_prompt(template, q) for q in unique], add_special_tokens=False)["input_ids"]
+    by_question = dict(zip(unique, ids, strict=True))
+    return [bos + by_question[q] for q in questions]
+
+
+def encode(tokenizer, questions: Sequence[str], rationales: Sequence[str],
+           template: str = DEFAULT_TEMPLATE) -> tuple[list[list[int]], list[list[int]]]:
+    """(BOS + prompt ids, rationale ids) per sample, the rationale tokenized in context after its prompt."""
+    prompts = prompt_ids(tokenizer, questions, template)
+    whole = tokenizer([render_prompt(template, q) + r for q, r in zip(questions, rationales, strict=True)],
+                      add_special_tokens=False)["input_ids"]
+    bos = 1 if tokenizer.bos_token_id is not None else 0
+    targets: list[list[int]] = []
+    straddling = []
+    for k, (p, w) in enumerate(zip(prompts, whole, strict=True)):
+        n = len(p) - bos
+        if w[:n] == p[bos:]:
+            targets.append(w[n:])
+        else:
+            targets.append([])
+            straddling.append(k)
+    if straddling:
+        alone = tokenizer([rationales[k] for k in straddling], add_special_tokens=False)["input_ids"]
+        for k, ids in zip(straddling, alone, strict=True):
+            targets[k] = ids
+    return prompts, targets
 
 
 def read_prepared(path: str | Path, labels: tuple[str, ...] = ("pos", "neg"), columns: list[str] | None = None):
     """The prepared rows whose label is in `labels`, as a pyarrow Table in file order."""
     p = Path(path)
     shards = sorted(p.glob("data-*.parquet"))
-    if not (p / "DONE.json").is_file() or not shards:
+    done = read_done(p)
+    if done is None or not shards:
         raise InputError(str(p), None, "not a finished `tdg prepare` output (no DONE.json or data shards)",
                          "not_prepared")
+    if done.get("metrics", {}).get("format", 1) < PREPARED_FORMAT:
+        raise InputError(str(p), None, "prepared by an older version (its questions keep their `Problem:` label, "
+                         "which the prompt template adds again); run `tdg prepare` again", "not_prepared")
     table = pq.read_table(shards, columns=columns)
     return table.filter(pc.is_in(table["label"], value_set=pa.array(list(labels))))
 
@@ -53,8 +96,10 @@ class TokenizedSet:
     ids: list[str]
     input_ids: list[np.ndarray]  # prompt + target, int32
     prompt_lens: np.ndarray  # tokens of each sample that are prompt
-    dropped: int  # samples whose prompt alone filled max_len (no target tokens left)
-    cut: int = 0  # samples kept but cut at max_len (their rationale's end, with the answer, is lost)
+    max_len: int = 0
+    overlong_policy: str = "drop"
+    overlong: Counter = field(default_factory=Counter)  # label -> samples over max_len (dropped or cut)
+    prompt_too_long: int = 0  # samples whose prompt alone reaches max_len: always left out
 
     @property
     def lengths(self) -> np.ndarray:
@@ -63,32 +108,59 @@ class TokenizedSet:
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def describe(self, max_len: int) -> str:
-        """What tokenizing did to the data, for the job log: cuts at max_len are silent otherwise."""
-        share = 100 * self.cut / max(len(self) + self.dropped, 1)
-        return (f"{len(self)} samples, {int(self.lengths.sum()):,} tokens; {self.cut} ({share:.1f}%) cut at "
-                f"data.max_len={max_len}, {self.dropped} left out (the prompt alone reaches it)")
+    def report(self) -> dict:
+        """What tokenizing kept and left out, for DONE.json and manifests."""
+        return {"samples": len(self), "tokens": int(self.lengths.sum()), "max_len": self.max_len,
+                "overlong_policy": self.overlong_policy, "overlong": dict(sorted(self.overlong.items())),
+                "prompt_too_long": self.prompt_too_long}
+
+    def describe(self) -> str:
+        """What tokenizing did to the data, for the job log: nothing is dropped or cut silently."""
+        total = len(self) + self.prompt_too_long + (sum(self.overlong.values()) if self.overlong_policy == "drop"
+                                                     else 0)
+        n_over = sum(self.overlong.values())
+        per_label = ", ".join(f"{n} {label}" for label, n in sorted(self.overlong.items())) or "0"
+        verb = "dropped" if self.overlong_policy == "drop" else "cut (no EOS)"
+        return (f"{len(self)} samples, {int(self.lengths.sum()):,} tokens; {per_label} "
+                f"({100 * n_over / max(total, 1):.1f}%) over data.max_len={self.max_len} {verb} "
+                f"(data.overlong={self.overlong_policy}), {self.prompt_too_long} left out (the prompt alone "
+                "reaches it)")
 
 
-def tokenize(table, tokenizer, max_len: int) -> TokenizedSet:
-    """Tokenize prompts and rationales in batch (fast tokenizer), concatenate, cut to max_len."""
+def tokenize(table, tokenizer, max_len: int, template: str = DEFAULT_TEMPLATE, overlong: str = "drop",
+             finished: Sequence[bool] | None = None) -> TokenizedSet:
+    """Tokenize rows (id, question, rationale[, label]) into samples of at most `max_len` tokens.
+
+    `finished[i]` False leaves EOS off sample i: an eval candidate that hit its token limit did not end."""
+    if overlong not in OVERLONG_POLICIES:
+        raise ValueError(f"overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
     questions = table.column("question").to_pylist()
-    rationales = table.column("rationale").to_pylist()
     row_ids = table.column("id").to_pylist()
+    labels = table.column("label").to_pylist() if "label" in table.column_names else ["all"] * len(row_ids)
     eos = tokenizer.eos_token_id
-    p_ids = prompt_ids(tokenizer, questions)
-    r_ids = tokenizer(rationales, add_special_tokens=False)["input_ids"]
-    ids, seqs, plens, dropped, cut = [], [], [], 0, 0
-    for rid, prompt, r in zip(row_ids, p_ids, r_ids, strict=True):
+    prompts, targets = encode(tokenizer, questions, table.column("rationale").to_pylist(), template)
+    data = TokenizedSet([], [], np.zeros(0, dtype=np.int64), max_len, overlong)
+    plens = []
+    for k, (rid, prompt, r, label) in enumerate(zip(row_ids, prompts, targets, labels, strict=True)):
         if len(prompt) >= max_len:
-            dropped += 1
+            data.prompt_too_long += 1
             continue
-        seq = np.asarray((prompt + r + [eos])[:max_len], dtype=np.int32)
-        cut += len(prompt) + len(r) + 1 > max_len
-        ids.append(rid)
-        seqs.append(seq)
+        seq = prompt + r + ([eos] if finished is None or finished[k] else [])
+        if len(seq) > max_len:
+            data.overlong[label] += 1
+            if overlong == "drop":
+                continue
+            seq = seq[:max_len]
+        data.ids.append(rid)
+        data.input_ids.append(np.asarray(seq, dtype=np.int32))
         plens.append(len(prompt))
-    return TokenizedSet(ids, seqs, np.asarray(plens, dtype=np.int64), dropped, cut)
+    data.prompt_lens = np.asarray(plens, dtype=np.int64)
+    return data
+
+
+def tokenize_with(table, tokenizer, data) -> TokenizedSet:
+    """`tokenize` with a stage's `data` settings (max_len, prompt_template, overlong): one call for every stage."""
+    return tokenize(table, tokenizer, data.max_len, data.prompt_template, data.overlong)
 
 
 def collate(data: TokenizedSet, indices, pad_id: int, packing: bool, mask_prompt: bool = True) -> dict:

@@ -21,7 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from train.data.answers import last_boxed
+from train.data.dataset import PREPARED_FORMAT, encode
 from train.data.grading import OK, grade_pairs
+from train.data.prompt import DEFAULT_TEMPLATE, check_template, render_prompt
 from train.data.readers import Question, read_inputs
 from train.errors import InputError
 from train.manifest import file_digest, read_done, write_done
@@ -34,6 +36,8 @@ SCHEMA = pa.schema([
     ("status", pa.string()),  # graded | given | no_boxed | timeout | error
 ])
 ROWS_PER_SHARD = 50_000
+LENGTH_QUANTILES = (50, 90, 95, 98, 99)
+MAX_LEN_CHOICES = (256, 512, 1024, 2048)
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
@@ -45,7 +49,8 @@ class PrepareOptions:
     workers: int = 2
     on_error: str = "fail"  # fail | skip
     timeout: float = 5.0  # seconds per answer before it counts as ungradable
-    tokenizer: str | None = None  # for token-length percentiles; else word/symbol counts
+    tokenizer: str | None = None  # for token-length quantiles and what each max_len keeps; else word/symbol counts
+    prompt_template: str = DEFAULT_TEMPLATE  # the template the lengths are measured with (as the stages will use)
     overwrite: bool = False
     show_progress: bool = True
 
@@ -71,20 +76,35 @@ def _grade(questions: list[Question], opts: PrepareOptions) -> list[dict]:
     return rows
 
 
-def _lengths(rows: list[dict], tokenizer: str | None) -> np.ndarray:
-    texts = [r["question"] + "\n" + r["rationale"] for r in rows]
+def _lengths(rows: list[dict], tokenizer: str | None, template: str) -> np.ndarray:
+    """Length of each sample as the stages build it (BOS + prompt + rationale + EOS) in tokens of
+    `tokenizer`; without one, approximated by words and symbols of the same text."""
+    questions, rationales = [r["question"] for r in rows], [r["rationale"] for r in rows]
     if tokenizer is None:
-        return np.array([len(_WORD.findall(t)) for t in texts])
-    from transformers import AutoTokenizer
+        return np.array([len(_WORD.findall(render_prompt(template, q) + r)) for q, r in zip(questions, rationales,
+                                                                                         strict=True)])
+    from train.data.tokenizer import load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
-    return np.array([len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]])
+    prompts, targets = encode(load_tokenizer(tokenizer), questions, rationales, template)
+    return np.array([len(p) + len(t) + 1 for p, t in zip(prompts, targets, strict=True)])
+
+
+def length_summary(lens: np.ndarray, tokens: bool) -> dict:
+    """Quantiles of one group's lengths and, in tokens, the share each max_len keeps (nothing is cut)."""
+    if len(lens) == 0:
+        return {"samples": 0}
+    out = {"samples": len(lens), "mean": round(float(lens.mean()), 1),
+           **{f"p{q}": int(np.percentile(lens, q)) for q in LENGTH_QUANTILES}, "max": int(lens.max())}
+    if tokens:
+        out["keeps"] = {str(m): round(float((lens <= m).mean()), 4) for m in MAX_LEN_CHOICES}
+    return out
 
 
 def compute_stats(rows: list[dict], lengths: np.ndarray, length_unit: str) -> dict:
     by_subject: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(rows):
         by_subject[r["subject"]].append(i)
+    tokens = length_unit == "tokens"
     table = {}
     for subject in [*sorted(by_subject), "ALL"]:
         idx = list(range(len(rows))) if subject == "ALL" else by_subject[subject]
@@ -102,6 +122,9 @@ def compute_stats(rows: list[dict], lengths: np.ndarray, length_unit: str) -> di
             "q_no_neg": sum("neg" not in s for s in labels_by_q.values()),
             "len_p50": int(np.percentile(lens, 50)), "len_p90": int(np.percentile(lens, 90)),
             "len_p99": int(np.percentile(lens, 99)), "len_max": int(lens.max()),
+            "lengths": {label: length_summary(np.array([lengths[i] for i in idx if rows[i]["label"] == label],
+                                                        dtype=np.int64), tokens)
+                        for label in ("pos", "neg")},
         }
     return {"subjects": table, "length_unit": length_unit}
 
@@ -120,6 +143,17 @@ def format_stats(stats: dict) -> str:
     all_ = stats["subjects"]["ALL"]
     frac = all_["positives"] / max(1, all_["rationales"])
     lines.append(f"positive fraction {frac:.3f}; lengths in {stats['length_unit']}")
+    if stats["length_unit"] == "tokens" and "lengths" in all_:
+        lines += ["", "sample length in tokens (BOS + prompt + rationale + EOS) and the share each data.max_len "
+                  "keeps", f"{'subject':<{w0}} label " + " ".join(f"{'p' + str(q):>6}" for q in LENGTH_QUANTILES)
+                  + f" {'max':>6} " + " ".join(f"{'<=' + str(m):>7}" for m in MAX_LEN_CHOICES)]
+        for n in names:
+            for label, summary in stats["subjects"][n]["lengths"].items():
+                if summary["samples"]:
+                    lines.append(f"{n:<{w0}} {label:<5} " + " ".join(f"{summary['p' + str(q)]:>6}"
+                                                                      for q in LENGTH_QUANTILES)
+                                 + f" {summary['max']:>6} " + " ".join(f"{100 * summary['keeps'][str(m)]:>6.1f}%"
+                                                                       for m in MAX_LEN_CHOICES))
     if stats.get("skipped"):
         lines.append("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(stats["skipped"].items())))
     return "\n".join(lines)
@@ -139,11 +173,15 @@ def _write_shards(rows: list[dict], out: Path) -> list[str]:
 def prepare(opts: PrepareOptions) -> dict:
     """Run prepare; returns the stats dict. Raises InputError (fail mode) before writing anything."""
     out = Path(opts.output)
+    check_template(opts.prompt_template, "--prompt-template")
     if out.exists():
         done = read_done(out)
-        if done is not None and not opts.overwrite:
+        if done is not None and done.get("metrics", {}).get("format", 1) < PREPARED_FORMAT:
+            print(f"[prepare] {out} was prepared by an older version (labels kept in the text): preparing again",
+                  flush=True)
+        elif done is not None and not opts.overwrite:
             return {"skipped_existing": True, **json.loads((out / "stats.json").read_text())}
-        if not opts.overwrite:
+        elif not opts.overwrite:
             raise InputError(str(out), None, "output exists and is not a finished prepare run; "
                              "pass --overwrite to replace it", "output_exists")
     t0 = time.time()
@@ -152,7 +190,7 @@ def prepare(opts: PrepareOptions) -> dict:
         raise InputError(", ".join(opts.inputs), None, "no usable records in the input", "empty_input")
     input_files_digest = {str(f): file_digest(f) for f in result.files}
     rows = _grade(result.questions, opts)
-    lengths = _lengths(rows, opts.tokenizer)
+    lengths = _lengths(rows, opts.tokenizer, opts.prompt_template)
     stats = compute_stats(rows, lengths, "tokens" if opts.tokenizer else "words+symbols (approx. tokens)")
     stats["skipped"] = dict(result.skipped)
     stats["seconds"] = round(time.time() - t0, 2)
@@ -163,7 +201,8 @@ def prepare(opts: PrepareOptions) -> dict:
     shards = _write_shards(rows, tmp)
     (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
     options = {k: v for k, v in vars(opts).items() if k not in ("show_progress", "overwrite")}
-    write_done(tmp, config=options, inputs=input_files_digest, metrics={"shards": shards, **stats["subjects"]["ALL"]})
+    write_done(tmp, config=options, inputs=input_files_digest,
+               metrics={"format": PREPARED_FORMAT, "shards": shards, **stats["subjects"]["ALL"]})
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

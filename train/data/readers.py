@@ -5,7 +5,9 @@ where `answer` is a worked solution whose last `\\boxed{}` is the gold answer.
 Flat layout: `*.jsonl` lines `{"id", "question", "rationale", "gold"}` with optional `"subject"`
 and optional `"label"` (`pos`/`neg`/bool) that, when present, is used instead of grading.
 
-Each input line's layout is recognised by its fields, so a directory may mix both.
+Each input line's layout is recognised by its fields, so a directory may mix both. A leading
+`Problem:` label on questions and `Solution:` label on rationales is stripped (the TDG files carry
+them, MATH files do not): the prompt template adds them back, once (`train.data.prompt`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from train.data.answers import last_boxed
+from train.data.prompt import bare_question, bare_rationale
 from train.errors import InputError
 
 _SUBJECT_DIR = re.compile(r"^(?:train|test|val)_[^_]+_(.+)_\d+$")
@@ -101,7 +104,7 @@ def _parse_line(rec: object, subject: str, where: tuple[str, int]) -> Question:
     source = f"{where[0]}:{where[1]}"
     level = str(rec.get("level", ""))
     if "generated_answer" in rec:
-        question = _need(rec, "question", str, where)
+        question = bare_question(_need(rec, "question", str, where))
         answer = _need(rec, "answer", str, where)
         generated = _need(rec, "generated_answer", list, where)
         if not generated:
@@ -113,12 +116,12 @@ def _parse_line(rec: object, subject: str, where: tuple[str, int]) -> Question:
                 )
         q = Question(question_id(question), str(rec.get("subject", subject)), question, gold_answer(answer),
                      source, level=level)
-        q.rationales = [Rationale("", r) for r in generated]
+        q.rationales = [Rationale("", bare_rationale(r)) for r in generated]
         return q
     if "rationale" in rec:
         rid = _need(rec, "id", (str, int), where)
-        question = _need(rec, "question", str, where)
-        rationale = _need(rec, "rationale", str, where)
+        question = bare_question(_need(rec, "question", str, where))
+        rationale = bare_rationale(_need(rec, "rationale", str, where))
         gold = _need(rec, "gold", str, where)
         subj = _need(rec, "subject", str, where) if "subject" in rec else subject
         label = _parse_label(rec["label"], where) if "label" in rec else None
@@ -151,6 +154,7 @@ def _parse_test_line(rec: object, subject: str, where: tuple[str, int]) -> Quest
     subj = rec.get("subject", rec.get("type", subject))
     if not isinstance(subj, str):
         raise InputError(where[0], where[1], f"field 'subject' must be str, got {type(subj).__name__}", "wrong_type")
+    question = bare_question(question)
     return Question(question_id(question), subj, question, gold_answer(str(gold)), f"{where[0]}:{where[1]}",
                     level=str(rec.get("level", "")))
 

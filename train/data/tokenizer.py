@@ -39,6 +39,20 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
     return tok
 
 
+def tokenizer_from_sentencepiece(model_file: str | Path, out_dir: str | Path):
+    """A raw sentencepiece `tokenizer.model` (e.g. LLaMA's or Mistral's 32k BPE) saved as a Hugging Face Llama
+    tokenizer dir that every stage can load."""
+    import shutil
+
+    from transformers import LlamaTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(model_file, Path(tmp) / "tokenizer.model")
+        tok = LlamaTokenizer.from_pretrained(tmp, local_files_only=True)
+    tok.save_pretrained(str(out_dir))
+    return tok
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     """Load a tokenizer from a local directory; make sure it has a pad token (EOS if none)."""
     from transformers import AutoTokenizer

@@ -7,6 +7,7 @@ with a batch size nobody asked for).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -30,6 +31,22 @@ def _fill(cfg: dict, key: str, value, where: str) -> None:
     elif current != value:
         raise ConfigError(f"{where}: {key} is {current!r} but the stage config implies {value!r} "
                           "(set it to \"auto\" or make them agree)")
+
+
+def effective_optim(optim: OptimConfig, max_tokens: int, world: int) -> OptimConfig:
+    """`optim` with grad_accum derived from optim.global_batch_tokens (when set) for this world size:
+    global_batch_tokens = world x grad_accum x data.max_tokens, exactly, or a ConfigError naming the numbers."""
+    target = optim.global_batch_tokens
+    if target <= 0:
+        return optim
+    per_micro_round = world * max_tokens
+    accum, rest = divmod(target, per_micro_round)
+    if accum < 1 or rest:
+        fits = [world * a * max_tokens for a in (max(1, accum), accum + 1)]
+        raise ConfigError(f"optim.global_batch_tokens={target:,} cannot be met on {world} rank(s) with "
+                          f"data.max_tokens={max_tokens:,}: it must be a multiple of ranks x max_tokens = "
+                          f"{per_micro_round:,} (nearest: {fits[0]:,} or {fits[1]:,}); change one of the three")
+    return dataclasses.replace(optim, grad_accum=accum)
 
 
 def build_ds_config(name_or_path: str, optim: OptimConfig, world: int, bf16: bool,

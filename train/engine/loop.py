@@ -34,7 +34,7 @@ from train.data.batching import TokenBudgetBatcher
 from train.data.dataset import TokenizedSet, collate
 from train.engine import checkpoint as ckpt
 from train.engine import distributed as dist_
-from train.engine.ds_config import build_ds_config
+from train.engine.ds_config import build_ds_config, effective_optim
 from train.engine.flops import flops_per_token, peak_flops
 from train.engine.schedule import warmup_cosine
 from train.engine.signals import EXIT_CHECKPOINTED, StopRequest
@@ -48,7 +48,7 @@ LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, torch.T
 class TrainTask:
     name: str
     model: torch.nn.Module  # parameters to train have requires_grad=True
-    data: TokenizedSet
+    data: TokenizedSet  # or any set with lengths, len() and report() (the ranker's pairs)
     loss_fn: LossFn  # (module, batch) -> (sum of loss over units, {term name: sum over units})
     save_fn: Callable[[torch.nn.Module, Path], dict]  # rank 0, full (gathered) params: write results
     pad_id: int
@@ -139,7 +139,8 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
 
     out = Path(cfg.engine.output_dir)
     world, rank = dist_.world(), dist_.rank()
-    accum = cfg.optim.grad_accum
+    optim = effective_optim(cfg.optim, cfg.data.max_tokens, world)
+    accum = optim.grad_accum
     root = out / "checkpoints"
     if dist_.is_main():
         out.mkdir(parents=True, exist_ok=True)
@@ -160,8 +161,7 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
                          f"for {world} ranks x {accum} accumulation; lower data.max_tokens or optim.grad_accum")
 
     universal = resume is not None and resume.world_size != world
-    ds_cfg = build_ds_config(cfg.engine.ds_config, cfg.optim, world, bf16=not dist_.on_cpu(),
-                             load_universal=universal)
+    ds_cfg = build_ds_config(cfg.engine.ds_config, optim, world, bf16=not dist_.on_cpu(), load_universal=universal)
     trainable = [p for p in task.model.parameters() if p.requires_grad]
     n_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable)
     schedule = lambda step: warmup_cosine(step, cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio)  # noqa: E731
@@ -306,7 +306,7 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
                "first_loss": float(np.mean(losses[:window])) if losses else math.nan,
                "final_loss": float(np.mean(losses[-window:])) if losses else math.nan,
                "tokens": tokens_seen, "seconds": round(time.time() - t_start, 2), "world_size": world,
-               "trainable_params": n_trainable,
+               "grad_accum": accum, "trainable_params": n_trainable, "data": task.data.report(),
                **_throughput(step_seconds, step_rates, fpt, peak * world),
                **{k.rsplit("/", 1)[-1]: v for k, v in last_eval.items()}}
     with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):

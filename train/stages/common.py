@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from train.config import TrainStageConfig
-from train.data.dataset import IGNORE, TokenizedSet, read_prepared, tokenize
+from train.data.dataset import IGNORE, TokenizedSet, read_prepared, tokenize_with
 from train.data.tokenizer import load_tokenizer
 from train.engine import distributed as dist_
-from train.engine.ds_config import build_ds_config
+from train.engine.ds_config import build_ds_config, effective_optim
 from train.engine.loop import TrainTask, run_training
 from train.errors import InputError
 from train.manifest import dir_digest, file_digest, read_done
@@ -24,12 +24,12 @@ def load_stage_data(name: str, cfg: TrainStageConfig, labels: tuple[str, ...]) -
     table = read_prepared(cfg.data.path, labels=labels)
     if table.num_rows == 0:
         raise InputError(cfg.data.path, None, f"no {'/'.join(labels)} rationales in the prepared data", "empty_input")
-    data = tokenize(table, tok, cfg.data.max_len)
+    data = tokenize_with(table, tok, cfg.data)
     if len(data) == 0:
-        raise InputError(cfg.data.path, None, f"every prompt is longer than data.max_len={cfg.data.max_len}",
+        raise InputError(cfg.data.path, None, f"no sample fits data.max_len={cfg.data.max_len}: {data.describe()}",
                          "empty_input")
     if dist_.is_main():
-        print(f"[{name}] {'/'.join(labels)}: {data.describe(cfg.data.max_len)}", flush=True)
+        print(f"[{name}] {'/'.join(labels)}: {data.describe()}", flush=True)
     return data, tok
 
 
@@ -59,7 +59,11 @@ def run_stage(name: str, cfg: TrainStageConfig, build: Callable[[TrainStageConfi
     if already_done(name, out):
         return 0
     device = dist_.setup()
-    ds_cfg = build_ds_config(cfg.engine.ds_config, cfg.optim, dist_.world(), bf16=not dist_.on_cpu())
+    optim = effective_optim(cfg.optim, cfg.data.max_tokens, dist_.world())
+    if cfg.optim.global_batch_tokens and dist_.is_main():
+        print(f"[{name}] global batch {cfg.optim.global_batch_tokens:,} tokens = {dist_.world()} rank(s) x "
+              f"{optim.grad_accum} micro-batch(es) x data.max_tokens {cfg.data.max_tokens:,}", flush=True)
+    ds_cfg = build_ds_config(cfg.engine.ds_config, optim, dist_.world(), bf16=not dist_.on_cpu())
     # Weights a model creates while loading (the ranker's new scalar head) come from the torch RNG, which
     # torch seeds from entropy in every new process: seed it so every run and every rank builds the same
     torch.manual_seed(cfg.engine.seed)

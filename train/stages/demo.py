@@ -105,7 +105,9 @@ def run_demo(opts: DemoOptions) -> dict:
     beta = read_done(out / "score")["metrics"]
     _log(f"score: beta mean {beta['beta_mean']:.4f} (min {beta['beta_min']:.4f}, max {beta['beta_max']:.4f})")
     r = read_done(out / "ranker")["metrics"]
-    _log(f"ranker: held-out pairwise accuracy {r['heldout_acc']:.3f} on {r['heldout_pairs']} pairs")
+    _log(f"ranker: held-out pairwise accuracy {r['heldout_acc']:.3f} on {r['heldout_pairs']} pairs; mean score "
+         f"{r['heldout_s_pos']:.2f} on positives, {r['heldout_s_neg']:.2f} on negatives, "
+         f"Brier {r['heldout_brier']:.3f}")
     _log(f"student: {out / 'export'} (loads with AutoModelForCausalLM.from_pretrained)")
     _log(f"student on {opts.test_questions} held-out test questions ({out / 'eval' / 'metrics.md'}):")
     print((out / "eval" / "metrics.md").read_text().split("\n", 4)[-1], flush=True)

@@ -29,6 +29,7 @@ from safetensors import safe_open
 
 from train.config import DistillConfig
 from train.data.dataset import TokenizedSet, collate, target_mask
+from train.data.prompt import check_same_template
 from train.engine.loop import TrainTask
 from train.errors import ConfigError, TdgError
 from train.manifest import dir_digest
@@ -86,12 +87,13 @@ class StoredScores:
     def check_covers(self, data: TokenizedSet) -> None:
         for i, sid in enumerate(data.ids):
             if sid not in self.where:
-                raise ConfigError(f"distill.scores: sample {sid} of data.path has no scores; score the same data")
+                raise ConfigError(f"distill.scores: sample {sid} of data.path has no scores; score the same data "
+                                  "with the same data.max_len and data.overlong")
             _, start, end, _ = self.where[sid]
             n_targets = int(data.lengths[i] - data.prompt_lens[i])
             if end - start != n_targets:
                 raise ConfigError(f"distill.scores: sample {sid} has {end - start} scored tokens but {n_targets} "
-                                  "here; use the same data.max_len and tokenizer as stage score "
+                                  "here; use the same data.max_len, data.overlong and tokenizer as stage score "
                                   f"(score used max_len {self.manifest['max_len']})")
 
 
@@ -133,6 +135,9 @@ def _student_targets(module, batch) -> tuple[torch.Tensor, torch.Tensor, torch.T
 def build(cfg: DistillConfig, ds_cfg: dict) -> TrainTask:
     data, tok = load_stage_data("distill", cfg, labels=("pos",))
     lam, temp = cfg.distill.lam, cfg.distill.temperature
+    teacher_dir = cfg.distill.scores if cfg.distill.mode == "offline" else cfg.distill.nat_dir
+    check_same_template(cfg.data.prompt_template, "data.prompt_template", teacher_dir,
+                        "the scores" if cfg.distill.mode == "offline" else "the NAT teacher")
     if cfg.distill.mode == "offline":
         scores = StoredScores(cfg.distill.scores)
         check_same_vocabulary(tok, scores.manifest["tokenizer"])

@@ -1,8 +1,10 @@
 """Stage `eval`: greedy, self-consistency and ASC accuracy of a model on test questions.
 
-Per question: one greedy rationale and `eval.n` sampled ones, each answer (last boxed) graded
-against the gold with the prepare grader, each sample scored by the ranker (if given). Voting
-and its weightings are in `train.voting`.
+Per question: one greedy rationale and `eval.n` sampled ones, prompted with the template the model
+was trained with, each answer (last boxed) graded against the gold with the prepare grader, each
+sample scored by the ranker (if given; it must share the template) through the tokenization its
+training used. Voting and its weightings are in `train.voting`. `predictions.jsonl` records each
+question's exact prompt string.
 
 A stop signal (SIGUSR1/SIGTERM, as the Slurm launcher forwards) ends a rank after its current
 batch with exit 75, which the launcher requeues.
@@ -25,16 +27,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from train.config import EvalConfig, save_config
 from train.data.answers import last_boxed
-from train.data.dataset import collate, tokenize
 from train.data.grading import grade_inline
+from train.data.prompt import DEFAULT_TEMPLATE, recorded_template, render_prompt
 from train.data.readers import Question, read_test_questions
 from train.engine import distributed as dist_
 from train.engine.signals import EXIT_CHECKPOINTED, StopRequest
+from train.errors import ConfigError
 from train.manifest import dir_digest, file_digest, write_done
 from train.progress import progress
 from train.stages.common import already_done
@@ -70,38 +72,41 @@ def _batch_seed(seed: int, qids: list[str]) -> int:
     return int.from_bytes(hashlib.sha1(f"{seed}:{','.join(qids)}".encode()).digest()[:7], "big")
 
 
-@torch.no_grad()
-def ranker_scores(ranker, tok, question: str, rationales: list[str], device: torch.device,
-                  max_len: int = 2048) -> list[float]:
-    """The ranker's raw output r for each rationale, tokenized exactly as stage ranker trained."""
-    table = pa.table({"id": [str(i) for i in range(len(rationales))], "question": [question] * len(rationales),
-                      "rationale": rationales})
-    data = tokenize(table, tok, max_len)
-    if len(data) < len(rationales):  # the prompt alone is too long: no score
-        return [0.0] * len(rationales)
-    batch = collate(data, np.arange(len(data)), tok.pad_token_id, packing=False)
-    return ranker(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).tolist()
+def eval_template(cfg: EvalConfig, ranker_spec: dict | None) -> str:
+    """The prompt template of this eval: the one the model was trained with (or eval.prompt_template, or the
+    default for a model that records none), which the ranker must share. Mismatches are refused."""
+    recorded = recorded_template(cfg.eval.model)
+    template = cfg.eval.prompt_template or recorded or DEFAULT_TEMPLATE
+    if recorded is not None and recorded != template:
+        raise ConfigError(f"eval.prompt_template is {template!r} but the model {cfg.eval.model} was trained with "
+                          f"{recorded!r}; leave eval.prompt_template empty to use the model's")
+    if ranker_spec is not None and ranker_spec["prompt_template"] != template:
+        raise ConfigError(f"eval.ranker: {cfg.eval.ranker} was trained with prompt template "
+                          f"{ranker_spec['prompt_template']!r} but the model is prompted with {template!r}; "
+                          "train the ranker with the model's data.prompt_template")
+    return template
 
 
-def evaluate_batch(model, tok, ranker, ranker_tok, questions: list[Question], cfg: EvalConfig,
+def evaluate_batch(model, tok, ranker, questions: list[Question], cfg: EvalConfig, template: str,
                    device: torch.device) -> list[dict]:
     from train.generation import generate_rationales
 
     e = cfg.eval
-    greedy, samples = generate_rationales(model, tok, [q.question for q in questions], e.n, e.temperature, e.top_p,
-                                          e.max_new_tokens, _batch_seed(e.seed, [q.qid for q in questions]),
-                                          device)
+    gen = generate_rationales(model, tok, [q.question for q in questions], template, e.n, e.temperature, e.top_p,
+                              e.max_new_tokens, _batch_seed(e.seed, [q.qid for q in questions]), device)
     records = []
-    for q, g, texts in zip(questions, greedy, samples, strict=True):
+    for q, g, texts, finished in zip(questions, gen.greedy, gen.samples, gen.finished, strict=True):
         answers = [last_boxed(t) for t in [g, *texts]]
         correct = grade_inline(q.gold, answers, e.grader, e.grade_timeout)
-        scores = ranker_scores(ranker, ranker_tok, q.question, texts, device) if ranker is not None else None
+        scores = ranker.scores(q.question, texts, finished, device) if ranker is not None else None
         cands = [Candidate(a, c, s if scores else 0.0)
                  for a, c, s in zip(answers[1:], correct[1:], scores or [0.0] * len(texts), strict=True)]
         rec = {"qid": q.qid, "subject": q.subject, "level": q.level, "question": q.question, "gold": q.gold,
+               "prompt": render_prompt(template, q.question),
                "greedy": {"text": g, "answer": answers[0], "correct": correct[0]},
-               "samples": [{"text": t, "answer": c.answer, "correct": c.correct,
-                            "ranker": None if scores is None else c.score} for t, c in zip(texts, cands, strict=True)],
+               "samples": [{"text": t, "finished": f, "answer": c.answer, "correct": c.correct,
+                            "ranker": None if scores is None else c.score}
+                           for t, f, c in zip(texts, finished, cands, strict=True)],
                "votes": {"sc": vote(cands, "count"), "pass_at_n": any_correct(cands)}}
         if scores is not None:
             rec["votes"].update({f"asc_{w}": vote(cands, w) for w in WEIGHTINGS if w != "count"})
@@ -152,7 +157,7 @@ def markdown_table(metrics: dict, n: int, weighting: str) -> str:
 
 def main(cfg: EvalConfig) -> int:
     from train.generation import load_generator
-    from train.models.reward import load_ranker
+    from train.models.reward import load_ranker, read_ranker_spec
 
     out = Path(cfg.engine.output_dir)
     if already_done("eval", out):
@@ -169,19 +174,20 @@ def main(cfg: EvalConfig) -> int:
     dist_.barrier()
     done = read_predictions(out)
     todo = [q for q in questions if q.qid not in done][rank::world]
+    template = eval_template(cfg, read_ranker_spec(cfg.eval.ranker) if cfg.eval.ranker else None)
     model, tok, what = load_generator(cfg.eval.model, device, cfg.engine.dtype, cfg.engine.attn_implementation)
-    ranker, ranker_tok = load_ranker(cfg.eval.ranker, device, cfg.engine.dtype) if cfg.eval.ranker else (None, None)
+    ranker = load_ranker(cfg.eval.ranker, device, cfg.engine.dtype) if cfg.eval.ranker else None
     if dist_.is_main():
         print(f"[eval] {what}; {len(questions)} questions ({len(done)} already done), {cfg.eval.n} samples each, "
-              f"{world} rank(s)" + (f"; ranker {cfg.eval.ranker}" if ranker is not None else "; no ranker"),
-              flush=True)
+              f"{world} rank(s)" + (f"; ranker {cfg.eval.ranker}" if ranker is not None else "; no ranker")
+              + f"; prompt template {template!r}", flush=True)
     bar = progress(len(todo), "eval (rank 0)", "question", enabled=dist_.is_main() and cfg.engine.progress)
     mine = out / f"predictions-rank{rank}.jsonl"
     drop_torn_tail(mine)
     with StopRequest() as stop, open(mine, "a", encoding="utf-8") as f:
         for start in range(0, len(todo), cfg.eval.batch_questions):
             batch = todo[start:start + cfg.eval.batch_questions]
-            for rec in evaluate_batch(model, tok, ranker, ranker_tok, batch, cfg, device):
+            for rec in evaluate_batch(model, tok, ranker, batch, cfg, template, device):
                 f.write(json.dumps(rec) + "\n")
             f.flush()
             os.fsync(f.fileno())

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from train.config import NatConfig
+from train.data.prompt import check_same_template
 from train.engine import distributed as dist_
 from train.engine.loop import TrainTask
 from train.errors import ConfigError
@@ -47,6 +48,8 @@ def _check_matches_neg(cfg: NatConfig, neg_dir: Path) -> None:
 def build(cfg: NatConfig, ds_cfg: dict) -> TrainTask:
     neg_dir = neg_adapter_dir(cfg)
     _check_matches_neg(cfg, neg_dir)
+    check_same_template(cfg.data.prompt_template, "data.prompt_template",
+                        neg_dir.parent if neg_dir.name == "adapter" else neg_dir, "the neg stage")
     data, tok = load_stage_data("nat", cfg, labels=("pos",))
     base = load_base_model(cfg.model, on_cpu=dist_.on_cpu(), ds_config=ds_cfg)
     check_target_modules(base, cfg.lora.target_modules)

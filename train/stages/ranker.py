@@ -1,16 +1,28 @@
 """Stage `ranker`: the ASC reward model, trained on (positive, negative) pairs of the same question.
 
-    loss = -log sigmoid(r(pos) - r(neg))      (Bradley-Terry), summed over pairs, mean per step
+With s = sigmoid(r) the ranker's score of a rationale, `ranker.loss` is
+    pointwise (default, as the reference)   (1 - s(pos))^3 + s(neg)^3
+    pairwise  (Bradley-Terry)               -log sigmoid(r(pos) - r(neg))
+summed over pairs, mean per step. The pointwise loss makes s an absolute score that means the same
+for every question, which is what ASC's weighted vote adds up across candidates; the pairwise loss
+only orders the rationales of one question and leaves each question an arbitrary offset.
 
 A question with P positives and N negatives gives max(P, N) pairs (capped by
 `ranker.pairs_per_question`): both lists shuffled, then cycled, so every rationale is used and
 none twice more than needed. Questions with only one kind cannot form a pair; they are skipped
 and counted. A `ranker.heldout_fraction` of questions (chosen by a hash of question id and seed,
-so the split does not depend on data order) is kept out; its pairwise accuracy (share of pairs
-with r(pos) > r(neg)) is measured at each epoch end, logged to TensorBoard and kept in DONE.json.
+so the split does not depend on data order) is kept out; at each epoch end its pairwise accuracy
+(share of pairs with r(pos) > r(neg)) and calibration (mean s of its positives and negatives,
+Brier score) are measured, logged to TensorBoard and kept in DONE.json.
+
+Samples are tokenized by `train.data.dataset.tokenize`, the function eval scores its candidates
+with, and overlong ones are dropped by default: a rationale cut at max_len loses its EOS, and a
+ranker trained on cut negatives learns "no EOS means wrong", a shortcut that every eval
+candidate (which ends where it ends) breaks.
 
 Output: `adapter/` (LoRA on the body), `head.safetensors` (the scalar head, fully trained),
-`ranker.json`. Stage `eval` loads it with `train.models.reward.load_ranker`.
+`ranker.json` (base, tokenizer, prompt template, max_len, loss). Stage `eval` loads it with
+`train.models.reward.load_ranker`.
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ import torch.nn.functional as F
 
 from train.config import RankerConfig
 from train.data.batching import TokenBudgetBatcher
-from train.data.dataset import TokenizedSet, collate, read_prepared, tokenize
+from train.data.dataset import TokenizedSet, collate, read_prepared, tokenize_with
 from train.data.tokenizer import load_tokenizer
 from train.engine import distributed as dist_
 from train.engine.loop import TrainTask
@@ -58,6 +70,9 @@ class PairSet:
 
     def __len__(self) -> int:
         return len(self.pos)
+
+    def report(self) -> dict:
+        return self.seqs.report()
 
     def batch(self, indices, pad_id: int) -> dict:
         """Rows 0..B-1 the positives, rows B..2B-1 their negatives, right padded."""
@@ -109,9 +124,22 @@ def bradley_terry(rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.
     return -F.logsigmoid(diff).sum(), {"acc": (diff > 0).float().sum().detach(), "margin": diff.sum().detach()}
 
 
-def heldout_accuracy(module: torch.nn.Module, pairs: PairSet, max_tokens: int, pad_id: int,
-                     device: torch.device) -> dict[str, float]:
-    """Pairwise accuracy and loss on held-out pairs, split over ranks. Every rank makes the same
+def pointwise(rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sum over pairs of (1 - s_pos)^3 + s_neg^3, s = sigmoid(r), as the reference; rewards = [r_pos..., r_neg...]."""
+    half = rewards.shape[0] // 2
+    s = torch.sigmoid(rewards.float())
+    diff = rewards[:half] - rewards[half:]
+    loss = ((1 - s[:half]) ** 3).sum() + (s[half:] ** 3).sum()
+    return loss, {"acc": (diff > 0).float().sum().detach(), "margin": diff.sum().detach()}
+
+
+RANKER_LOSSES = {"pointwise": pointwise, "pairwise": bradley_terry}
+
+
+def heldout_metrics(module: torch.nn.Module, pairs: PairSet, max_tokens: int, pad_id: int, device: torch.device,
+                    loss_fn=pointwise) -> dict[str, float]:
+    """On held-out pairs, split over ranks: pairwise accuracy, loss, and calibration of s = sigmoid(r)
+    (mean s of the positives and of the negatives, Brier score over both). Every rank makes the same
     number of forward calls (ZeRO-3 needs it); the extra ones repeat batch 0 and are dropped."""
     if len(pairs) == 0:
         return {}
@@ -119,16 +147,24 @@ def heldout_accuracy(module: torch.nn.Module, pairs: PairSet, max_tokens: int, p
     world, rank = dist_.world(), dist_.rank()
     mine = batches[rank::world]
     calls = -(-len(batches) // world)
-    sums = torch.zeros(3, device=device)  # correct, loss, pairs
+    sums = torch.zeros(6, device=device)  # correct, loss, pairs, sum s(pos), sum s(neg), squared errors
     for k in range(calls):
         b = mine[k] if k < len(mine) else batches[0]
         batch = {key: v.to(device) for key, v in pairs.batch(b, pad_id).items()}
-        loss, terms = bradley_terry(module(**batch))
+        rewards = module(**batch)
+        loss, terms = loss_fn(rewards)
         if k < len(mine):
-            sums += torch.stack([terms["acc"], loss.detach().float(), torch.tensor(float(len(b)), device=device)])
+            s = torch.sigmoid(rewards.float())
+            half = len(b)
+            brier = ((1 - s[:half]) ** 2).sum() + (s[half:] ** 2).sum()
+            sums += torch.stack([terms["acc"], loss.detach().float(), torch.tensor(float(half), device=device),
+                                 s[:half].sum(), s[half:].sum(), brier])
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(sums)
-    return {"ranker/heldout_acc": float(sums[0] / sums[2]), "ranker/heldout_loss": float(sums[1] / sums[2])}
+    n = float(sums[2])
+    return {"ranker/heldout_acc": float(sums[0]) / n, "ranker/heldout_loss": float(sums[1]) / n,
+            "ranker/heldout_s_pos": float(sums[3]) / n, "ranker/heldout_s_neg": float(sums[4]) / n,
+            "ranker/heldout_brier": float(sums[5]) / (2 * n)}
 
 
 def build(cfg: RankerConfig, ds_cfg: dict) -> TrainTask:
@@ -136,7 +172,7 @@ def build(cfg: RankerConfig, ds_cfg: dict) -> TrainTask:
 
     tok = load_tokenizer(tokenizer_dir(cfg.model), cfg.model.trust_remote_code)
     table = read_prepared(cfg.data.path, columns=["id", "qid", "label", "question", "rationale"])
-    data = tokenize(table, tok, cfg.data.max_len)
+    data = tokenize_with(table, tok, cfg.data)
     train, heldout, stats = make_pairs(
         table.column("qid").to_pylist(), table.column("label").to_pylist(), data,
         {rid: i for i, rid in enumerate(data.ids)}, table.column("id").to_pylist(),
@@ -145,7 +181,7 @@ def build(cfg: RankerConfig, ds_cfg: dict) -> TrainTask:
         raise InputError(cfg.data.path, None, f"no question has both a positive and a negative rationale "
                          f"({stats['only_pos']} only positive, {stats['only_neg']} only negative)", "empty_input")
     if dist_.is_main():
-        print(f"[ranker] pos/neg: {data.describe(cfg.data.max_len)}", flush=True)
+        print(f"[ranker] pos/neg: {data.describe()}; loss {cfg.ranker.loss}", flush=True)
         print(f"[ranker] {stats['train_pairs']} training pairs, {stats['heldout_pairs']} held-out pairs; skipped "
               f"{stats['only_pos']} questions with only positives, {stats['only_neg']} with only negatives",
               flush=True)
@@ -167,15 +203,19 @@ def build(cfg: RankerConfig, ds_cfg: dict) -> TrainTask:
         save_head(module.head(), out, hidden)
         (out / RANKER_JSON).write_text(json.dumps({
             "base_model": str(Path(cfg.model.path).resolve()),
-            "tokenizer": str(Path(tokenizer_dir(cfg.model)).resolve()), "hidden_size": hidden}, indent=1))
+            "tokenizer": str(Path(tokenizer_dir(cfg.model)).resolve()), "hidden_size": hidden,
+            "prompt_template": cfg.data.prompt_template, "max_len": cfg.data.max_len,
+            "overlong": cfg.data.overlong, "loss": cfg.ranker.loss}, indent=1))
         return {"ranker": str(out), **stats}
 
+    loss_fn = RANKER_LOSSES[cfg.ranker.loss]
     return TrainTask(
         name="ranker", model=model, data=train,
-        loss_fn=lambda module, batch: bradley_terry(module(**batch)),
+        loss_fn=lambda module, batch: loss_fn(module(**batch)),
         save_fn=save, pad_id=tok.pad_token_id, units=len,
         collate_fn=lambda idx: train.batch(idx, tok.pad_token_id),
-        evaluate_fn=lambda module: heldout_accuracy(module, heldout, cfg.data.max_tokens, tok.pad_token_id, device))
+        evaluate_fn=lambda module: heldout_metrics(module, heldout, cfg.data.max_tokens, tok.pad_token_id, device,
+                                                   loss_fn))
 
 
 def main(cfg: RankerConfig) -> int:

@@ -39,7 +39,8 @@ from safetensors.torch import save_file
 
 from train.config import OptimConfig, ScoreConfig, save_config
 from train.data.batching import TokenBudgetBatcher
-from train.data.dataset import TokenizedSet, collate, read_prepared, target_mask, tokenize
+from train.data.dataset import TokenizedSet, collate, read_prepared, target_mask, tokenize_with
+from train.data.prompt import check_same_template
 from train.data.tokenizer import load_tokenizer
 from train.engine import distributed as dist_
 from train.engine.ds_config import build_ds_config
@@ -145,13 +146,16 @@ def main(cfg: ScoreConfig) -> int:
     world, rank = dist_.world(), dist_.rank()
     t0 = time.time()
     spec = json.loads((nat_dir / NAT_JSON).read_text())
+    check_same_template(cfg.data.prompt_template, "data.prompt_template", nat_dir, "the NAT teacher")
     tok = load_tokenizer(spec["base_model"])
     table = read_prepared(cfg.data.path, labels=("pos",))
-    data = tokenize(table, tok, cfg.data.max_len)
+    data = tokenize_with(table, tok, cfg.data)
+    if len(data) == 0:
+        raise TdgError(f"{cfg.data.path}: no positive sample fits data.max_len={cfg.data.max_len}: {data.describe()}")
     lengths = data.lengths
     plans = plan_shards(lengths, cfg.score.shard_size, cfg.data.max_tokens)
     if dist_.is_main():
-        print(f"[score] pos: {data.describe(cfg.data.max_len)}", flush=True)
+        print(f"[score] pos: {data.describe()}", flush=True)
         (out / "shards").mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     todo = dist_.broadcast_object([i for i in range(len(plans)) if not shard_path(out, i).is_file()])
@@ -222,9 +226,9 @@ def _finish(cfg: ScoreConfig, out: Path, nat_dir: Path, data: TokenizedSet, n_sh
     manifest = {"format": FORMAT, "samples": len(expected_ids), "shards": shards, "top_k": cfg.score.top_k,
                 "max_len": cfg.data.max_len, "nat_dir": str(nat_dir.resolve()),
                 "tokenizer": json.loads((nat_dir / NAT_JSON).read_text())["base_model"],
-                "dropped_prompt_too_long": data.dropped, "cut_at_max_len": data.cut}
+                "prompt_template": cfg.data.prompt_template, "data": data.report()}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    metrics = {"samples": len(expected_ids), "shards": n_shards, "beta_mean": float(beta.mean()),
+    metrics = {"samples": len(expected_ids), "shards": n_shards, "data": data.report(), "beta_mean": float(beta.mean()),
                "beta_std": float(beta.std()), "beta_min": float(beta.min()), "beta_max": float(beta.max()),
                "seconds": round(time.time() - t0, 2), "world_size": dist_.world(),
                "rank0_scoring_seconds": round(loop_seconds, 2)}  # its shards only: no load, tokenizing or checks
