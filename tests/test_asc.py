@@ -149,6 +149,8 @@ def test_eval_writes_predictions_metrics_and_table(eval_out):
     assert set(metrics["by_subject"]) == {"alpha", "beta"} and set(metrics["by_level"]) == {"Level 1", "Level 2",
                                                                                             "Level 3"}
     assert {"greedy", "sc", "asc_score", "asc_1+score", "asc_1+2score", "pass_at_n"} <= set(overall)
+    cut = [not s["finished"] for r in recs for s in r["samples"]]
+    assert overall["unfinished"] == pytest.approx(100 * sum(cut) / len(cut)) and any(cut)  # 12 new tokens: most
     table = (eval_out / "metrics.md").read_text()
     assert "| **all** | 6 |" in table and "ASC@3 (score)" in table
     assert (eval_out / "DONE.json").is_file() and (eval_out / "tb").is_dir()

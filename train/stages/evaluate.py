@@ -115,11 +115,13 @@ def evaluate_batch(model, tok, ranker, questions: list[Question], cfg: EvalConfi
 
 
 def summarize(records: list[dict]) -> dict:
-    """Accuracies (in %) overall, per subject and per level."""
+    """Accuracies (in %) overall, per subject and per level, and the share of samples cut by max_new_tokens."""
     def block(recs: list[dict]) -> dict:
         out = {"questions": len(recs), "greedy": 100 * float(np.mean([r["greedy"]["correct"] for r in recs]))}
         for key in recs[0]["votes"]:
             out[key] = 100 * float(np.mean([r["votes"][key] for r in recs]))
+        # samples that hit eval.max_new_tokens before EOS (cut, most often without a final answer)
+        out["unfinished"] = 100 * float(np.mean([not s.get("finished", True) for r in recs for s in r["samples"]]))
         return out
 
     groups: dict[str, dict[str, list[dict]]] = {"subject": {}, "level": {}}
@@ -227,3 +229,5 @@ def _finish(cfg: EvalConfig, out: Path, questions: list[Question], t0: float) ->
     write_done(out, config=asdict(cfg), inputs=inputs,
                metrics={**metrics["overall"], "seconds": round(time.time() - t0, 2), "world_size": dist_.world()})
     print(table, flush=True)
+    print(f"[eval] {metrics['overall']['unfinished']:.1f}% of the sampled rationales hit eval.max_new_tokens="
+          f"{cfg.eval.max_new_tokens} before EOS (metrics.json: unfinished)", flush=True)
