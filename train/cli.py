@@ -44,7 +44,7 @@ def _add_prepare(sub) -> None:
                         "from them (default: lengths approximated by words+symbols)")
     p.add_argument("--prompt-template", metavar="TEXT", default=DEFAULT_TEMPLATE,
                    help="the prompt template the lengths are measured with; use the stages' data.prompt_template "
-                        f"(default {DEFAULT_TEMPLATE!r})")
+                        f"(default {DEFAULT_TEMPLATE!r}; in bash write newlines as $'...\\n...')")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
