@@ -42,7 +42,7 @@ def bare_forward(score_dir: Path, device: str = "cpu"):
     batches = [{k: v.to(device) for k, v in collate(data, b, tok.pad_token_id, packing=False).items()}
                for plan in plan_shards(data.lengths, cfg["score"]["shard_size"], cfg["data"]["max_tokens"])
                for b in plan]
-    model = load_nat_teacher(nat_dir, "nat", on_cpu=device == "cpu").to(device)
+    model = load_nat_teacher(nat_dir, "nat", device=torch.device(device))
 
     @torch.no_grad()
     def run() -> float:

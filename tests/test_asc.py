@@ -270,3 +270,41 @@ def test_the_ranker_cannot_learn_a_cut_ending_shortcut(endings_only_prepared, ba
         assert m["heldout_acc"] >= 0.7, m
     else:
         assert abs(m["heldout_acc"] - 0.5) <= 0.2, m
+
+
+def test_a_stop_signal_ends_eval_on_every_rank_and_the_rerun_gives_the_same_predictions(
+        tmp_path, base_model_dir, ranker_dir):
+    import subprocess
+
+    from tests.conftest import REPO, stage_cmd, stage_env
+    from tests.test_score import _signal_one_worker_when
+
+    rng = random.Random(2)
+    test = write_lines(tmp_path / "test.jsonl", [
+        {"problem": f"Sam has {a} beads and finds {b} more. How many beads?", "solution": f"\\boxed{{{a + b}}}"}
+        for a, b in ((rng.randint(10, 60), rng.randint(10, 40)) for _ in range(16))])
+
+    def args(out):
+        return ["--model", str(base_model_dir), "--test", str(test), "--ranker", str(ranker_dir), "--num-samples",
+                "2", "--output", str(out), "eval.max_new_tokens=8", "eval.batch_questions=1", "engine.progress=false"]
+
+    reference = tmp_path / "reference"
+    done = run_stage("eval", args(reference))
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen(stage_cmd("eval", args(out)), env=stage_env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    first = out / "predictions-rank0.jsonl"
+    _signal_one_worker_when(proc, lambda: first.is_file() and first.read_text().count("\n") >= 1)
+    stdout, _ = proc.communicate(timeout=300)
+    assert stdout.count("stop requested") == 2, stdout[-3000:]  # both ranks stopped, the unsignalled one too
+    assert not (out / "DONE.json").exists() and 0 < len(read_predictions_of(out)) < 16
+    resumed = run_stage("eval", args(out))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _records(out / "predictions.jsonl") == _records(reference / "predictions.jsonl")
+
+
+def read_predictions_of(out):
+    from train.stages.evaluate import read_predictions
+
+    return read_predictions(out)

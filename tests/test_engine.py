@@ -271,6 +271,7 @@ def test_a_zero3_load_does_not_partition_later_loads_in_the_same_process(base_mo
     # transformers partitions whatever it builds while a HfDeepSpeedConfig is alive; a hook left by a
     # ZeRO-3 stage used to make the next whole-weight load in the process (a bench, a notebook) fail
     script = f"""
+import torch
 from train.config import ModelConfig, OptimConfig
 from train.engine import distributed
 from train.engine.ds_config import build_ds_config
@@ -278,9 +279,9 @@ from train.models.loading import load_base_model
 distributed.setup()
 ds = build_ds_config({str(zero3_partitioned)!r}, OptimConfig(), 1, bf16=False)
 cfg = ModelConfig(path={str(base_model_dir)!r})
-z3 = load_base_model(cfg, on_cpu=True, ds_config=ds)
-whole = load_base_model(cfg, on_cpu=True)
-z3_again = load_base_model(cfg, on_cpu=True, ds_config=ds)
+z3 = load_base_model(cfg, torch.float32, ds_config=ds)
+whole = load_base_model(cfg, torch.float32)
+z3_again = load_base_model(cfg, torch.float32, ds_config=ds)
 print(z3.lm_head.weight.numel(), whole.lm_head.weight.numel(), z3_again.lm_head.weight.numel(),
       whole.config.vocab_size * whole.config.hidden_size)
 """

@@ -134,3 +134,47 @@ def test_inspect_scores_on_a_wrong_directory_names_it(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "tools/inspect_scores.py"), str(tmp_path)],
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2 and str(tmp_path) in result.stderr and "manifest.json" in result.stderr
+
+
+def _signal_one_worker_when(proc, ready, timeout=300) -> None:
+    """SIGTERM one worker of a torchrun launch once `ready()` holds (Slurm often signals only some ranks)."""
+    import psutil
+
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    # torchrun's own children: a worker's grading subprocesses carry the same command line
+    workers = [c for c in psutil.Process(proc.pid).children() if "train" in " ".join(c.cmdline())]
+    assert len(workers) == 2
+    workers[-1].send_signal(signal.SIGTERM)
+
+
+def test_a_stop_signal_ends_score_after_its_round_and_the_rerun_gives_the_same_scores(tmp_path, teacher,
+                                                                                        prepared_dir, zero3_scores,
+                                                                                        zero3_partitioned):
+    out = tmp_path / "stopped"
+    args = overrides(teacher, prepared_dir, out, f"engine.ds_config={zero3_partitioned}", "score.shard_size=8")
+    proc = subprocess.Popen(stage_cmd("score", args), env=stage_env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    _signal_one_worker_when(proc, lambda: shard_path(out, 0).is_file())
+    stdout, _ = proc.communicate(timeout=300)
+    assert "[score] stop requested" in stdout and "exit 75" in stdout, stdout[-3000:]
+    assert not (out / "DONE.json").exists()
+    written = sorted((out / "shards").glob("shard-*.safetensors"))
+    n_shards = -(-len(_all_ids(zero3_scores)) // 8)
+    assert 0 < len(written) < n_shards  # stopped part way, with whole shards only
+    assert not list((out / "shards").glob(".*tmp*"))
+    result = run_stage("score", args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    def betas(d):
+        found = {}
+        for p in sorted((d / "shards").glob("shard-*.safetensors")):
+            with safe_open(str(p), framework="pt") as f:
+                found.update(zip(json.loads(f.metadata()["ids"]), f.get_tensor("beta").tolist(), strict=True))
+        return found
+
+    resumed, reference = betas(out), betas(zero3_scores)
+    assert resumed.keys() == reference.keys()
+    assert max(abs(resumed[k] - reference[k]) for k in reference) < 1e-5

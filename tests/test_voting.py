@@ -67,15 +67,17 @@ def test_pass_at_n():
     assert any_correct([C("1", False), C("2", True)]) == 1.0 and any_correct([C("1", False)]) == 0.0
 
 
-def _record(subject, level, greedy, votes):
-    return {"subject": subject, "level": level, "greedy": {"correct": greedy}, "votes": votes}
+def _record(subject, level, greedy, votes, finished=(True, True)):
+    return {"subject": subject, "level": level, "greedy": {"correct": greedy}, "votes": votes,
+            "samples": [{"finished": f} for f in finished]}
 
 
 def test_summary_per_subject_and_level_and_table():
     recs = [_record("algebra", "Level 1", True, {"sc": 1.0, "pass_at_n": 1.0, "asc_score": 1.0}),
             _record("algebra", "Level 2", False, {"sc": 0.5, "pass_at_n": 1.0, "asc_score": 0.0}),
-            _record("geometry", "Level 1", False, {"sc": 0.0, "pass_at_n": 0.0, "asc_score": 0.0})]
+            _record("geometry", "Level 1", False, {"sc": 0.0, "pass_at_n": 0.0, "asc_score": 0.0}, (False, True))]
     m = summarize(recs)
+    assert m["overall"]["unfinished"] == pytest.approx(100 / 6) and m["by_subject"]["algebra"]["unfinished"] == 0
     assert m["overall"]["questions"] == 3
     assert m["overall"]["greedy"] == pytest.approx(100 / 3)
     assert m["overall"]["sc"] == pytest.approx(50.0)

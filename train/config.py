@@ -194,7 +194,6 @@ class ModelConfig:
 
     path: str = ""  # local HF model dir (config.json + safetensors)
     tokenizer: str = ""  # tokenizer dir; empty means `path`
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     trust_remote_code: bool = False  # run model code shipped in the model dir (off unless you trust it)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
@@ -247,6 +246,8 @@ class EngineConfig:
 
     output_dir: str = ""  # where this stage writes: results, config.yaml, tb/, checkpoints/, DONE.json
     ds_config: str = "zero2"  # a name in ds_configs/ (zero2, zero3, zero3_offload) or a JSON path
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU (bf16 runs on CPU too)
+    dist_timeout_minutes: float = 60  # how long a collective waits (a rank saving or converting) before failing
     seed: int = 0  # seeds LoRA init and dropout (re-seeded per step: resume is exact)
     save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end / on a stop signal)
     keep_last: int = 2  # complete checkpoints kept; older ones deleted after a new one is complete
@@ -257,6 +258,8 @@ class EngineConfig:
     def validate(self) -> None:
         if not self.output_dir:
             raise ConfigError("engine.output_dir: required")
+        if self.dist_timeout_minutes <= 0:
+            raise ConfigError("engine.dist_timeout_minutes: must be > 0")
         if self.keep_last < 1:
             raise ConfigError("engine.keep_last: must be >= 1")
 
@@ -341,12 +344,15 @@ class ScoreSection:
 class ScoreEngine:
     output_dir: str = ""  # where shards/, manifest.json and DONE.json go
     ds_config: str = "none"  # none: a full teacher copy per rank; zero3: the teacher sharded over ranks
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # teacher dtype (auto: bf16 GPU, fp32 CPU)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU (bf16 runs on CPU too)
+    dist_timeout_minutes: float = 60  # how long a collective waits (a rank saving or converting) before failing
     progress: bool = True  # rank 0: a tqdm bar on a terminal, a plain line every 30 s in a log file
 
     def validate(self) -> None:
         if not self.output_dir:
             raise ConfigError("engine.output_dir: required")
+        if self.dist_timeout_minutes <= 0:
+            raise ConfigError("engine.dist_timeout_minutes: must be > 0")
 
 
 @dataclasses.dataclass
@@ -440,13 +446,16 @@ class EvalSection:
 @dataclasses.dataclass
 class EvalEngine:
     output_dir: str = ""  # predictions*.jsonl, metrics.json, metrics.md, tb/, DONE.json
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # model dtype (auto: bf16 GPU, fp32 CPU)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU (bf16 runs on CPU too)
+    dist_timeout_minutes: float = 60  # how long a collective waits (a rank saving or converting) before failing
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     progress: bool = True  # rank 0: a tqdm bar on a terminal, a plain line every 30 s in a log file
 
     def validate(self) -> None:
         if not self.output_dir:
             raise ConfigError("engine.output_dir: required")
+        if self.dist_timeout_minutes <= 0:
+            raise ConfigError("engine.dist_timeout_minutes: must be > 0")
 
 
 @dataclasses.dataclass

@@ -18,20 +18,20 @@ from train.config import ModelConfig
 from train.errors import ConfigError
 
 
-def load_generator(path: str | Path, device: torch.device, dtype: str = "auto",
+def load_generator(path: str | Path, device: torch.device, dtype: torch.dtype = torch.float32,
                    attn_implementation: str = "sdpa") -> tuple[torch.nn.Module, object, str]:
     """(model in eval mode, tokenizer, what was loaded) from an exported model dir, a full fine-tune
-    (`model/`), a LoRA stage output (`adapter/`, merged into its base) or a NAT teacher (`nat.json`)."""
+    (`model/`), a LoRA stage output (`adapter/`, merged into its base) or a NAT teacher (`nat.json`).
+    Weights are loaded straight onto `device` and LoRA is merged there: no whole copy in host memory."""
     from train.data.tokenizer import load_tokenizer
     from train.models.loading import load_base_model
     from train.models.nat import NAT_JSON, load_nat_teacher
 
     p = Path(path)
-    on_cpu = device.type == "cpu"
 
     def plain(model_dir: Path) -> torch.nn.Module:
-        return load_base_model(ModelConfig(path=str(model_dir), dtype=dtype, attn_implementation=attn_implementation),
-                               on_cpu=on_cpu)
+        return load_base_model(ModelConfig(path=str(model_dir), attn_implementation=attn_implementation), dtype,
+                               device=device)
 
     if (p / "config.json").is_file():
         model, tok, what = plain(p), load_tokenizer(p), f"model dir {p}"
@@ -47,7 +47,7 @@ def load_generator(path: str | Path, device: torch.device, dtype: str = "auto",
         model = PeftModel.from_pretrained(plain(Path(base_dir)), str(p / "adapter")).merge_and_unload()
         tok, what = load_tokenizer(tok_dir), f"{base_dir} + LoRA {p}/adapter (merged)"
     elif (p / NAT_JSON).is_file():
-        model = load_nat_teacher(p, "nat", on_cpu=on_cpu, dtype=dtype)
+        model = load_nat_teacher(p, "nat", dtype=dtype, device=device)
         tok = load_tokenizer(json.loads((p / NAT_JSON).read_text())["base_model"])
         what = f"NAT teacher {p} (neg + pos + gate)"
     else:

@@ -7,6 +7,7 @@ environment. A plain `python -m train ...` with none of them runs as a world of 
 
 from __future__ import annotations
 
+import datetime
 import os
 import warnings
 
@@ -41,8 +42,10 @@ def on_cpu() -> bool:
     return os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
 
 
-def setup() -> torch.device:
-    """Initialise the process group (once) and return this rank's device."""
+def setup(timeout_minutes: float = 60) -> torch.device:
+    """Initialise the process group (once) and return this rank's device. Collectives wait up to
+    `timeout_minutes` (engine.dist_timeout_minutes) before failing: long enough for rank 0 to write a
+    large save or convert a universal checkpoint while the others wait at a barrier."""
     _env_from_slurm()
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -59,7 +62,8 @@ def setup() -> torch.device:
     # peft reads model.is_gradient_checkpointing, which transformers 5 deprecates: once per rank and load
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing. is deprecated", category=FutureWarning)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl", verbose=False)
+        deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl", verbose=False,
+                                   timeout=datetime.timedelta(minutes=timeout_minutes))
     if on_cpu():
         return torch.device("cpu")
     local = int(os.environ["LOCAL_RANK"])

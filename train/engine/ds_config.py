@@ -67,8 +67,13 @@ def build_ds_config(name_or_path: str, optim: OptimConfig, world: int, bf16: boo
     bf16_cfg = cfg.setdefault("bf16", {})
     if bf16_cfg.get("enabled", "auto") == "auto":
         bf16_cfg["enabled"] = bf16
-    if cfg.get("fp16", {}).get("enabled") is True and bf16_cfg["enabled"]:
-        raise ConfigError(f"{where}: fp16 and bf16 are both enabled")
+    if cfg.get("fp16", {}).get("enabled") is True:
+        raise ConfigError(f"{where}: fp16 is not supported (it needs loss scaling); use engine.precision=bf16")
+    if bf16_cfg["enabled"] != bf16:
+        raise ConfigError(f"{where}: bf16.enabled is {bf16_cfg['enabled']} but engine.precision resolves to "
+                          f"{'bf16' if bf16 else 'fp32'} (set it to \"auto\" and choose with engine.precision)")
+    if bf16:  # bf16 parameters, fp32 gradient accumulation beside DeepSpeed's fp32 masters (train.engine.precision)
+        _fill(cfg.setdefault("data_types", {}), "grad_accum_dtype", "fp32", where)
     zero = cfg.setdefault("zero_optimization", {})
     if "offload_optimizer" in zero:  # ZeRO-Offload needs DeepSpeed's CPU Adam, configured here
         cfg["optimizer"] = {"type": "AdamW", "params": {"lr": optim.lr, "betas": list(optim.betas),

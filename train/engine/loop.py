@@ -34,6 +34,7 @@ from train.data.batching import TokenBudgetBatcher
 from train.data.dataset import TokenizedSet, collate
 from train.engine import checkpoint as ckpt
 from train.engine import distributed as dist_
+from train.engine import precision
 from train.engine.ds_config import build_ds_config, effective_optim
 from train.engine.flops import flops_per_token, peak_flops
 from train.engine.schedule import warmup_cosine
@@ -130,6 +131,15 @@ def _throughput(step_seconds: list[float], step_rates: list[float], flops_per_to
     return out
 
 
+def check_one_dtype(named: list[tuple[str, torch.nn.Parameter]], want: torch.dtype) -> None:
+    """Every trainable parameter in the precision's dtype: DeepSpeed keeps fp32 masters of them, and ZeRO-3
+    cannot flatten mixed dtypes. A stage that created one in another dtype is a bug, named here."""
+    wrong = [(n, p.dtype) for n, p in named if p.dtype != want]
+    if wrong:
+        raise TypeError(f"trainable parameters must be {want} under this precision; {len(wrong)} are not, e.g. "
+                        f"{wrong[0][0]} is {wrong[0][1]}")
+
+
 def _seed_for(seed: int, step: int, batch_in_step: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + batch_in_step) % (2**63 - 1)
 
@@ -161,8 +171,11 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
                          f"for {world} ranks x {accum} accumulation; lower data.max_tokens or optim.grad_accum")
 
     universal = resume is not None and resume.world_size != world
-    ds_cfg = build_ds_config(cfg.engine.ds_config, optim, world, bf16=not dist_.on_cpu(), load_universal=universal)
-    trainable = [p for p in task.model.parameters() if p.requires_grad]
+    prec = precision.resolve(cfg.engine.precision, dist_.on_cpu())
+    ds_cfg = build_ds_config(cfg.engine.ds_config, optim, world, bf16=prec == "bf16", load_universal=universal)
+    named_trainable = [(n, p) for n, p in task.model.named_parameters() if p.requires_grad]
+    trainable = [p for _, p in named_trainable]
+    check_one_dtype(named_trainable, precision.DTYPES[prec])
     n_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable)
     schedule = lambda step: warmup_cosine(step, cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio)  # noqa: E731
     client_opt = None
@@ -306,12 +319,14 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
                "first_loss": float(np.mean(losses[:window])) if losses else math.nan,
                "final_loss": float(np.mean(losses[-window:])) if losses else math.nan,
                "tokens": tokens_seen, "seconds": round(time.time() - t_start, 2), "world_size": world,
-               "grad_accum": accum, "trainable_params": n_trainable, "data": task.data.report(),
+               "grad_accum": accum, "precision": prec, "trainable_params": n_trainable, "data": task.data.report(),
                **_throughput(step_seconds, step_rates, fpt, peak * world),
                **{k.rsplit("/", 1)[-1]: v for k, v in last_eval.items()}}
+    masters = precision.fp32_masters(named_trainable)  # every rank: assembling them is a collective
     with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
         if dist_.is_main():
-            metrics.update(task.save_fn(engine.module, out) or {})
+            with precision.master_weights(named_trainable, masters):  # saves write the fp32 masters
+                metrics.update(task.save_fn(engine.module, out) or {})
     dist_.barrier()
     if dist_.is_main():
         write_done(out, config=asdict(cfg), inputs=inputs, metrics=metrics)

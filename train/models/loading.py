@@ -18,12 +18,6 @@ from train.errors import ConfigError
 _DS_HOOK = None  # HfDeepSpeedConfig must stay referenced while ZeRO-3 models are built
 
 
-def resolve_dtype(name: str, on_cpu: bool) -> torch.dtype:
-    if name == "auto":
-        return torch.float32 if on_cpu else torch.bfloat16
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 def tokenizer_dir(mcfg: ModelConfig) -> str:
     return mcfg.tokenizer or mcfg.path
 
@@ -35,9 +29,11 @@ def check_model_dir(path: str, key: str = "model.path") -> Path:
     return p
 
 
-def load_base_model(mcfg: ModelConfig, on_cpu: bool, ds_config: dict | None = None, scalar_head: bool = False):
-    """AutoModelForCausalLM from `mcfg.path` (AutoModelForSequenceClassification with one output,
-    a new head, if `scalar_head`); partitioned at load time when ds_config is ZeRO-3."""
+def load_base_model(mcfg: ModelConfig, dtype: torch.dtype, ds_config: dict | None = None, scalar_head: bool = False,
+                    device: torch.device | None = None):
+    """AutoModelForCausalLM from `mcfg.path` in `dtype` (AutoModelForSequenceClassification with one output,
+    a new head, if `scalar_head`); partitioned at load time when ds_config is ZeRO-3, else loaded straight
+    onto `device` when given (a 7B model never sits whole in host memory on its way to a GPU)."""
     global _DS_HOOK
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -53,8 +49,10 @@ def load_base_model(mcfg: ModelConfig, on_cpu: bool, ds_config: dict | None = No
 
         _DS_HOOK = HfDeepSpeedConfig(ds_config)
     cls, extra = (AutoModelForSequenceClassification, {"num_labels": 1}) if scalar_head else (AutoModelForCausalLM, {})
+    if device is not None and _DS_HOOK is None:
+        extra["device_map"] = {"": device}
     model = cls.from_pretrained(
-        mcfg.path, **extra, local_files_only=True, dtype=resolve_dtype(mcfg.dtype, on_cpu),
+        mcfg.path, **extra, local_files_only=True, dtype=dtype,
         attn_implementation=mcfg.attn_implementation, trust_remote_code=mcfg.trust_remote_code)
     model.config.use_cache = False
     if mcfg.gradient_checkpointing:

@@ -52,18 +52,18 @@ class NATLinear(nn.Module):
         super().__init__()
         self.base_layer = base
         in_f, out_f = base.in_features, base.out_features
-        dtype = base.weight.dtype
+        dtype, device = base.weight.dtype, base.weight.device
         self.scaling = alpha / r
         self.beta, self.temperature = beta, temperature
         self.mode = "nat"
-        self.lora_A_neg = nn.Linear(in_f, r, bias=False, dtype=dtype)
-        self.lora_B_neg = nn.Linear(r, out_f, bias=False, dtype=dtype)
-        self.lora_A_pos = nn.Linear(in_f, r, bias=False, dtype=dtype)
-        self.lora_B_pos = nn.Linear(r, out_f, bias=False, dtype=dtype)
-        self.gate_q = nn.Linear(in_f, gate_dim, bias=False, dtype=dtype)
-        self.gate_k = nn.Linear(out_f, gate_dim, bias=False, dtype=dtype)
-        self.gate_v1 = nn.Linear(out_f, gate_dim, dtype=dtype)
-        self.gate_v2 = nn.Linear(gate_dim, out_f, dtype=dtype)
+        self.lora_A_neg = nn.Linear(in_f, r, bias=False, dtype=dtype, device=device)
+        self.lora_B_neg = nn.Linear(r, out_f, bias=False, dtype=dtype, device=device)
+        self.lora_A_pos = nn.Linear(in_f, r, bias=False, dtype=dtype, device=device)
+        self.lora_B_pos = nn.Linear(r, out_f, bias=False, dtype=dtype, device=device)
+        self.gate_q = nn.Linear(in_f, gate_dim, bias=False, dtype=dtype, device=device)
+        self.gate_k = nn.Linear(out_f, gate_dim, bias=False, dtype=dtype, device=device)
+        self.gate_v1 = nn.Linear(out_f, gate_dim, dtype=dtype, device=device)
+        self.gate_v2 = nn.Linear(gate_dim, out_f, dtype=dtype, device=device)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         for a in (self.lora_A_neg, self.lora_A_pos):  # PEFT's LoRA init: A kaiming, B zero
             nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
@@ -228,9 +228,10 @@ def save_nat_dir(out: Path, layers: dict[str, NATLinear], peft_config, base_mode
     (out / NAT_JSON).write_text(json.dumps(spec, indent=1))
 
 
-def load_nat_teacher(nat_dir: str | Path, mode: str = "nat", on_cpu: bool = True, ds_config: dict | None = None,
-                     dtype: str = "auto"):
-    """Base model + neg + pos + gate from a finished stage-nat directory, in `mode`."""
+def load_nat_teacher(nat_dir: str | Path, mode: str = "nat", dtype: torch.dtype = torch.float32,
+                     ds_config: dict | None = None, device: torch.device | None = None):
+    """Base model + neg + pos + gate from a finished stage-nat directory, in `mode`, every weight in `dtype`
+    (the adapters and gate, stored in fp32, are rounded to it: train.engine.precision)."""
     from train.config import ModelConfig
     from train.models.loading import load_base_model
 
@@ -238,9 +239,9 @@ def load_nat_teacher(nat_dir: str | Path, mode: str = "nat", on_cpu: bool = True
     if not (d / NAT_JSON).is_file():
         raise ConfigError(f"{d}: not a stage-nat output (no {NAT_JSON})")
     spec = json.loads((d / NAT_JSON).read_text())
-    model = load_base_model(ModelConfig(path=spec["base_model"], dtype=dtype,
+    model = load_base_model(ModelConfig(path=spec["base_model"],
                                         attn_implementation=spec.get("attn_implementation", "sdpa")),
-                            on_cpu=on_cpu, ds_config=ds_config)
+                            dtype, ds_config=ds_config, device=device)
     layers = add_nat_layers(model, spec["target_modules"], spec["r"], spec["alpha"], 0.0, spec["gate_dim"],
                             spec["beta"], spec["temperature"])
     load_lora_branch(layers, spec["neg_adapter"], "neg")

@@ -109,7 +109,7 @@ def read_ranker_spec(ranker_dir: str | Path) -> dict:
     return spec
 
 
-def load_ranker(ranker_dir: str | Path, device: torch.device, dtype: str = "auto") -> Ranker:
+def load_ranker(ranker_dir: str | Path, device: torch.device, dtype: torch.dtype = torch.float32) -> Ranker:
     """The trained ranker (LoRA merged into the body) in eval mode, with its tokenizer and settings."""
     from peft import PeftModel
 
@@ -119,8 +119,7 @@ def load_ranker(ranker_dir: str | Path, device: torch.device, dtype: str = "auto
 
     d = Path(ranker_dir)
     spec = read_ranker_spec(d)
-    base = load_base_model(ModelConfig(path=spec["base_model"], dtype=dtype), on_cpu=device.type == "cpu",
-                           scalar_head=True)
+    base = load_base_model(ModelConfig(path=spec["base_model"]), dtype, scalar_head=True, device=device)
     base.score.load_state_dict(load_file(str(d / HEAD_FILE)))
     model = PeftModel.from_pretrained(base, str(d / "adapter")).merge_and_unload()
     return Ranker(RewardModel(model).to(device).eval(), load_tokenizer(spec["tokenizer"]), spec)

@@ -12,6 +12,7 @@ from train.config import TrainStageConfig
 from train.data.dataset import IGNORE, TokenizedSet, read_prepared, tokenize_with
 from train.data.tokenizer import load_tokenizer
 from train.engine import distributed as dist_
+from train.engine import precision
 from train.engine.ds_config import build_ds_config, effective_optim
 from train.engine.loop import TrainTask, run_training
 from train.errors import InputError
@@ -31,6 +32,11 @@ def load_stage_data(name: str, cfg: TrainStageConfig, labels: tuple[str, ...]) -
     if dist_.is_main():
         print(f"[{name}] {'/'.join(labels)}: {data.describe()}", flush=True)
     return data, tok
+
+
+def model_dtype(cfg: TrainStageConfig) -> torch.dtype:
+    """The dtype every parameter of a training stage's model has (train.engine.precision)."""
+    return precision.dtype(cfg.engine.precision, dist_.on_cpu())
 
 
 def causal_lm_loss(module: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -58,12 +64,13 @@ def run_stage(name: str, cfg: TrainStageConfig, build: Callable[[TrainStageConfi
     out = Path(cfg.engine.output_dir)
     if already_done(name, out):
         return 0
-    device = dist_.setup()
+    device = dist_.setup(cfg.engine.dist_timeout_minutes)
     optim = effective_optim(cfg.optim, cfg.data.max_tokens, dist_.world())
     if cfg.optim.global_batch_tokens and dist_.is_main():
         print(f"[{name}] global batch {cfg.optim.global_batch_tokens:,} tokens = {dist_.world()} rank(s) x "
               f"{optim.grad_accum} micro-batch(es) x data.max_tokens {cfg.data.max_tokens:,}", flush=True)
-    ds_cfg = build_ds_config(cfg.engine.ds_config, optim, dist_.world(), bf16=not dist_.on_cpu())
+    bf16 = precision.resolve(cfg.engine.precision, dist_.on_cpu()) == "bf16"
+    ds_cfg = build_ds_config(cfg.engine.ds_config, optim, dist_.world(), bf16=bf16)
     # Weights a model creates while loading (the ranker's new scalar head) come from the torch RNG, which
     # torch seeds from entropy in every new process: seed it so every run and every rank builds the same
     torch.manual_seed(cfg.engine.seed)

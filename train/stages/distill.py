@@ -160,6 +160,7 @@ def build(cfg: DistillConfig, ds_cfg: dict) -> TrainTask:
 
 def _online_loss(cfg: DistillConfig, tok):
     from train.engine import distributed as dist_
+    from train.engine import precision
     from train.models.nat import load_nat_teacher
     from train.stages.score import sample_beta, teacher_logprobs
 
@@ -167,7 +168,7 @@ def _online_loss(cfg: DistillConfig, tok):
     if not (nat_dir / NAT_JSON).is_file():
         raise ConfigError(f"distill.nat_dir: {nat_dir} is not a finished stage-nat output (no {NAT_JSON})")
     check_same_vocabulary(tok, json.loads((nat_dir / NAT_JSON).read_text())["base_model"])
-    teacher = load_nat_teacher(nat_dir, "nat", on_cpu=dist_.on_cpu())
+    teacher = load_nat_teacher(nat_dir, "nat", precision.dtype(cfg.engine.precision, dist_.on_cpu()))
     lam, temp, k = cfg.distill.lam, cfg.distill.temperature, cfg.distill.top_k
 
     def loss_fn(module, batch):

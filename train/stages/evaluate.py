@@ -6,8 +6,9 @@ sample scored by the ranker (if given; it must share the template) through the t
 training used. Voting and its weightings are in `train.voting`. `predictions.jsonl` records each
 question's exact prompt string.
 
-A stop signal (SIGUSR1/SIGTERM, as the Slurm launcher forwards) ends a rank after its current
-batch with exit 75, which the launcher requeues.
+A stop signal (SIGUSR1/SIGTERM, as the Slurm launcher forwards; often to only some ranks) is
+agreed on by all ranks after each batch of questions: every rank saves its batch and exits 75,
+which the launcher requeues.
 
 Data parallel: rank r takes every W-th unfinished question; each model is a full copy per rank
 (generation under ZeRO-3 would gather every layer for every token). Each finished question is
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import asdict
@@ -35,6 +37,7 @@ from train.data.grading import grade_inline
 from train.data.prompt import DEFAULT_TEMPLATE, recorded_template, render_prompt
 from train.data.readers import Question, read_test_questions
 from train.engine import distributed as dist_
+from train.engine import precision
 from train.engine.signals import EXIT_CHECKPOINTED, StopRequest
 from train.errors import ConfigError
 from train.manifest import dir_digest, file_digest, write_done
@@ -167,7 +170,7 @@ def main(cfg: EvalConfig) -> int:
     questions = read_test_questions(cfg.eval.test)  # bad test files fail here, before any model loads
     if cfg.eval.max_questions > 0:
         questions = questions[:cfg.eval.max_questions]
-    device = dist_.setup()
+    device = dist_.setup(cfg.engine.dist_timeout_minutes)
     world, rank = dist_.world(), dist_.rank()
     t0 = time.time()
     if dist_.is_main():
@@ -175,10 +178,15 @@ def main(cfg: EvalConfig) -> int:
         save_config(cfg, out / "config.yaml")
     dist_.barrier()
     done = read_predictions(out)
-    todo = [q for q in questions if q.qid not in done][rank::world]
+    remaining = [q for q in questions if q.qid not in done]
+    todo = remaining[rank::world]
+    bq = cfg.eval.batch_questions
+    busiest = math.ceil(len(remaining) / world)
+    rounds = math.ceil(busiest / bq)  # the busiest rank's batches: every rank takes part in each round
     template = eval_template(cfg, read_ranker_spec(cfg.eval.ranker) if cfg.eval.ranker else None)
-    model, tok, what = load_generator(cfg.eval.model, device, cfg.engine.dtype, cfg.engine.attn_implementation)
-    ranker = load_ranker(cfg.eval.ranker, device, cfg.engine.dtype) if cfg.eval.ranker else None
+    dtype = precision.dtype(cfg.engine.precision, device.type == "cpu")
+    model, tok, what = load_generator(cfg.eval.model, device, dtype, cfg.engine.attn_implementation)
+    ranker = load_ranker(cfg.eval.ranker, device, dtype) if cfg.eval.ranker else None
     if dist_.is_main():
         print(f"[eval] {what}; {len(questions)} questions ({len(done)} already done), {cfg.eval.n} samples each, "
               f"{world} rank(s)" + (f"; ranker {cfg.eval.ranker}" if ranker is not None else "; no ranker")
@@ -187,16 +195,18 @@ def main(cfg: EvalConfig) -> int:
     mine = out / f"predictions-rank{rank}.jsonl"
     drop_torn_tail(mine)
     with StopRequest() as stop, open(mine, "a", encoding="utf-8") as f:
-        for start in range(0, len(todo), cfg.eval.batch_questions):
-            batch = todo[start:start + cfg.eval.batch_questions]
-            for rec in evaluate_batch(model, tok, ranker, batch, cfg, template, device):
-                f.write(json.dumps(rec) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            bar.update(len(batch))
-            if stop.requested:  # ranks share no collective until the end: each stops on its own signal
-                print(f"[eval] rank {rank}: stop requested after {start + len(batch)} of {len(todo)} questions "
-                      f"(saved); exit {EXIT_CHECKPOINTED}, resubmit to continue", flush=True)
+        for k in range(rounds):
+            batch = todo[k * bq:(k + 1) * bq]
+            if batch:
+                for rec in evaluate_batch(model, tok, ranker, batch, cfg, template, device):
+                    f.write(json.dumps(rec) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                bar.update(len(batch))
+            if dist_.any_rank(stop.requested, device):  # a signal often reaches only some ranks: all stop here
+                bar.close()
+                print(f"[eval] rank {rank}: stop requested after {min((k + 1) * bq, len(todo))} of {len(todo)} "
+                      f"questions (saved); exit {EXIT_CHECKPOINTED}, resubmit to continue", flush=True)
                 return EXIT_CHECKPOINTED
     bar.close()
     dist_.barrier()

@@ -14,14 +14,13 @@ import torch
 
 from train.config import NatConfig
 from train.data.prompt import check_same_template
-from train.engine import distributed as dist_
 from train.engine.loop import TrainTask
 from train.errors import ConfigError
 from train.manifest import dir_digest
 from train.models.adapters import expected_lora_shapes
 from train.models.loading import check_target_modules, load_base_model
 from train.models.nat import add_nat_layers, gate_shapes, load_lora_branch, save_nat_dir
-from train.stages.common import causal_lm_loss, load_stage_data, run_stage
+from train.stages.common import causal_lm_loss, load_stage_data, model_dtype, run_stage
 from train.stages.sft import peft_lora_config
 
 
@@ -51,7 +50,7 @@ def build(cfg: NatConfig, ds_cfg: dict) -> TrainTask:
     check_same_template(cfg.data.prompt_template, "data.prompt_template",
                         neg_dir.parent if neg_dir.name == "adapter" else neg_dir, "the neg stage")
     data, tok = load_stage_data("nat", cfg, labels=("pos",))
-    base = load_base_model(cfg.model, on_cpu=dist_.on_cpu(), ds_config=ds_cfg)
+    base = load_base_model(cfg.model, model_dtype(cfg), ds_config=ds_cfg)
     check_target_modules(base, cfg.lora.target_modules)
     expected_pos = expected_lora_shapes(base, cfg.lora.target_modules, cfg.lora.r)
     torch.manual_seed(cfg.engine.seed)

@@ -47,7 +47,7 @@ from train.errors import InputError
 from train.models.adapters import expected_lora_shapes, save_adapter
 from train.models.loading import check_target_modules, load_base_model, tokenizer_dir
 from train.models.reward import RANKER_JSON, RewardModel, save_head
-from train.stages.common import run_stage
+from train.stages.common import model_dtype, run_stage
 from train.stages.sft import peft_lora_config
 
 
@@ -186,13 +186,14 @@ def build(cfg: RankerConfig, ds_cfg: dict) -> TrainTask:
               f"{stats['only_pos']} questions with only positives, {stats['only_neg']} with only negatives",
               flush=True)
 
-    base = load_base_model(cfg.model, on_cpu=dist_.on_cpu(), ds_config=ds_cfg, scalar_head=True)
+    base = load_base_model(cfg.model, model_dtype(cfg), ds_config=ds_cfg, scalar_head=True)
     base.config.pad_token_id = tok.pad_token_id
     check_target_modules(base, cfg.lora.target_modules)
     expected = expected_lora_shapes(base, cfg.lora.target_modules, cfg.lora.r)
     hidden = base.config.hidden_size
     torch.manual_seed(cfg.engine.seed)
-    model = RewardModel(get_peft_model(base, peft_lora_config(cfg, task_type=None), adapter_name="ranker"))
+    model = RewardModel(get_peft_model(base, peft_lora_config(cfg, task_type=None), adapter_name="ranker",
+                                       autocast_adapter_dtype=False))  # one dtype with the head (ZeRO-3 needs it)
     model.head().requires_grad_(True)
     device = torch.device("cpu") if dist_.on_cpu() else torch.device("cuda", torch.cuda.current_device())
 

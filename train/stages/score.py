@@ -9,11 +9,13 @@ Per token it also stores the NAT teacher's top-k token ids and log-probs and the
 probability mass outside the top k, so `distill` needs no teacher in memory.
 
 Sharding: samples (in prepared-data order) are cut into fixed shards of `score.shard_size`;
-rank r takes the unfinished shards r, r+W, ... Each shard is written atomically (temp + rename)
-as `shards/shard-NNNNN.safetensors`; a restarted run skips finished shards. Under ZeRO-3 every
-rank must make the same number of forward calls or the collectives hang, so ranks with less
-work run padding batches whose results are dropped. At the end rank 0 checks that every positive
-sample id appears exactly once and writes `manifest.json` and `DONE.json`.
+rank r takes the unfinished shards r, r+W, ..., one per round. Each shard is written atomically
+(temp + rename) as `shards/shard-NNNNN.safetensors`; a restarted run skips finished shards. Under
+ZeRO-3 every rank must make the same number of forward calls or the collectives hang, so in each
+round ranks with less work run padding batches whose results are dropped. A stop signal
+(SIGUSR1/SIGTERM) is agreed on by all ranks after each round: they exit 75 with every finished
+shard on disk, and the rerun continues. At the end rank 0 checks that every positive sample id
+appears exactly once and writes `manifest.json` and `DONE.json`.
 
 Shard format (safetensors; metadata: `ids` JSON list, `top_k`):
     offsets        int64  [S+1]   token range of sample s: offsets[s]:offsets[s+1]
@@ -43,7 +45,9 @@ from train.data.dataset import TokenizedSet, collate, read_prepared, target_mask
 from train.data.prompt import check_same_template
 from train.data.tokenizer import load_tokenizer
 from train.engine import distributed as dist_
+from train.engine import precision
 from train.engine.ds_config import build_ds_config
+from train.engine.signals import EXIT_CHECKPOINTED, StopRequest
 from train.errors import TdgError
 from train.manifest import dir_digest, file_digest, write_done
 from train.models.nat import NAT_JSON, load_nat_teacher, set_mode
@@ -142,7 +146,7 @@ def main(cfg: ScoreConfig) -> int:
         return 0
     if not (nat_dir / NAT_JSON).is_file():
         raise TdgError(f"score.nat_dir: {nat_dir} is not a finished stage-nat output (no {NAT_JSON})")
-    device = dist_.setup()
+    device = dist_.setup(cfg.engine.dist_timeout_minutes)
     world, rank = dist_.world(), dist_.rank()
     t0 = time.time()
     spec = json.loads((nat_dir / NAT_JSON).read_text())
@@ -160,17 +164,17 @@ def main(cfg: ScoreConfig) -> int:
         save_config(cfg, out / "config.yaml")
     todo = dist_.broadcast_object([i for i in range(len(plans)) if not shard_path(out, i).is_file()])
     mine = todo[rank::world]
-    calls = [sum(len(plans[i]) for i in todo[r::world]) for r in range(world)]
+    rounds = -(-len(todo) // world)  # round k: rank r scores shard todo[k * world + r], if there is one
 
     zero3 = cfg.engine.ds_config != "none"
-    ds_cfg = build_ds_config(cfg.engine.ds_config, OptimConfig(), world, bf16=not dist_.on_cpu()) if zero3 else None
-    model = load_nat_teacher(nat_dir, "nat", on_cpu=dist_.on_cpu(), ds_config=ds_cfg, dtype=cfg.engine.dtype)
+    bf16 = precision.resolve(cfg.engine.precision, dist_.on_cpu()) == "bf16"
+    ds_cfg = build_ds_config(cfg.engine.ds_config, OptimConfig(), world, bf16=bf16) if zero3 else None
+    model = load_nat_teacher(nat_dir, "nat", precision.dtype(cfg.engine.precision, dist_.on_cpu()), ds_cfg,
+                             device=None if zero3 else device)
     if zero3:
         import deepspeed
 
         model = deepspeed.initialize(model=model, config=ds_cfg)[0].module
-    else:
-        model = model.to(device)
     model.eval()
     lp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.score.logprob_dtype]
 
@@ -179,18 +183,29 @@ def main(cfg: ScoreConfig) -> int:
 
     bar = progress(len(mine), "score (rank 0 shards)", "shard", enabled=dist_.is_main() and cfg.engine.progress)
     t_loop = time.time()
-    for i in mine:
-        results: dict[int, dict] = {}
-        for b in plans[i]:
-            for sample, res in zip(b, score_batch(model, batch_of(b), cfg.score.top_k), strict=True):
-                results[int(sample)] = res
-        order = sorted(results)
-        _write_shard(shard_path(out, i), [data.ids[s] for s in order], [results[s] for s in order],
-                     cfg.score.top_k, lp_dtype)
-        bar.update(1)
-    if zero3:  # every rank must make as many forward calls as the busiest one
-        for _ in range(max(calls) - calls[rank]):
-            score_batch(model, batch_of(np.array([0])), cfg.score.top_k)
+    with StopRequest() as stop:
+        for k in range(rounds):
+            if k < len(mine):
+                i = mine[k]
+                results: dict[int, dict] = {}
+                for b in plans[i]:
+                    for sample, res in zip(b, score_batch(model, batch_of(b), cfg.score.top_k), strict=True):
+                        results[int(sample)] = res
+                order = sorted(results)
+                _write_shard(shard_path(out, i), [data.ids[s] for s in order], [results[s] for s in order],
+                             cfg.score.top_k, lp_dtype)
+                bar.update(1)
+            if zero3:  # under ZeRO-3 every rank makes as many forward calls in a round as the busiest one
+                round_calls = [len(plans[todo[j]]) for j in range(k * world, min((k + 1) * world, len(todo)))]
+                for _ in range(max(round_calls) - (len(plans[mine[k]]) if k < len(mine) else 0)):
+                    score_batch(model, batch_of(np.array([0])), cfg.score.top_k)
+            if dist_.any_rank(stop.requested, device):  # a signal often reaches only some ranks
+                bar.close()
+                if dist_.is_main():
+                    print(f"[score] stop requested: {min(k + 1, len(mine))} of this rank's {len(mine)} shards written "
+                          f"(each rank finished its current one); exit {EXIT_CHECKPOINTED}, resubmit to continue",
+                          flush=True)
+                return EXIT_CHECKPOINTED
     bar.close()
     loop_seconds = time.time() - t_loop
     dist_.barrier()

@@ -20,11 +20,10 @@ import torch
 
 from train.config import SftConfig, TrainStageConfig
 from train.data.dataset import IGNORE, collate, read_prepared
-from train.engine import distributed as dist_
 from train.engine.loop import TrainTask
 from train.models.adapters import AdapterSaveError, expected_lora_shapes, save_adapter
 from train.models.loading import check_target_modules, load_base_model
-from train.stages.common import causal_lm_loss, load_stage_data, run_stage
+from train.stages.common import causal_lm_loss, load_stage_data, model_dtype, run_stage
 
 
 def peft_lora_config(cfg: TrainStageConfig, task_type: str | None = "CAUSAL_LM"):
@@ -42,11 +41,12 @@ def lora_model(cfg: TrainStageConfig, ds_cfg: dict, name: str) -> tuple[torch.nn
     """Base model + a PEFT LoRA adapter `name`; the save writes a verified PEFT dir `adapter/`."""
     from peft import get_peft_model, get_peft_model_state_dict
 
-    base = load_base_model(cfg.model, on_cpu=dist_.on_cpu(), ds_config=ds_cfg)
+    base = load_base_model(cfg.model, model_dtype(cfg), ds_config=ds_cfg)
     check_target_modules(base, cfg.lora.target_modules)
     expected = expected_lora_shapes(base, cfg.lora.target_modules, cfg.lora.r)
     torch.manual_seed(cfg.engine.seed)  # the same LoRA init on every rank
-    model = get_peft_model(base, peft_lora_config(cfg), adapter_name=name)
+    # adapters in the base's dtype (train.engine.precision): DeepSpeed keeps their fp32 masters
+    model = get_peft_model(base, peft_lora_config(cfg), adapter_name=name, autocast_adapter_dtype=False)
 
     def save(module: torch.nn.Module, out: Path) -> dict:
         trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
@@ -59,7 +59,7 @@ def lora_model(cfg: TrainStageConfig, ds_cfg: dict, name: str) -> tuple[torch.nn
 
 def full_model(cfg: TrainStageConfig, ds_cfg: dict, tok) -> tuple[torch.nn.Module, SaveFn]:
     """Every parameter trains; the save writes a Hugging Face model dir `model/` with the tokenizer."""
-    model = load_base_model(cfg.model, on_cpu=dist_.on_cpu(), ds_config=ds_cfg)
+    model = load_base_model(cfg.model, model_dtype(cfg), ds_config=ds_cfg)
     model.requires_grad_(True)
     shapes = {n: tuple(p.ds_shape if hasattr(p, "ds_shape") else p.shape) for n, p in model.named_parameters()}
 
