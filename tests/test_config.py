@@ -124,9 +124,12 @@ def test_shipped_stage_configs_feed_each_other(family):
     assert cfg["score"].score.nat_dir == out["nat"]
     assert cfg["distill"].distill.scores == out["score"]
     assert cfg["eval"].eval.ranker == out["ranker"]
-    trained = ["sft", "neg", "nat", "score", "distill", "ranker"]
+    assert cfg["eval"].eval.model in (out["distill"], str(Path(out["distill"]).parent / "export"))  # or its export
+    trained = [name for name in ("sft", "neg", "nat", "score", "distill", "ranker") if name in cfg]
     assert len({cfg[name].data.path for name in trained}) == 1
-    assert len({cfg[name].model.path for name in trained if name != "score"}) == 1
+    teacher = {cfg[name].model.path for name in ("neg", "nat")}
+    student = {cfg[name].model.path for name in ("sft", "distill", "ranker") if name in cfg}
+    assert len(teacher) == 1 and len(student) == 1  # large-teacher: a 70B teacher, a 7B student
     if "ablation" in cfg:
         a = cfg["ablation"].ablation
         assert (a.data, a.base_model, a.ranker) == (cfg["neg"].data.path, cfg["neg"].model.path, out["ranker"])
@@ -145,3 +148,18 @@ def test_grad_accum_is_derived_from_the_global_batch_for_any_world_size():
         effective_optim(recipe, 4096, 3)
     with pytest.raises(ConfigError, match="cannot be met on 32 rank"):  # less than one micro-batch per rank
         effective_optim(recipe, 4096, 32)
+
+
+def test_shipped_configs_choose_the_zero_stage_by_the_rule():
+    """LoRA on a base that fits one GPU: ZeRO-2 (frozen base replicated); a teacher that does not: ZeRO-3,
+    scored as ZeRO-3 inference; a teacher that fits: scored without ZeRO (README, "Choosing the ZeRO stage")."""
+    cfg = {(p.parent.name, p.stem): _shipped(p) for p in SHIPPED}
+    for name in ("sft", "neg", "nat", "distill", "ranker"):
+        assert cfg["llama7b", name].engine.ds_config == "zero2"
+    assert cfg["llama7b", "score"].engine.ds_config == "none"
+    for name in ("neg", "nat"):
+        assert cfg["large-teacher", name].engine.ds_config == "zero3"
+        assert cfg["large-teacher", name].model.gradient_checkpointing
+    assert cfg["large-teacher", "score"].engine.ds_config == "zero3"
+    for name in ("distill", "ranker"):
+        assert cfg["large-teacher", name].engine.ds_config == "zero2"
