@@ -308,3 +308,60 @@ def read_predictions_of(out):
     from train.stages.evaluate import read_predictions
 
     return read_predictions(out)
+
+
+def test_generation_split_by_a_tiny_kv_budget_gives_the_greedy_of_one_batch(base_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from train.data.dataset import prompt_ids
+    from train.data.prompt import DEFAULT_TEMPLATE
+    from train.generation import generate_rationales, rows_per_call
+
+    model = AutoModelForCausalLM.from_pretrained(base_model_dir, local_files_only=True).eval()
+    tok = load_tokenizer(base_model_dir)
+    questions = [f"Sam has {a} beads" + " and finds more" * k + "." for k, a in enumerate((12, 7, 31, 5, 18))]
+    width = max(len(p) for p in prompt_ids(tok, questions))
+    budget = 2 * (width + 10)
+    assert rows_per_call(budget, width, 10) == 2  # greedy in 3 calls, 5 x 3 samples in 8
+
+    def run(budget_tokens):
+        return generate_rationales(model, tok, questions, DEFAULT_TEMPLATE, 3, 1.0, 1.0, 10, 0, torch.device("cpu"),
+                                   budget_tokens)
+
+    one, chunked = run(1 << 62), run(budget)
+    assert chunked.greedy == one.greedy
+    assert [len(s) for s in chunked.samples] == [3] * 5 and [len(f) for f in chunked.finished] == [3] * 5
+
+
+def test_eval_with_a_tiny_kv_budget_gives_the_same_greedy_predictions(eval_out, tmp_path, base_model_dir,
+                                                                       math_test_file, ranker_dir):
+    out = tmp_path / "budget"
+    result = run_stage("eval", ["--model", str(base_model_dir), "--test", str(math_test_file), "--ranker",
+                                str(ranker_dir), "--num-samples", "3", "--output", str(out), "eval.max_new_tokens=12",
+                                "eval.batch_questions=2", "eval.max_batch_tokens=40", "engine.progress=false"],
+                       nproc=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "generation budget 40 tokens per call" in result.stdout
+    greedy = {r["qid"]: r["greedy"]["text"] for r in _records(out / "predictions.jsonl")}
+    assert greedy == {r["qid"]: r["greedy"]["text"] for r in _records(eval_out / "predictions.jsonl")}
+
+
+def test_kv_cache_per_token_and_calls_for_the_7b_eval_config():
+    """LLaMA-7B: 2 (K, V) x 32 layers x 32 heads x 128 x 2 bytes = 0.5 MiB per token in bf16; the shipped eval
+    asks 16 questions x 16 samples of up to ~700 tokens, 90 GiB in one call, so it must be split."""
+    from transformers import LlamaConfig
+
+    from train.config import EvalConfig, load_config
+    from train.generation import kv_cache_bytes_per_token, rows_per_call
+
+    llama7b = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=32, vocab_size=32000)
+    per_token = kv_cache_bytes_per_token(llama7b, torch.bfloat16)
+    assert per_token == 2 * 32 * 32 * 128 * 2 == 2**19
+    e = load_config(EvalConfig, "configs/llama7b/eval.yaml").eval
+    prompt = 188  # a long MATH prompt
+    one_call = e.batch_questions * e.n * (prompt + e.max_new_tokens) * per_token
+    assert one_call / 2**30 == pytest.approx(88.0, abs=1)  # over an 80 GB GPU before any weights
+    budget = int((80 - 2 * 12.6) * 2**30 * 0.5) // per_token  # half of what the generator and ranker leave
+    rows = rows_per_call(budget, prompt, e.max_new_tokens)
+    assert rows == 27.4 * 2048 // 700 == 80  # 27.4 GiB at 0.5 MiB a token, 700 a sequence: 4 calls for 256

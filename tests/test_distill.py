@@ -96,3 +96,35 @@ def test_student_with_another_tokenizer_is_refused(tokenizer_dir, tmp_path, synt
     with pytest.raises(ConfigError, match="vocabulary .350 tokens. differs from the teacher.s"):
         distill.check_same_vocabulary(other, str(tokenizer_dir))
     distill.check_same_vocabulary(load_tokenizer(tokenizer_dir), str(tokenizer_dir))  # same: accepted
+
+
+@pytest.mark.parametrize("lp_dtype", [torch.float16, torch.bfloat16])
+def test_stored_scores_are_memory_mapped_and_only_a_batch_is_read(tmp_path, lp_dtype):
+    import json
+
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from train.manifest import write_done
+    from train.stages.distill import StoredScores, stored_targets
+
+    rng = torch.Generator().manual_seed(0)
+    lengths = [3, 5, 2]
+    ids = torch.randint(0, 32000, (sum(lengths), 4), generator=rng).to(torch.int16)
+    lps = torch.randn(sum(lengths), 4, generator=rng).to(lp_dtype)
+    tail = torch.randn(sum(lengths), generator=rng)
+    (tmp_path / "shards").mkdir()
+    save_file({"offsets": torch.tensor([0, 3, 8, 10]), "beta": torch.tensor([0.1, 0.2, 0.3]),
+               "kl_mean": torch.zeros(3), "topk_ids": ids, "topk_logprobs": lps, "tail_logprob": tail},
+              str(tmp_path / "shards" / "shard-00000.safetensors"), metadata={"ids": json.dumps(["a", "b", "c"])})
+    (tmp_path / "manifest.json").write_text(json.dumps({"shards": [{"file": "shards/shard-00000.safetensors"}],
+                                                        "max_len": 0}))
+    write_done(tmp_path, config={}, inputs={}, metrics={})
+    scores = StoredScores(tmp_path)
+    assert all(isinstance(scores.shards[0][0][name], np.memmap) for name in ("topk_ids", "topk_logprobs"))
+    assert scores.where["b"] == (0, 3, 8, pytest.approx(0.2))
+    got = stored_targets(scores, ["c", "a"])
+    assert got["kd_ids"].dtype == torch.int64 and got["kd_lp"].dtype == torch.float32
+    assert torch.equal(got["kd_ids"], torch.cat([ids[8:10], ids[0:3]]).long())
+    assert torch.equal(got["kd_lp"], torch.cat([lps[8:10], lps[0:3]]).float())  # bf16 restored exactly
+    assert torch.equal(got["kd_tail"], torch.cat([tail[8:10], tail[0:3]]))

@@ -426,7 +426,10 @@ class EvalSection:
     temperature: float = 0.5  # sampling temperature (the paper sampled at 0.5)
     top_p: float = 1.0  # nucleus sampling threshold
     max_new_tokens: int = 256  # generation cutoff per rationale
-    batch_questions: int = 8  # questions per generate call (each expands to n sequences)
+    batch_questions: int = 8  # questions per batch (1 greedy + n sampled sequences each)
+    # the KV cache one generate call may hold, in tokens (prompt + new, summed over its sequences): the greedy
+    # and question x n sampled sequences are split into calls that fit; 0 derives it from free device memory
+    max_batch_tokens: int = 0  # tokens in flight per generate call; 0: half the free device memory (after loading)
     weighting: Literal["count", "score", "1+score", "1+2score"] = "score"  # ASC vote weight (all are reported)
     grader: Literal["math-verify", "hendrycks"] = "math-verify"  # answer equivalence, as in prepare
     grade_timeout: float = 5.0  # seconds one answer may take to grade
@@ -441,6 +444,8 @@ class EvalSection:
             raise ConfigError("eval: n >= 1, temperature > 0, 0 < top_p <= 1, batch_questions >= 1 required")
         if self.prompt_template:
             check_template(self.prompt_template, "eval.prompt_template")
+        if self.max_batch_tokens < 0:
+            raise ConfigError("eval.max_batch_tokens: must be >= 0 (0: derived from free device memory)")
 
 
 @dataclasses.dataclass

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import yaml
 
 from train.config import ModelConfig
@@ -73,24 +74,63 @@ class Generated:
     finished: list[list[bool]]  # per sample: it ended with EOS (False: cut by max_new_tokens)
 
 
+def kv_cache_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Bytes of KV cache one token of one sequence holds: K and V of every layer (grouped-query aware)."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+def generation_budget(max_batch_tokens: int, config, dtype: torch.dtype, device: torch.device,
+                      fraction: float = 0.5) -> int:
+    """Tokens (prompt + new, over every sequence in flight) one generate call may hold: `eval.max_batch_tokens`,
+    or when 0 the KV cache that `fraction` of the device's free memory holds (after the models are loaded)."""
+    if max_batch_tokens > 0:
+        return max_batch_tokens
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    return max(1, int(free * fraction) // kv_cache_bytes_per_token(config, dtype))
+
+
+def rows_per_call(budget_tokens: int, prompt_tokens: int, max_new_tokens: int) -> int:
+    """Sequences one generate call holds within the budget (at least one)."""
+    return max(1, budget_tokens // (prompt_tokens + max_new_tokens))
+
+
 @torch.no_grad()
 def generate_rationales(model, tok, questions: list[str], template: str, n: int, temperature: float, top_p: float,
-                        max_new_tokens: int, seed: int, device: torch.device) -> Generated:
-    """One greedy rationale and n sampled ones per question, prompted through `template`."""
+                        max_new_tokens: int, seed: int, device: torch.device,
+                        budget_tokens: int = 1 << 62) -> Generated:
+    """One greedy rationale and n sampled ones per question, prompted through `template`, in as many generate
+    calls as the KV-cache budget needs: the greedy rows and the question x n sampled rows are each cut into
+    chunks of `rows_per_call` sequences (greedy results do not depend on the chunking)."""
     from train.data.dataset import prompt_ids
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     ids, mask = left_pad(prompt_ids(tok, questions, template), pad)
     ids, mask = ids.to(device), mask.to(device)
-    common = {"attention_mask": mask, "max_new_tokens": max_new_tokens, "pad_token_id": pad,
-              "eos_token_id": tok.eos_token_id, "use_cache": True}
-    greedy = model.generate(ids, do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None, **common)
-    torch.manual_seed(seed)
-    sampled = model.generate(ids, do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
-                             num_return_sequences=n, **common)
     width = ids.shape[1]
-    greedy_text = tok.batch_decode(greedy[:, width:], skip_special_tokens=True)
-    sampled_text = tok.batch_decode(sampled[:, width:], skip_special_tokens=True)
-    ended = (sampled[:, width:] == tok.eos_token_id).any(-1).tolist()
+    rows = rows_per_call(budget_tokens, width, max_new_tokens)
+    common = {"max_new_tokens": max_new_tokens, "pad_token_id": pad, "eos_token_id": tok.eos_token_id,
+              "use_cache": True}
+
+    def chunked(row_ids: torch.Tensor, row_mask: torch.Tensor, **kw) -> torch.Tensor:
+        outs = [model.generate(row_ids[i:i + rows], attention_mask=row_mask[i:i + rows], **common, **kw)[:, width:]
+                for i in range(0, len(row_ids), rows)]
+        longest = max(o.shape[1] for o in outs)  # calls stop at their own longest generation
+        return torch.cat([F.pad(o, (0, longest - o.shape[1]), value=pad) for o in outs])
+
+    greedy = chunked(ids, mask, do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None)
+    torch.manual_seed(seed)
+    sampled = chunked(ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), do_sample=True,
+                      temperature=temperature, top_p=top_p, top_k=0)
+    greedy_text = tok.batch_decode(greedy, skip_special_tokens=True)
+    sampled_text = tok.batch_decode(sampled, skip_special_tokens=True)
+    ended = (sampled == tok.eos_token_id).any(-1).tolist()
     return Generated(greedy_text, [sampled_text[i * n:(i + 1) * n] for i in range(len(questions))],
                      [ended[i * n:(i + 1) * n] for i in range(len(questions))])

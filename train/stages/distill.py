@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 
 from train.config import DistillConfig
 from train.data.dataset import TokenizedSet, collate, target_mask
+from train.data.mmap_tensors import mmap_safetensors, to_torch
 from train.data.prompt import check_same_template
 from train.engine.loop import TrainTask
 from train.errors import ConfigError, TdgError
@@ -64,7 +64,9 @@ def sparse_kd(student_logits: torch.Tensor, ids: torch.Tensor, t_lp: torch.Tenso
 
 
 class StoredScores:
-    """Every shard of a `score` output, indexed by sample id (arrays kept as numpy)."""
+    """Every shard of a `score` output, memory-mapped and indexed by sample id. Only a batch's rows are ever read
+    (and widened to what the loss needs: int64 ids, fp32 log-probs), so a rank's memory stays flat however
+    large the scores are, and the ranks of a node share one copy of the pages."""
 
     def __init__(self, scores_dir: str | Path):
         d = Path(scores_dir)
@@ -73,16 +75,21 @@ class StoredScores:
             raise ConfigError(f"distill.scores: {d} is not a finished stage-score output (no manifest/DONE.json)")
         self.manifest = json.loads(manifest_path.read_text())
         self.where: dict[str, tuple[int, int, int, float]] = {}  # id -> (shard, start, end, beta)
-        self.ids, self.lps, self.tails = [], [], []
+        self.shards: list[tuple[dict[str, np.ndarray], dict[str, str]]] = []
         for k, shard in enumerate(self.manifest["shards"]):
-            with safe_open(str(d / shard["file"]), framework="pt") as f:  # pt: numpy has no bfloat16
-                ids = json.loads(f.metadata()["ids"])
-                offsets, beta = f.get_tensor("offsets").numpy(), f.get_tensor("beta").numpy()
-                self.ids.append(f.get_tensor("topk_ids").long().numpy())
-                self.lps.append(f.get_tensor("topk_logprobs").float().numpy())
-                self.tails.append(f.get_tensor("tail_logprob").float().numpy())
-            for s, sid in enumerate(ids):
+            arrays, dtypes, metadata = mmap_safetensors(d / shard["file"])
+            self.shards.append((arrays, dtypes))
+            offsets, beta = np.asarray(arrays["offsets"]), np.asarray(arrays["beta"])
+            for s, sid in enumerate(json.loads(metadata["ids"])):
                 self.where[sid] = (k, int(offsets[s]), int(offsets[s + 1]), float(beta[s]))
+
+    def rows(self, sample_id: str, name: str) -> np.ndarray:
+        """The stored rows of one sample for tensor `name`, read from the mapped file."""
+        shard, start, end, _ = self.where[sample_id]
+        return self.shards[shard][0][name][start:end]
+
+    def dtype(self, name: str) -> str:
+        return self.shards[0][1][name]
 
     def check_covers(self, data: TokenizedSet) -> None:
         for i, sid in enumerate(data.ids):
@@ -97,19 +104,24 @@ class StoredScores:
                                   f"(score used max_len {self.manifest['max_len']})")
 
 
+def stored_targets(scores: StoredScores, sample_ids: list[str]) -> dict[str, torch.Tensor]:
+    """The teacher's stored top-k of these samples, concatenated in order: the only rows read from disk."""
+    def stacked(name: str) -> torch.Tensor:
+        return to_torch(np.concatenate([scores.rows(sid, name) for sid in sample_ids]), scores.dtype(name))
+
+    return {"kd_ids": stacked("topk_ids").long(), "kd_lp": stacked("topk_logprobs").float(),
+            "kd_tail": stacked("tail_logprob").float()}
+
+
 def _offline_collate(data: TokenizedSet, scores: StoredScores, cfg: DistillConfig, pad_id: int):
     def collate_fn(indices) -> dict:
         batch = collate(data, indices, pad_id, cfg.data.packing, mask_prompt=True)
-        ids, lps, tails, weights = [], [], [], []
+        weights = []
         for i in indices:
-            shard, start, end, beta = scores.where[data.ids[i]]
-            ids.append(scores.ids[shard][start:end])
-            lps.append(scores.lps[shard][start:end])
-            tails.append(scores.tails[shard][start:end])
+            _, start, end, beta = scores.where[data.ids[i]]
             b = cfg.distill.fixed_beta if cfg.distill.fixed_beta is not None else beta
             weights.append(np.full(end - start, 0.5 + b, dtype=np.float32))
-        batch.update(kd_ids=torch.from_numpy(np.concatenate(ids)), kd_lp=torch.from_numpy(np.concatenate(lps)),
-                     kd_tail=torch.from_numpy(np.concatenate(tails)),
+        batch.update(stored_targets(scores, [data.ids[i] for i in indices]),
                      kd_weight=torch.from_numpy(np.concatenate(weights)))
         return batch
 

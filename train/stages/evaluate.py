@@ -91,12 +91,13 @@ def eval_template(cfg: EvalConfig, ranker_spec: dict | None) -> str:
 
 
 def evaluate_batch(model, tok, ranker, questions: list[Question], cfg: EvalConfig, template: str,
-                   device: torch.device) -> list[dict]:
+                   device: torch.device, budget_tokens: int) -> list[dict]:
     from train.generation import generate_rationales
 
     e = cfg.eval
     gen = generate_rationales(model, tok, [q.question for q in questions], template, e.n, e.temperature, e.top_p,
-                              e.max_new_tokens, _batch_seed(e.seed, [q.qid for q in questions]), device)
+                              e.max_new_tokens, _batch_seed(e.seed, [q.qid for q in questions]), device,
+                              budget_tokens)
     records = []
     for q, g, texts, finished in zip(questions, gen.greedy, gen.samples, gen.finished, strict=True):
         answers = [last_boxed(t) for t in [g, *texts]]
@@ -161,7 +162,7 @@ def markdown_table(metrics: dict, n: int, weighting: str) -> str:
 
 
 def main(cfg: EvalConfig) -> int:
-    from train.generation import load_generator
+    from train.generation import generation_budget, kv_cache_bytes_per_token, load_generator
     from train.models.reward import load_ranker, read_ranker_spec
 
     out = Path(cfg.engine.output_dir)
@@ -187,7 +188,12 @@ def main(cfg: EvalConfig) -> int:
     dtype = precision.dtype(cfg.engine.precision, device.type == "cpu")
     model, tok, what = load_generator(cfg.eval.model, device, dtype, cfg.engine.attn_implementation)
     ranker = load_ranker(cfg.eval.ranker, device, dtype) if cfg.eval.ranker else None
+    budget = generation_budget(cfg.eval.max_batch_tokens, model.config, dtype, device)
     if dist_.is_main():
+        per_token = kv_cache_bytes_per_token(model.config, dtype)
+        print(f"[eval] generation budget {budget:,} tokens per call ({budget * per_token / 2**30:.1f} GiB of KV cache "
+              f"at {per_token / 2**20:.3f} MiB per token; eval.max_batch_tokens={cfg.eval.max_batch_tokens})",
+              flush=True)
         print(f"[eval] {what}; {len(questions)} questions ({len(done)} already done), {cfg.eval.n} samples each, "
               f"{world} rank(s)" + (f"; ranker {cfg.eval.ranker}" if ranker is not None else "; no ranker")
               + f"; prompt template {template!r}", flush=True)
@@ -198,7 +204,7 @@ def main(cfg: EvalConfig) -> int:
         for k in range(rounds):
             batch = todo[k * bq:(k + 1) * bq]
             if batch:
-                for rec in evaluate_batch(model, tok, ranker, batch, cfg, template, device):
+                for rec in evaluate_batch(model, tok, ranker, batch, cfg, template, device, budget):
                     f.write(json.dumps(rec) + "\n")
                 f.flush()
                 os.fsync(f.fileno())

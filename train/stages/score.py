@@ -20,7 +20,7 @@ appears exactly once and writes `manifest.json` and `DONE.json`.
 Shard format (safetensors; metadata: `ids` JSON list, `top_k`):
     offsets        int64  [S+1]   token range of sample s: offsets[s]:offsets[s+1]
     beta, kl_mean  float32 [S]
-    topk_ids       int32  [T, k]
+    topk_ids       int16 (vocabulary <= 32,768) / int32  [T, k]
     topk_logprobs  float16/bfloat16 [T, k]
     tail_logprob   float32 [T]    log(1 - sum of the top-k probabilities)
 """
@@ -109,13 +109,14 @@ def score_batch(model, batch: dict, top_k: int) -> list[dict]:
                                                 strict=True))]
 
 
-def _write_shard(path: Path, ids: list[str], results: list[dict], top_k: int, dtype: torch.dtype) -> None:
+def _write_shard(path: Path, ids: list[str], results: list[dict], top_k: int, dtype: torch.dtype,
+                 ids_dtype: torch.dtype) -> None:
     lengths = [len(r["tail_logprob"]) for r in results]
     tensors: dict[str, torch.Tensor] = {
         "offsets": torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64),
         "beta": torch.tensor([r["beta"] for r in results], dtype=torch.float32),
         "kl_mean": torch.tensor([r["kl_mean"] for r in results], dtype=torch.float32),
-        "topk_ids": torch.cat([r["topk_ids"] for r in results]).contiguous(),
+        "topk_ids": torch.cat([r["topk_ids"] for r in results]).to(ids_dtype).contiguous(),
         "topk_logprobs": torch.cat([r["topk_logprobs"] for r in results]).to(dtype).contiguous(),
         "tail_logprob": torch.cat([r["tail_logprob"] for r in results]).float().contiguous(),
     }
@@ -177,6 +178,7 @@ def main(cfg: ScoreConfig) -> int:
         model = deepspeed.initialize(model=model, config=ds_cfg)[0].module
     model.eval()
     lp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.score.logprob_dtype]
+    ids_dtype = torch.int16 if model.config.vocab_size <= 2**15 else torch.int32  # a 32k Llama vocabulary fits
 
     def batch_of(indices) -> dict:
         return {k: v.to(device) for k, v in collate(data, indices, tok.pad_token_id, packing=False).items()}
@@ -193,7 +195,7 @@ def main(cfg: ScoreConfig) -> int:
                         results[int(sample)] = res
                 order = sorted(results)
                 _write_shard(shard_path(out, i), [data.ids[s] for s in order], [results[s] for s in order],
-                             cfg.score.top_k, lp_dtype)
+                             cfg.score.top_k, lp_dtype, ids_dtype)
                 bar.update(1)
             if zero3:  # under ZeRO-3 every rank makes as many forward calls in a round as the busiest one
                 round_calls = [len(plans[todo[j]]) for j in range(k * world, min((k + 1) * world, len(todo)))]
