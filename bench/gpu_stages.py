@@ -1,17 +1,18 @@
-"""Every training stage at Llama 1B / 7B shapes on one device: tokens/s, MFU, peak memory, and the ratios.
+"""Every stage at Llama 1B / 7B shapes on one device, with the configs/llama7b settings: tokens/s, MFU,
+peak memory, and the ratios the design promises.
 
-Runs neg (plain LoRA), nat, score (forward only), distill from the stored top-k and distill with
-the teacher online, each as its own process (`python -m train STAGE`, a world of one) under ZeRO-3
-(bf16 and SDPA attention on a GPU, which the stages choose by themselves). Records three rows:
-NAT vs LoRA step throughput (issue goal >= 0.9x) and stored vs online distill (>= 2x), both with
-tokens/s, MFU and peak GPU memory, and the scorer's loop against bare teacher forward passes over
-the same batches in this process (>= 0.9x).
+Runs neg (plain LoRA), nat (gate 128), score (no ZeRO, as shipped), distill from the stored top-k and
+distill with the teacher online, the ranker, and eval of one batch (16 questions x 16 samples), each
+as its own process (`python -m train STAGE`, a world of one) with the ZeRO stage configs/llama7b ships
+(ZeRO-2 for the LoRA stages; bf16 and SDPA attention on a GPU, which the stages choose by themselves).
+Records: NAT vs LoRA step throughput (goal >= 0.9x), stored vs online distill (>= 2x), the scorer's
+loop against bare teacher forward passes over the same batches (>= 0.9x), the ranker's throughput,
+and the eval batch's time and memory.
 
-Model: random init with the shapes of TinyLlama-1.1B or LLaMA-7B (speed does not depend on the
-weights); vocabulary from the synthetic data's 512-piece tokenizer instead of 32,000, so the lm
-head is about 2% of a 7B model's matmuls too small. Data: the embedded synthetic task, prepared here.
-`--size tiny` runs the same path on CPU in a few minutes (it is how the script is checked).
-Usage: python bench/gpu_stages.py --size 1b|7b|tiny [--steps 20] [--work DIR]
+Model: random init with the shapes of TinyLlama-1.1B or LLaMA-7B and a 32,000-wide vocabulary (the
+lm head's real cost; the synthetic data's 512-piece tokenizer only uses its first ids). Data: the
+embedded synthetic task, prepared here. `--size tiny` runs the same path on CPU in a few minutes (it
+is how the script is checked). Usage: python bench/gpu_stages.py --size 1b|7b|tiny [--steps 20] [--work DIR]
 A GPU machine without DeepSpeed needs its wheel first (see the device tool's README).
 """
 
@@ -55,7 +56,7 @@ def prepare_inputs(work: Path, size: str, questions: int) -> tuple[Path, Path]:
 
     raw, tok, prepared, model = work / "raw", work / "tokenizer", work / "prepared", work / f"model-{size}"
     if not (raw / "train").is_dir():
-        generate(raw, n_train=questions, n_test=3)
+        generate(raw, n_train=questions, n_test=16)
     if not (tok / "tokenizer.json").is_file():
         train_tokenizer(raw_texts(raw), tok, vocab_size=512)
     if not (prepared / "DONE.json").is_file():
@@ -65,7 +66,7 @@ def prepare_inputs(work: Path, size: str, questions: int) -> tuple[Path, Path]:
         spec = json.loads((CONFIGS / "model.json").read_text()) if size == "tiny" else SIZES[size]
         gpu = torch.cuda.is_available()
         build_tiny_model(spec, tok, model, dtype=torch.bfloat16 if gpu else torch.float32,
-                         device="cuda" if gpu else "cpu")
+                         device="cuda" if gpu else "cpu", vocab_size=32000)
     return prepared, model
 
 
@@ -94,8 +95,9 @@ def main() -> None:
         prepared, model = prepare_inputs(work, args.size, args.questions)
         max_tokens = args.max_tokens or MAX_TOKENS[args.size]
         common = [f"model.path={model}", f"data.path={prepared}", f"data.max_tokens={max_tokens}",
-                  f"optim.max_steps={args.steps}", "engine.ds_config=zero3", "engine.save_every=0",
+                  f"optim.max_steps={args.steps}", "engine.ds_config=zero2", "engine.save_every=0",
                   "engine.progress=false"]
+        gate = [] if args.size == "tiny" else ["nat.gate_dim=128"]
         out = work / f"runs-{args.size}"
 
         def stage(name: str, extra: list[str], run: str | None = None) -> dict:
@@ -109,14 +111,18 @@ def main() -> None:
             return metrics
 
         neg = stage("neg", common)
-        nat = stage("nat", [*common, f"nat.neg_adapter={out / 'neg'}"])
-        score = stage("score", [f"data.path={prepared}", f"score.nat_dir={out / 'nat'}", "engine.ds_config=zero3"])
+        nat = stage("nat", [*common, *gate, f"nat.neg_adapter={out / 'neg'}"])
+        score = stage("score", [f"data.path={prepared}", f"score.nat_dir={out / 'nat'}", "engine.ds_config=none"])
         offline = stage("distill", [*common, f"distill.scores={out / 'score'}"])
         online = stage("distill", [*common, "distill.mode=online", f"distill.nat_dir={out / 'nat'}"], "distill-online")
+        ranker = stage("ranker", [*common, f"data.max_tokens={2 * max_tokens}"])
+        evaluation = stage("eval", [f"eval.model={out / 'distill'}", f"eval.test={work / 'raw' / 'test'}",
+                                    f"eval.ranker={out / 'ranker'}", "eval.n=16", "eval.batch_questions=16",
+                                    "eval.max_questions=16", "eval.max_new_tokens=256"])
         bare, _ = bare_forward(out / "score", "cuda" if torch.cuda.is_available() else "cpu")
         t_bare = min(bare() for _ in range(2))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    what = f"Llama-{args.size} shapes, random init, {args.steps} steps, 1 device ZeRO-3"
+    what = f"Llama-{args.size} shapes, 32k vocabulary, random init, {args.steps} steps, 1 device ZeRO-2"
     gpu_goal = "" if torch.cuda.is_available() else " (CPU run: checks the script, not the goal)"
     r_nat = nat["tokens_per_s_median"] / neg["tokens_per_s_median"]
     record(f"NAT vs LoRA throughput, {what}", _summary("LoRA", neg), _summary("NAT", nat), f"{r_nat:.2f}x",
@@ -130,6 +136,10 @@ def main() -> None:
            f"stage score {score['samples'] / t_loop:.1f} samples/s in its scoring loop "
            f"({score['samples']} samples; whole stage {score['seconds']} s incl. loading)",
            f"{t_bare / t_loop:.2f}x", ">= 0.9x" + gpu_goal, dev=device)
+    record(f"ranker (pairs), {what}", "-", _summary("ranker", ranker), "-", "-", dev=device)
+    memory = f", peak {evaluation['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in evaluation else ""
+    record(f"eval of one batch: 16 questions x (1 greedy + 16 samples) of up to 256 new tokens, ranker scoring, "
+           f"{what.split(', random')[0]}", "-", f"{evaluation['seconds']:.0f} s{memory}", "-", "-", dev=device)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@
 # score.yaml, distill.yaml, ranker.yaml, eval.yaml.
 # Each job's log goes to <engine.output_dir>/logs/<job name>-<job id>.out. Resubmitting after
 # a failure is safe: finished stages find their DONE.json and exit 0 at once.
+#
+# Before submitting anything it runs `tdg plan` on every stage config with the job's size (nodes and
+# GPUs per node read from the sbatch flags; GPU memory from TDG_GPU_MEM, default 80 GiB) and stops if
+# a stage will not fit or its global batch cannot be split over the ranks. TDG_PLAN=0 skips the check.
 set -euo pipefail
 
 if [ $# -lt 1 ] || [ ! -d "$1" ]; then
@@ -19,6 +23,37 @@ config_dir=$(cd "$1" && pwd)
 shift
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${TDG_PYTHON:-${repo}/.venv/bin/python}
+
+# the job's size, from the sbatch flags: nodes, and ranks (one per GPU) per node
+nodes=1 per_node="" gpus="" ntasks=""
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+    a=${args[i]} next=${args[i + 1]:-}
+    case "${a}" in
+        -N | --nodes) nodes=${next%%-*} ;;
+        --nodes=*) nodes=${a#*=}; nodes=${nodes%%-*} ;;
+        --ntasks-per-node) per_node=${next} ;;
+        --ntasks-per-node=*) per_node=${a#*=} ;;
+        --gpus-per-node) gpus=${next##*:} ;;
+        --gpus-per-node=*) gpus=${a#*=}; gpus=${gpus##*:} ;;
+        --gres=gpu:*) gpus=${a##*:} ;;
+        -n | --ntasks) ntasks=${next} ;;
+        --ntasks=*) ntasks=${a#*=} ;;
+    esac
+done
+per_node=${per_node:-${gpus:-$(( ${ntasks:-${nodes}} / nodes ))}}
+
+configs=()
+for name in pretrain sft neg nat score distill ranker eval; do
+    [ -f "${config_dir}/${name}.yaml" ] && configs+=(--config "${config_dir}/${name}.yaml")
+done
+if [ "${TDG_PLAN:-1}" != 0 ] && [ ${#configs[@]} -gt 0 ]; then
+    if ! (cd "${repo}" && "${python}" -m train plan "${configs[@]}" --nodes "${nodes}" \
+            --gpus-per-node "${per_node}" --gpu-mem "${TDG_GPU_MEM:-80}"); then
+        echo "pipeline: not submitted (tdg plan above; TDG_PLAN=0 skips the check)" >&2
+        exit 2
+    fi
+fi
 
 prev=""
 for entry in pretrain:sft sft:sft neg:neg nat:nat score:score distill:distill ranker:ranker eval:eval; do

@@ -291,3 +291,27 @@ print(z3.lm_head.weight.numel(), whole.lm_head.weight.numel(), z3_again.lm_head.
     z3, whole, z3_again, full = map(int, result.stdout.split()[-4:])
     assert z3 == 0 and z3_again == 0  # partitioned: the parameter holds no local data until gathered
     assert whole == full
+
+
+@pytest.mark.parametrize("minutes,ok", [(0.05, False), (1.0, True)])
+def test_collectives_wait_as_long_as_engine_dist_timeout_minutes(tmp_path, minutes, ok):
+    """Rank 0 busy for 8 s (a large save, a checkpoint conversion) while rank 1 waits at a barrier: a
+    3-second timeout fails the wait, a minute's does not (the default, 60, leaves room for real saves)."""
+    script = tmp_path / "wait.py"
+    script.write_text(f"""
+import time
+import torch.distributed as dist
+from train.engine import distributed
+distributed.setup({minutes})
+if distributed.rank() == 0:
+    time.sleep(8)
+dist.barrier()
+print("rank", distributed.rank(), "passed the barrier", flush=True)
+""")
+    from train.engine.distributed import free_port
+
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                             "127.0.0.1", "--master_port", str(free_port()), str(script)], env=stage_env(),
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert (result.returncode == 0) == ok, result.stdout[-2000:] + result.stderr[-2000:]
+    assert (result.stdout.count("passed the barrier") == 2) == ok

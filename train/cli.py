@@ -184,6 +184,27 @@ def _add_export(sub) -> None:
                    help="weight dtype on disk (default float32)")
 
 
+def _add_plan(sub) -> None:
+    p = sub.add_parser(
+        "plan", help="per-GPU memory, global batch, steps and communication of stages before launch",
+        description="Print, for each stage config, what one GPU will hold (weights, trainable states by "
+                    "DeepSpeed's estimators, activations at data.max_tokens with or without gradient "
+                    "checkpointing, logits, eval's KV cache, online distill's teacher copy), the global batch, "
+                    "steps per epoch (from the prepared data's token lengths) and the communication per step. "
+                    "Exits 2 naming the reason when a stage will not fit. slurm/pipeline.sh runs it first.")
+    p.add_argument("--config", action="append", required=True, metavar="FILE",
+                   help="a stage config; repeat for several. The stage is the file name (pretrain.yaml: sft)")
+    p.add_argument("--stage", choices=["sft", "neg", "nat", "score", "distill", "ranker", "eval"],
+                   help="the stage, when the file name does not say it")
+    p.add_argument("--nodes", type=int, default=1, help="nodes of the job (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=1, help="GPUs (= ranks) per node (default 1)")
+    p.add_argument("--gpu-mem", type=float, default=80.0, metavar="GIB", help="memory of one GPU in GiB (default 80)")
+    p.add_argument("--model-config", metavar="PATH|NAME",
+                   help="the model's config.json (or its dir), or a known shape (llama-7b, llama-2-7b, llama-2-13b, "
+                        "llama-2-70b, mistral-7b), when model.path is not on this machine and its name is not one")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides for every config")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tdg", description="Distill reasoning from LLMs with negative data (NAT, NCE, ASC).")
@@ -191,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare(sub)
     _add_demo(sub)
     _add_export(sub)
+    _add_plan(sub)
     for name in STAGES:
         _add_stage(sub, name)
     return parser
@@ -222,6 +244,8 @@ def _run(args: argparse.Namespace) -> int:
 
         print(export(args.source, args.output, args.max_shard_size, args.dtype))
         return 0
+    if args.command == "plan":
+        return _plan(args)
     if args.command in STAGES:
         import importlib
 
@@ -240,6 +264,30 @@ def _run(args: argparse.Namespace) -> int:
             return 0
         return importlib.import_module(module).main(cfg)
     raise AssertionError(args.command)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import importlib
+    from pathlib import Path
+
+    from train import config
+    from train.plan import make_plan
+
+    too_big = []
+    for file in args.config:
+        stage = args.stage or {"pretrain": "sft"}.get(Path(file).stem, Path(file).stem)
+        if stage not in STAGES or stage == "ablation":
+            raise TdgError(f"{file}: cannot tell the stage from the file name; pass --stage")
+        cls = getattr(importlib.import_module(STAGES[stage][1]), STAGES[stage][2])
+        plan = make_plan(stage, config.load_config(cls, file, args.overrides), args.nodes, args.gpus_per_node,
+                         args.gpu_mem, args.model_config, file)
+        print(plan.render(), flush=True)
+        if not plan.fits:
+            too_big.append(f"{file} ({stage}): needs {plan.total / 2**30 + 2:.1f} GiB of {args.gpu_mem:g} per GPU")
+        too_big += [f"{file} ({stage}): {problem}" for problem in plan.problems]
+    if too_big:
+        raise TdgError("will not run: " + "; ".join(too_big))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,10 +42,10 @@ def effective_optim(optim: OptimConfig, max_tokens: int, world: int) -> OptimCon
     per_micro_round = world * max_tokens
     accum, rest = divmod(target, per_micro_round)
     if accum < 1 or rest:
-        fits = [world * a * max_tokens for a in (max(1, accum), accum + 1)]
+        nearest = " or ".join(f"{per_micro_round * a:,}" for a in sorted({max(1, accum), accum + 1}))
         raise ConfigError(f"optim.global_batch_tokens={target:,} cannot be met on {world} rank(s) with "
                           f"data.max_tokens={max_tokens:,}: it must be a multiple of ranks x max_tokens = "
-                          f"{per_micro_round:,} (nearest: {fits[0]:,} or {fits[1]:,}); change one of the three")
+                          f"{per_micro_round:,} (nearest: {nearest}); change one of the three")
     return dataclasses.replace(optim, grad_accum=accum)
 
 

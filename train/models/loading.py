@@ -76,17 +76,18 @@ def check_target_modules(model: torch.nn.Module, targets: list[str]) -> None:
 
 
 def build_tiny_model(config_json: str | Path | dict, tokenizer: str | Path, out_dir: str | Path, seed: int = 0,
-                     dtype: torch.dtype = torch.float32, device: str = "cpu") -> Path:
+                     dtype: torch.dtype = torch.float32, device: str = "cpu", vocab_size: int | None = None) -> Path:
     """Write a randomly initialised Llama (sizes from `config_json`, a file or a dict) + tokenizer as a HF
-    model dir. `device="cuda"` initialises a large one (benchmarks at 1B-7B shapes) in seconds."""
+    model dir. `device="cuda"` initialises a large one (benchmarks at 1B-7B shapes) in seconds; a
+    `vocab_size` above the tokenizer's gives the lm head a real model's width (a 32k vocabulary's cost)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from train.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
     spec = config_json if isinstance(config_json, dict) else json.loads(Path(config_json).read_text())
-    cfg = LlamaConfig(**spec, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(**spec, vocab_size=vocab_size or len(tok), bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype)

@@ -243,7 +243,9 @@ def _finish(cfg: EvalConfig, out: Path, questions: list[Question], t0: float) ->
             tb.add_scalar(f"eval/{k}", v, 0)
     inputs = {"test": file_digest(Path(cfg.eval.test)) if Path(cfg.eval.test).is_file() else dir_digest(cfg.eval.test)}
     write_done(out, config=asdict(cfg), inputs=inputs,
-               metrics={**metrics["overall"], "seconds": round(time.time() - t0, 2), "world_size": dist_.world()})
+               metrics={**metrics["overall"], "seconds": round(time.time() - t0, 2), "world_size": dist_.world(),
+                        **({"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+                           if torch.cuda.is_available() and torch.cuda.is_initialized() else {})})
     print(table, flush=True)
     print(f"[eval] {metrics['overall']['unfinished']:.1f}% of the sampled rationales hit eval.max_new_tokens="
           f"{cfg.eval.max_new_tokens} before EOS (metrics.json: unfinished)", flush=True)

@@ -1,0 +1,112 @@
+"""`tdg plan`: its numbers for the shipped cluster configs against arithmetic written out here, and the
+refusals (memory, an unsplittable batch) that stop slurm/pipeline.sh before anything is submitted."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+from train.cli import main as tdg
+from train.config import NatConfig, NegConfig, load_config
+from train.plan import PRESETS, make_plan
+
+GIB = 2**30
+LLAMA = REPO / "configs" / "llama7b"
+LARGE = REPO / "configs" / "large-teacher"
+
+
+def _memory(plan) -> dict[str, float]:
+    return {what.split(",")[0].split(":")[0]: b for what, b in plan.memory}
+
+
+def test_known_parameter_counts():
+    assert PRESETS["llama-7b"].params() == 6_738_415_616  # LLaMA-7B as Hugging Face counts it
+    assert PRESETS["llama-2-70b"].params() == 68_976_648_192
+    assert PRESETS["mistral-7b"].params() == 7_241_732_096
+
+
+def test_llama7b_neg_on_one_8_gpu_node_matches_hand_arithmetic():
+    cfg = load_config(NegConfig, LLAMA / "neg.yaml")
+    plan = make_plan("neg", cfg, nodes=1, gpn=8, gpu_mem=80)
+    mem = _memory(plan)
+    p, t = 6_738_415_616, 32 * 2 * 8 * (4096 + 4096)  # LoRA r 8 on q_proj and v_proj: 4,194,304
+    assert mem["frozen weights"] == 2 * p  # 12.55 GiB, whole on every GPU under ZeRO-2
+    assert mem["trainable"] == 2 * t + int(18 * t / 8)  # DeepSpeed's ZeRO-2 estimate
+    assert mem["activations"] == 4096 * 32 * 2 * (8 * 4096 + 2 * 4096 + 4 * 11008)  # 20.75 GiB
+    assert mem["logits"] == 10 * 4096 * 32000
+    assert plan.fits and not plan.problems and round(plan.total / GIB + 2, 2) == 36.54
+    assert any("65,536 tokens = 8 rank(s) x 2 micro-batch(es) x 4,096" in note for note in plan.notes)
+    assert any(f"~{(2 * 2 * t + 2 * t) / 1e9:,.2f} GB per GPU per optimizer step" in n for n in plan.notes)
+
+
+def test_large_teacher_nat_on_two_nodes_matches_hand_arithmetic():
+    cfg = load_config(NatConfig, LARGE / "nat.yaml")
+    plan = make_plan("nat", cfg, nodes=2, gpn=8, gpu_mem=80)
+    mem = _memory(plan)
+    h, kv, i, layers = 8192, 1024, 28672, 80
+    lora = layers * 8 * ((h + h) + (h + kv))  # q_proj (h -> h) and v_proj (h -> kv)
+    layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    assert mem["frozen weights"] == 2 * (68_976_648_192 + lora) / 16  # base + frozen neg branch, partitioned
+    assert mem["one gathered layer in flight (2 x 16-bit"] == 4 * layer
+    assert mem["activations"] == 2048 * (layers * 2 * h + 2 * (8 * h + 2 * kv + 4 * i))  # checkpointing
+    assert plan.fits and not plan.problems
+    assert any("32,768 tokens = 16 rank(s) x 1 micro-batch(es) x 2,048" in note for note in plan.notes)
+    # ZeRO-3: every weight all-gathered twice per micro-batch (the price of a teacher that does not fit), plus
+    # the reduce-scatter of the trainable gradients (pos LoRA and the gate: Q, K, V1 + bias, V2 + bias of width 128)
+    gate = layers * (128 * (h + 3 * h) + 128 + h + 128 * (h + 3 * kv) + 128 + kv)
+    comm = 2 * 2 * 68_976_648_192 + 2 * (lora + gate)
+    assert any(f"~{comm / 1e9:,.2f} GB per GPU per optimizer step" in n for n in plan.notes)
+
+
+@pytest.mark.parametrize("family,nodes", [("llama7b", 1), ("large-teacher", 2)])
+def test_every_shipped_cluster_config_fits_on_80_gb_gpus(family, nodes, capsys):
+    files = sorted((REPO / "configs" / family).glob("*.yaml"))
+    args = [a for f in files if f.stem != "ablation" for a in ("--config", str(f))]
+    assert tdg(["plan", *args, "--nodes", str(nodes), "--gpus-per-node", "8", "--gpu-mem", "80"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("fits") == len(args) // 2 and "DOES NOT FIT" not in out and "PROBLEM" not in out
+
+
+def test_a_stage_that_will_not_fit_is_refused_with_the_reason_and_what_to_try(capsys):
+    assert tdg(["plan", "--config", str(LLAMA / "neg.yaml"), "--gpus-per-node", "8", "--gpu-mem", "24"]) == 2
+    out, err = capsys.readouterr()
+    assert "DOES NOT FIT" in out and "model.gradient_checkpointing=true (activations 20.8 -> 1.6 GiB)" in out
+    assert "will not run" in err and "neg.yaml (neg): needs 36.5 GiB of 24 per GPU" in err
+    # with the advice taken it fits
+    assert tdg(["plan", "--config", str(LLAMA / "neg.yaml"), "--gpus-per-node", "8", "--gpu-mem", "24",
+                "model.gradient_checkpointing=true"]) == 0
+
+
+def test_a_global_batch_the_ranks_cannot_split_is_refused(capsys):
+    assert tdg(["plan", "--config", str(LLAMA / "nat.yaml"), "--nodes", "2", "--gpus-per-node", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.global_batch_tokens=32,768 cannot be met on 16 rank(s) with data.max_tokens=4,096" in err
+
+
+def test_steps_per_epoch_come_from_the_prepared_token_lengths(tmp_path, synthetic_raw, tokenizer_dir, capsys):
+    import json
+
+    from train.data.prepare import PrepareOptions, prepare
+
+    prepared = tmp_path / "prepared"
+    prepare(PrepareOptions(inputs=[str(synthetic_raw / "train")], output=str(prepared), workers=1,
+                           tokenizer=str(tokenizer_dir), show_progress=False))
+    neg = json.loads((prepared / "stats.json").read_text())["subjects"]["ALL"]["lengths"]["neg"]
+    assert tdg(["plan", "--config", str(LLAMA / "neg.yaml"), "--gpus-per-node", "8",
+                f"data.path={prepared}"]) == 0
+    steps = neg["samples"] * neg["mean"] / (0.9 * 65536)
+    assert f"~{steps:,.0f} optimizer steps per epoch" in capsys.readouterr().out
+
+
+def test_pipeline_submits_nothing_when_the_plan_fails(tmp_path):
+    """The plan runs before any sbatch: with 1 GiB GPUs even the tiny configs are refused, and no job exists."""
+    env = {**os.environ, "TDG_GPU_MEM": "1", "TDG_PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}
+    r = subprocess.run(["bash", str(REPO / "slurm" / "pipeline.sh"), str(LLAMA), "-N", "1", "--ntasks-per-node",
+                        "8", "--gpus-per-node", "8"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "pipeline: not submitted" in r.stderr and "[plan] neg: 1 node(s) x 8 GPU(s) of 1 GiB" in r.stdout
+    assert "job" not in r.stdout  # sbatch (absent from PATH here) was never reached
