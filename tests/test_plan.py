@@ -110,3 +110,60 @@ def test_pipeline_submits_nothing_when_the_plan_fails(tmp_path):
     assert r.returncode == 2, r.stdout + r.stderr
     assert "pipeline: not submitted" in r.stderr and "[plan] neg: 1 node(s) x 8 GPU(s) of 1 GiB" in r.stdout
     assert "job" not in r.stdout  # sbatch (absent from PATH here) was never reached
+
+
+def _hand_total(family: str, stage: str, world: int) -> float:
+    """Bytes per GPU of each shipped cluster config, written out from train/plan.py's stated formulas."""
+    h7, i7, h70, kv70, i70, v = 4096, 11008, 8192, 1024, 28672, 32000
+    p7, p70 = 6_738_415_616, 68_976_648_192
+    act7 = 2 * (8 * h7 + 2 * h7 + 4 * i7)  # per token per layer
+    act70 = 2 * (8 * h70 + 2 * kv70 + 4 * i70)
+    lora7 = {2: 32 * 8 * (2 * h7 + 2 * h7), 4: 32 * 8 * 4 * (2 * h7)}  # q,v / q,k,v,o
+    gate7 = 32 * 2 * (128 * (h7 + 3 * h7) + 128 + h7)
+    lora70 = 80 * 8 * ((h70 + h70) + (h70 + kv70))
+    gate70 = 80 * (128 * (h70 + 3 * h70) + 128 + h70 + 128 * (h70 + 3 * kv70) + 128 + kv70)
+    layer70 = 2 * h70 * h70 + 2 * h70 * kv70 + 3 * h70 * i70 + 2 * h70
+
+    def z2(t):
+        return 2 * t + int(18 * t / world)
+
+    def z3(t):
+        return int(18 * t / world)
+
+    if family == "llama7b":
+        lora = {"neg": lora7[2], "sft": lora7[2], "distill": lora7[2], "nat": lora7[2] + gate7,
+                "ranker": lora7[4] + h7}
+        tokens = {"neg": 4096, "sft": 4096, "nat": 4096, "distill": 1024, "ranker": 8192}
+        if stage == "score":
+            return 2 * p7 + 8192 * act7 + 10 * 8192 * v
+        if stage == "eval":
+            weights = 2 * 2 * p7
+            kv = 2 * 32 * h7 * 2
+            return weights + (int((80 * GIB - weights - 2 * GIB) * 0.5) // kv) * kv
+        frozen = 2 * (p7 + (lora7[2] if stage == "nat" else 0))
+        logits = {"ranker": 0, "distill": 14}.get(stage, 10) * tokens[stage] * v
+        return frozen + z2(lora[stage]) + tokens[stage] * 32 * act7 + logits
+    if stage in ("neg", "nat"):
+        tokens = {"neg": 4096, "nat": 2048}[stage]
+        frozen = p70 + (lora70 if stage == "nat" else 0)
+        trainable = lora70 + (gate70 if stage == "nat" else 0)
+        return (2 * frozen / world + 4 * layer70 + z3(trainable) + tokens * (80 * 2 * h70 + act70)
+                + 10 * tokens * v)
+    if stage == "score":
+        return 2 * p70 / world + 4 * layer70 + 8192 * act70 + 10 * 8192 * v
+    return _hand_total("llama7b", stage, world)  # distill, ranker, eval: the 7B student
+
+
+@pytest.mark.parametrize("family,stage", [(f, s) for f in ("llama7b", "large-teacher")
+                                          for s in ("sft", "neg", "nat", "score", "distill", "ranker", "eval")
+                                          if (REPO / "configs" / f / f"{s}.yaml").is_file()])
+def test_each_shipped_config_totals_its_hand_arithmetic(family, stage):
+    import importlib
+
+    from train.cli import STAGES
+
+    nodes = 1 if family == "llama7b" else 2
+    cls = getattr(importlib.import_module(STAGES[stage][1]), STAGES[stage][2])
+    cfg = load_config(cls, REPO / "configs" / family / f"{stage}.yaml")
+    plan = make_plan(stage, cfg, nodes, 8, 80, config_file=str(REPO / "configs" / family / f"{stage}.yaml"))
+    assert plan.total == pytest.approx(_hand_total(family, stage, 8 * nodes), rel=1e-9)

@@ -265,6 +265,8 @@ def plan_training(stage: str, cfg, nodes: int, gpn: int, gpu_mem: float, model: 
         comm = accum * 2 * trainable + 2 * trainable
         how = "reduce-scatter of the trainable gradients per micro-batch + gather of the updated ones"
     plan.notes.append(f"communication ~{comm / 1e9:,.2f} GB per GPU per optimizer step ({how})")
+    other = tokens * shape.activation_bytes(not ckpt) / GIB
+    plan.notes.append(f"activations {'without' if ckpt else 'with'} gradient checkpointing would be {other:.2f} GiB")
     if not ckpt:
         plan.advice.append("model.gradient_checkpointing=true (activations "
                            f"{tokens * shape.activation_bytes(False) / GIB:.1f} -> "
