@@ -50,7 +50,7 @@ def write_scores(out: Path, samples: int, tokens: int, k: int, vocab: int = 3200
         save_file(tensors, str(path), metadata={"ids": json.dumps(ids), "top_k": str(k), "format": "tdg-scores-1"})
         shards.append({"file": path.relative_to(out).as_posix(), "samples": len(ids), "sha256": file_digest(path)})
     (out / "manifest.json").write_text(json.dumps({"samples": samples, "shards": shards, "top_k": k, "max_len": 0}))
-    write_done(out, config={}, inputs={}, metrics={})
+    write_done(out, config={}, inputs={}, metrics={}, stage="score")
 
 
 MEASURE = r"""

@@ -105,7 +105,7 @@ def test_stored_scores_are_memory_mapped_and_only_a_batch_is_read(tmp_path, lp_d
     import numpy as np
     from safetensors.torch import save_file
 
-    from train.manifest import write_done
+    from train.manifest import file_digest, write_done
     from train.stages.distill import StoredScores, stored_targets
 
     rng = torch.Generator().manual_seed(0)
@@ -117,9 +117,10 @@ def test_stored_scores_are_memory_mapped_and_only_a_batch_is_read(tmp_path, lp_d
     save_file({"offsets": torch.tensor([0, 3, 8, 10]), "beta": torch.tensor([0.1, 0.2, 0.3]),
                "kl_mean": torch.zeros(3), "topk_ids": ids, "topk_logprobs": lps, "tail_logprob": tail},
               str(tmp_path / "shards" / "shard-00000.safetensors"), metadata={"ids": json.dumps(["a", "b", "c"])})
-    (tmp_path / "manifest.json").write_text(json.dumps({"shards": [{"file": "shards/shard-00000.safetensors"}],
-                                                        "max_len": 0}))
-    write_done(tmp_path, config={}, inputs={}, metrics={})
+    shard = tmp_path / "shards" / "shard-00000.safetensors"
+    (tmp_path / "manifest.json").write_text(json.dumps({"max_len": 0, "shards": [
+        {"file": "shards/shard-00000.safetensors", "size": shard.stat().st_size, "sha256": file_digest(shard)}]}))
+    write_done(tmp_path, config={}, inputs={}, metrics={}, stage="score")
     scores = StoredScores(tmp_path)
     assert all(isinstance(scores.shards[0][0][name], np.memmap) for name in ("topk_ids", "topk_logprobs"))
     assert scores.where["b"] == (0, 3, 8, pytest.approx(0.2))

@@ -150,7 +150,9 @@ def _add_stage(sub, name: str) -> None:
             "Launch one process per device with torchrun or srun (see slurm/); "
             "a plain call runs as a single process. Finished outputs (DONE.json) are skipped; "
             "a partial run resumes from its latest complete checkpoint. Exit status 75 means "
-            "'stopped by a signal after a checkpoint: resubmit to continue'."),
+            "'stopped by a signal after a checkpoint: resubmit to continue' (each worker's status: torchrun "
+            "itself exits 1 when its workers exit 75, so requeue on the workers' status, as slurm/launch.sh does "
+            "with srun, or on the log line 'stop requested')."),
         epilog=config_keys_help(cls))
     p.add_argument("--config", metavar="FILE", help="stage config (YAML); see configs/ for examples")
     p.add_argument("--print", metavar="KEY", dest="print_key", default=None,

@@ -254,6 +254,7 @@ class EngineConfig:
     log_every: int = 1  # TensorBoard scalars every N optimizer steps
     peak_tflops: float = 0.0  # per device, for MFU; 0 = look the GPU up (none on CPU)
     progress: bool = True  # rank 0: a tqdm bar on a terminal, a plain line every 30 s in a log file
+    resume_changed_config: bool = False  # resume a checkpoint trained under another config (DONE.json records both)
 
     def validate(self) -> None:
         if not self.output_dir:

@@ -19,6 +19,24 @@ from train.config import ModelConfig
 from train.errors import ConfigError
 
 
+def check_generator(path: str | Path) -> None:
+    """Refuse, before anything is created or loaded, an eval.model that is missing or not a generator."""
+    from train.manifest import read_done
+    from train.models.nat import NAT_JSON
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"eval.model: {p} does not exist")
+    stage = (read_done(p) or {}).get("stage")
+    if stage in ("prepare", "score", "ranker", "eval"):
+        raise ConfigError(f"eval.model: {p} is the output of stage {stage}, which makes no text; give a model dir, "
+                          "an export, or the output of stage sft, neg, nat or distill")
+    if not any((p / f).is_file() for f in ("config.json", "model/config.json", "adapter/adapter_config.json",
+                                            NAT_JSON)):
+        raise ConfigError(f"eval.model: {p} is neither a model dir (config.json) nor a stage output with model/, "
+                          "adapter/ or nat.json")
+
+
 def load_generator(path: str | Path, device: torch.device, dtype: torch.dtype = torch.float32,
                    attn_implementation: str = "sdpa") -> tuple[torch.nn.Module, object, str]:
     """(model in eval mode, tokenizer, what was loaded) from an exported model dir, a full fine-tune
@@ -52,8 +70,8 @@ def load_generator(path: str | Path, device: torch.device, dtype: torch.dtype = 
         tok = load_tokenizer(json.loads((p / NAT_JSON).read_text())["base_model"])
         what = f"NAT teacher {p} (neg + pos + gate)"
     else:
-        raise ConfigError(f"eval.model: {p} is neither a model dir (config.json) nor a stage output with model/, "
-                          "adapter/ or nat.json")
+        check_generator(p)
+        raise AssertionError(p)  # check_generator names what is wrong
     return model.to(device).eval(), tok, what
 
 

@@ -1,7 +1,8 @@
 """`DONE.json`: the manifest every stage writes last into its output directory.
 
-Its presence means the stage finished; a stage that finds it skips. It records the resolved
-config, the hashes of the inputs and the final metrics, so an output can be traced back.
+Its presence means the stage finished; a stage that finds it skips. It records the stage that
+wrote it, the resolved config, the hashes of the inputs and the final metrics, so an output can
+be traced back, and a stage pointed at the wrong kind of output can say so (`check_stage_output`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from train import __version__
+from train.errors import TdgError
 
 DONE = "DONE.json"
 
@@ -38,19 +40,46 @@ def dir_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def write_done(out_dir: str | Path, config: Any, inputs: dict[str, str], metrics: dict) -> Path:
-    """Write DONE.json atomically (temp + rename) so a crash never leaves a half manifest."""
+def write_done(out_dir: str | Path, config: Any, inputs: dict[str, str], metrics: dict, stage: str) -> Path:
+    """Write DONE.json atomically (temp + fsync + rename) so a crash never leaves a half manifest."""
     out = Path(out_dir)
-    record = {"version": __version__, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    record = {"stage": stage, "version": __version__, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "config": config, "inputs": inputs, "metrics": metrics}
     tmp = out / f".{DONE}.tmp"
-    tmp.write_text(json.dumps(record, indent=1, default=str))
+    with open(tmp, "w") as f:
+        f.write(json.dumps(record, indent=1, default=str))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, out / DONE)
     return out / DONE
 
 
 def read_done(out_dir: str | Path) -> dict | None:
+    """The DONE.json of `out_dir`, None if there is none; a damaged one is an error that names it."""
     p = Path(out_dir) / DONE
     if not p.is_file():
         return None
-    return json.loads(p.read_text())
+    try:
+        done = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise TdgError(f"{p}: unreadable ({e}); delete it to run that stage again") from None
+    if not isinstance(done, dict):
+        raise TdgError(f"{p}: not a DONE.json (no JSON object); delete it to run that stage again")
+    return done
+
+
+def check_stage_output(path: str | Path, key: str, stages: tuple[str, ...], required: bool = True) -> None:
+    """Refuse an input written by another stage than `stages` (e.g. a distill output given as nat.neg_adapter).
+    Outputs of versions that did not record their stage pass; without `required`, so does a directory with no
+    DONE.json (an adapter made elsewhere)."""
+    if not Path(path).exists():
+        raise TdgError(f"{key}: {path} does not exist; expected the output of stage {' or '.join(stages)}")
+    done = read_done(path)
+    if done is None:
+        if not required:
+            return
+        raise TdgError(f"{key}: {path} is not a finished stage output (no {DONE}); "
+                       f"expected the output of stage {' or '.join(stages)}")
+    stage = done.get("stage")
+    if stage is not None and stage not in stages:
+        raise TdgError(f"{key}: {path} is the output of stage {stage}, not of stage {' or '.join(stages)}")

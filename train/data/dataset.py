@@ -84,6 +84,8 @@ def read_prepared(path: str | Path, labels: tuple[str, ...] = ("pos", "neg"), co
     if done is None or not shards:
         raise InputError(str(p), None, "not a finished `tdg prepare` output (no DONE.json or data shards)",
                          "not_prepared")
+    if done.get("stage", "prepare") != "prepare":
+        raise InputError(str(p), None, f"the output of stage {done['stage']}, not of `tdg prepare`", "not_prepared")
     if done.get("metrics", {}).get("format", 1) < PREPARED_FORMAT:
         raise InputError(str(p), None, "prepared by an older version (its questions keep their `Problem:` label, "
                          "which the prompt template adds again); run `tdg prepare` again", "not_prepared")

@@ -25,7 +25,7 @@ from train.data.dataset import PREPARED_FORMAT, encode
 from train.data.grading import OK, grade_pairs
 from train.data.prompt import DEFAULT_TEMPLATE, check_template, render_prompt
 from train.data.readers import Question, read_inputs
-from train.errors import InputError
+from train.errors import InputError, TdgError
 from train.manifest import file_digest, read_done, write_done
 
 SCHEMA = pa.schema([
@@ -156,6 +156,10 @@ def format_stats(stats: dict) -> str:
                                                                        for m in MAX_LEN_CHOICES))
     if stats.get("skipped"):
         lines.append("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(stats["skipped"].items())))
+    dup = stats.get("duplicates") or {}
+    if any(dup.values()):
+        lines.append(f"duplicates (kept, counted): {dup['questions']} questions repeated on another line, "
+                     f"{dup['rationales']} rationales repeated verbatim for their question")
     return "\n".join(lines)
 
 
@@ -174,6 +178,8 @@ def prepare(opts: PrepareOptions) -> dict:
     """Run prepare; returns the stats dict. Raises InputError (fail mode) before writing anything."""
     out = Path(opts.output)
     check_template(opts.prompt_template, "--prompt-template")
+    if not opts.timeout > 0:
+        raise TdgError(f"--timeout must be > 0 seconds, got {opts.timeout}")
     if out.exists():
         done = read_done(out)
         if done is not None and done.get("metrics", {}).get("format", 1) < PREPARED_FORMAT:
@@ -195,14 +201,27 @@ def prepare(opts: PrepareOptions) -> dict:
     stats["skipped"] = dict(result.skipped)
     stats["seconds"] = round(time.time() - t0, 2)
 
+    stats["duplicates"] = {"questions": result.duplicates["questions"], "rationales": result.duplicates["rationales"]}
+
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shards = _write_shards(rows, tmp)
-    (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
-    options = {k: v for k, v in vars(opts).items() if k not in ("show_progress", "overwrite")}
-    write_done(tmp, config=options, inputs=input_files_digest,
-               metrics={"format": PREPARED_FORMAT, "shards": shards, **stats["subjects"]["ALL"]})
+    try:
+        tmp.mkdir(parents=True)
+        shards = _write_shards(rows, tmp)
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
+        options = {k: v for k, v in vars(opts).items() if k not in ("show_progress", "overwrite")}
+        write_done(tmp, stage="prepare", config=options, inputs=input_files_digest,
+                   metrics={"format": PREPARED_FORMAT, "shards": shards, **stats["subjects"]["ALL"]})
+    except OSError as e:  # a full disk, most often: nothing half-written is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            free = f"; {shutil.disk_usage(tmp.parent).free / 2**20:.1f} MiB free there"
+        except OSError:
+            free = ""
+        raise TdgError(f"{tmp}: cannot write the prepared data ({e.strerror or e}){free}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

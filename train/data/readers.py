@@ -62,6 +62,27 @@ def gold_answer(answer: str) -> str:
     return boxed if boxed is not None else answer.strip()
 
 
+def _gold(answer: str, where: tuple[str, int]) -> str:
+    """The gold answer of a worked solution; a `\\boxed{` that never closes is an error, not the whole text."""
+    if last_boxed(answer) is None and ("\\boxed" in answer or "\\fbox" in answer):
+        raise InputError(where[0], where[1], "the gold answer has a \\boxed{ that never closes", "bad_gold")
+    return gold_answer(answer)
+
+
+def _check_text(rec: dict, where: tuple[str, int]) -> None:
+    """Every string of a record must be valid Unicode: JSON can carry lone surrogates (\\ud800) that no file
+    format can write."""
+    for key, value in rec.items():
+        for i, text in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    field = f"{key}[{i}]" if isinstance(value, list) else key
+                    raise InputError(where[0], where[1], f"field {field!r} holds a lone surrogate "
+                                     f"({text[e.start]!r} at {e.start}): not valid Unicode", "not_unicode") from None
+
+
 def _natural_key(p: Path) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.as_posix())]
 
@@ -101,6 +122,7 @@ def _parse_label(value: object, where: tuple[str, int]) -> str:
 def _parse_line(rec: object, subject: str, where: tuple[str, int]) -> Question:
     if not isinstance(rec, dict):
         raise InputError(where[0], where[1], "line is not a JSON object", "wrong_type")
+    _check_text(rec, where)
     source = f"{where[0]}:{where[1]}"
     level = str(rec.get("level", ""))
     if "generated_answer" in rec:
@@ -114,7 +136,7 @@ def _parse_line(rec: object, subject: str, where: tuple[str, int]) -> Question:
                 raise InputError(
                     where[0], where[1], f"generated_answer[{i}] must be str, got {type(r).__name__}", "wrong_type"
                 )
-        q = Question(question_id(question), str(rec.get("subject", subject)), question, gold_answer(answer),
+        q = Question(question_id(question), str(rec.get("subject", subject)), question, _gold(answer, where),
                      source, level=level)
         q.rationales = [Rationale("", bare_rationale(r)) for r in generated]
         return q
@@ -125,7 +147,7 @@ def _parse_line(rec: object, subject: str, where: tuple[str, int]) -> Question:
         gold = _need(rec, "gold", str, where)
         subj = _need(rec, "subject", str, where) if "subject" in rec else subject
         label = _parse_label(rec["label"], where) if "label" in rec else None
-        q = Question(question_id(question), subj, question, gold_answer(gold), source, level=level)
+        q = Question(question_id(question), subj, question, _gold(gold, where), source, level=level)
         q.rationales = [Rationale(str(rid), rationale, label)]
         return q
     raise InputError(
@@ -141,6 +163,7 @@ def _parse_test_line(rec: object, subject: str, where: tuple[str, int]) -> Quest
     (answer may be a worked solution: its last boxed expression is the gold), or a TDG line."""
     if not isinstance(rec, dict):
         raise InputError(where[0], where[1], "line is not a JSON object", "wrong_type")
+    _check_text(rec, where)
     if "problem" in rec:
         question, gold_keys = _need(rec, "problem", str, where), ("solution", "answer")
     elif "question" in rec:
@@ -155,7 +178,7 @@ def _parse_test_line(rec: object, subject: str, where: tuple[str, int]) -> Quest
     if not isinstance(subj, str):
         raise InputError(where[0], where[1], f"field 'subject' must be str, got {type(subj).__name__}", "wrong_type")
     question = bare_question(question)
-    return Question(question_id(question), subj, question, gold_answer(str(gold)), f"{where[0]}:{where[1]}",
+    return Question(question_id(question), subj, question, _gold(str(gold), where), f"{where[0]}:{where[1]}",
                     level=str(rec.get("level", "")))
 
 
@@ -181,6 +204,8 @@ def _read_file(path: Path, subject: str, parse=_parse_line) -> Iterator[Question
         data = path.read_bytes()
     except OSError as e:
         raise InputError(str(path), None, f"cannot read: {e.strerror}", "unreadable_file") from None
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark, as some editors write
+        data = data[3:]
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
             continue
@@ -192,6 +217,10 @@ def _read_file(path: Path, subject: str, parse=_parse_line) -> Iterator[Question
             except json.JSONDecodeError as e:
                 raise InputError(str(path), lineno, f"invalid JSON: {e.msg} at column {e.colno}",
                                  "invalid_json") from None
+            except RecursionError:
+                raise InputError(str(path), lineno, "invalid JSON: nested too deeply", "invalid_json") from None
+            except ValueError as e:  # e.g. an integer longer than Python converts (4,300 digits)
+                raise InputError(str(path), lineno, f"invalid JSON: {e}", "invalid_json") from None
             yield parse(rec, subject, where)
         except UnicodeDecodeError as e:
             yield InputError(str(path), lineno, f"not valid UTF-8 (byte {e.start})", "not_utf8")
@@ -204,6 +233,7 @@ class ReadResult:
     questions: list[Question]
     skipped: Counter  # reason -> count (only with on_error="skip")
     files: list[Path]
+    duplicates: Counter = field(default_factory=Counter)  # "questions" seen again, "rationales" repeated verbatim
 
 
 def read_inputs(paths: list[str | Path], on_error: str = "fail") -> ReadResult:
@@ -213,6 +243,8 @@ def read_inputs(paths: list[str | Path], on_error: str = "fail") -> ReadResult:
     """
     by_qid: dict[str, Question] = {}
     skipped: Counter = Counter()
+    duplicates: Counter = Counter()
+    texts: dict[str, set[str]] = {}  # qid -> rationale texts seen
     files_read: list[Path] = []
     seen_ids: dict[str, str] = {}
 
@@ -239,9 +271,14 @@ def read_inputs(paths: list[str | Path], on_error: str = "fail") -> ReadResult:
                 if isinstance(q, InputError):
                     fail_or_skip(q)
                     continue
+                if q.qid in by_qid and not q.rationales[0].id:  # a TDG line repeats a question (flat lines share)
+                    duplicates["questions"] += 1
                 merged = by_qid.setdefault(q.qid, Question(q.qid, q.subject, q.question, q.gold, q.source,
                                                            level=q.level))
+                seen_texts = texts.setdefault(q.qid, set())
                 for r in q.rationales:
+                    duplicates["rationales"] += r.text in seen_texts
+                    seen_texts.add(r.text)
                     r.id = r.id or f"{q.qid}-{len(merged.rationales)}"
                     if r.id in seen_ids:
                         path, line = q.source.rsplit(":", 1)
@@ -250,4 +287,4 @@ def read_inputs(paths: list[str | Path], on_error: str = "fail") -> ReadResult:
                         continue
                     seen_ids[r.id] = q.source
                     merged.rationales.append(r)
-    return ReadResult(list(by_qid.values()), skipped, files_read)
+    return ReadResult(list(by_qid.values()), skipped, files_read, duplicates)

@@ -1,17 +1,24 @@
-"""Checkpoint bookkeeping around DeepSpeed's save/load.
+"""Checkpoint bookkeeping around DeepSpeed's save/load: integrity, fallback, and the recipe it was saved under.
 
-Layout: `<output>/checkpoints/step<N>/` is a DeepSpeed tag directory. A checkpoint counts only
-once `COMPLETE.json` is in it: rank 0 writes it after every rank returned from
-`save_checkpoint`, with the training position and the world size. Resuming picks the newest
-complete one; older ones are deleted only after a newer one is complete (`keep_last`).
+Layout: `<output>/checkpoints/step<N>/` is a DeepSpeed tag directory. A checkpoint counts only once
+`COMPLETE.json` is in it: written by rank 0 after every rank returned from `save_checkpoint` and had
+fsynced and hashed its share of the files. It records the training position, the world size, every
+file with its size and sha256, and the training recipe (`recipe_of`). An unreadable COMPLETE.json
+makes the checkpoint incomplete.
 
-A checkpoint saved with a different world size is converted with DeepSpeed's universal
-checkpoint tool (`ds_to_universal`) into `step<N>_universal/` and loaded with `load_universal`.
+Before a resume, each rank checks its share of the newest complete checkpoint's files against the
+record; if any rank finds a missing, truncated or changed file (or the load itself fails), every rank
+falls back to the next older complete checkpoint, and the log says which file was at fault. Older
+checkpoints are deleted only after a newer one is complete (`keep_last`).
+
+A checkpoint saved with a different world size is converted with DeepSpeed's universal checkpoint tool
+(`ds_to_universal`) into `step<N>_universal/` and loaded with `load_universal`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -20,9 +27,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from train.errors import TdgError
+from train.manifest import file_digest
 
 COMPLETE = "COMPLETE.json"
 _TAG = re.compile(r"^step(\d+)$")
+POSITION_KEYS = ("global_step", "epoch", "samples_in_epoch", "world_size", "tag")
+# where things are (the inputs are compared by content hash) and how the run is watched: not the recipe
+RECIPE_EXCLUDED = ("model.path", "data.path", "nat.neg_adapter", "distill.scores", "distill.nat_dir",
+                   "engine.output_dir", "engine.ds_config", "engine.save_every", "engine.keep_last",
+                   "engine.log_every", "engine.peak_tflops", "engine.progress", "engine.dist_timeout_minutes",
+                   "engine.resume_changed_config")
 
 
 @dataclass
@@ -36,6 +50,16 @@ class Position:
     tag: str = ""
 
 
+def read_record(tag_dir: Path) -> dict | None:
+    """COMPLETE.json of a checkpoint; None when absent or unreadable (then the checkpoint is incomplete)."""
+    try:
+        record = json.loads((tag_dir / COMPLETE).read_text())
+        Position(**{k: record[k] for k in POSITION_KEYS})
+        return record
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def complete_checkpoints(root: Path) -> list[Position]:
     """Complete checkpoints under `root`, oldest first."""
     found = []
@@ -43,8 +67,9 @@ def complete_checkpoints(root: Path) -> list[Position]:
         return found
     for d in root.iterdir():
         m = _TAG.match(d.name)
-        if m and (d / COMPLETE).is_file():
-            found.append(Position(**json.loads((d / COMPLETE).read_text())))
+        record = read_record(d) if m else None
+        if record is not None:
+            found.append(Position(**{k: record[k] for k in POSITION_KEYS}))
     return sorted(found, key=lambda p: p.global_step)
 
 
@@ -53,10 +78,79 @@ def latest(root: Path) -> Position | None:
     return found[-1] if found else None
 
 
-def mark_complete(root: Path, pos: Position) -> None:
-    tmp = root / pos.tag / f".{COMPLETE}.tmp"
-    tmp.write_text(json.dumps(asdict(pos)))
-    tmp.replace(root / pos.tag / COMPLETE)
+def _my_share(files: list[str], rank: int, world: int) -> list[str]:
+    """The files this rank hashes or checks: every world-th of them, sorted (the work spread over the ranks)."""
+    return sorted(files)[rank::world]
+
+
+def hash_my_files(tag_dir: Path, rank: int, world: int) -> dict[str, dict]:
+    """fsync and hash this rank's share of a just-saved checkpoint: {relative path: {size, sha256}}."""
+    files = [p.relative_to(tag_dir).as_posix() for p in tag_dir.rglob("*") if p.is_file() and p.name != COMPLETE
+             and not p.name.startswith(".")]
+    records = {}
+    for rel in _my_share(files, rank, world):
+        path = tag_dir / rel
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        records[rel] = {"size": path.stat().st_size, "sha256": file_digest(path)}
+    return records
+
+
+def mark_complete(root: Path, pos: Position, files: dict[str, dict], recipe: dict) -> None:
+    """Write COMPLETE.json (fsynced, then renamed into place, then the directory fsynced)."""
+    tag_dir = root / pos.tag
+    tmp = tag_dir / f".{COMPLETE}.tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps({**asdict(pos), "files": files, "recipe": recipe}))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(tag_dir / COMPLETE)
+    fd = os.open(tag_dir, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_my_files(tag_dir: Path, rank: int, world: int) -> str | None:
+    """The first problem with this rank's share of a checkpoint's recorded files, or None. Checkpoints written
+    before files were recorded have nothing to check."""
+    record = read_record(tag_dir)
+    if record is None:
+        return f"{tag_dir / COMPLETE}: unreadable"
+    files = record.get("files", {})
+    for rel in _my_share(list(files), rank, world):
+        path, want = tag_dir / rel, files[rel]
+        if not path.is_file():
+            return f"{path}: missing"
+        size = path.stat().st_size
+        if size != want["size"]:
+            return f"{path}: {size} bytes, {want['size']} when saved (truncated or replaced)"
+        if file_digest(path) != want["sha256"]:
+            return f"{path}: contents changed since it was saved (sha256 differs)"
+    return None
+
+
+def recipe_of(config: dict, inputs: dict[str, str]) -> dict:
+    """What a checkpoint was trained under and a resume must share: the stage config without the keys that only
+    say where things are or how the run is watched, and the inputs by content hash instead of by path."""
+    recipe = json.loads(json.dumps(config))  # a deep copy
+    for key in RECIPE_EXCLUDED:
+        section, _, name = key.partition(".")
+        recipe.get(section, {}).pop(name, None)
+    return {"config": recipe, "inputs": inputs}
+
+
+def recipe_changes(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two recipes, as 'key: saved -> now'."""
+    changes = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += recipe_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changes
 
 
 def prune(root: Path, keep_last: int) -> None:
@@ -84,5 +178,5 @@ def to_universal(root: Path, pos: Position) -> str:
     if result.returncode != 0:
         raise TdgError(f"{root / pos.tag}: converting to a universal checkpoint failed "
                        f"(saved on {pos.world_size} ranks):\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
-    (out / COMPLETE).write_text(json.dumps(asdict(pos)))
+    (out / COMPLETE).write_text(json.dumps({**asdict(pos), "files": {}, "recipe": {}}))
     return tag

@@ -103,3 +103,22 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def raise_if_any(problem: str | None) -> None:
+    """Collective: every rank raises TdgError if any rank has a problem (each rank's message, by rank), so
+    no rank is left waiting in a collective for one that failed alone (a full disk, a bad file)."""
+    from train.errors import TdgError
+
+    problems = [f"rank {r}: {p}" for r, p in enumerate(all_gather_object(problem)) if p]
+    if problems:
+        raise TdgError("; ".join(problems))

@@ -39,6 +39,7 @@ from train.engine.ds_config import build_ds_config, effective_optim
 from train.engine.flops import flops_per_token, peak_flops
 from train.engine.schedule import warmup_cosine
 from train.engine.signals import EXIT_CHECKPOINTED, StopRequest
+from train.errors import TdgError
 from train.manifest import write_done
 from train.progress import progress
 
@@ -140,6 +141,55 @@ def check_one_dtype(named: list[tuple[str, torch.nn.Parameter]], want: torch.dty
                         f"{wrong[0][0]} is {wrong[0][1]}")
 
 
+def write_failure(path: Path, error: Exception) -> str:
+    """A write that failed, with the free space where it was going (a full disk is the usual cause)."""
+    import shutil
+
+    where = path if path.exists() else path.parent
+    try:
+        free = f"; {shutil.disk_usage(where).free / 2**30:.4f} GiB free there"
+    except OSError:
+        free = ""
+    return f"{path}: cannot write ({getattr(error, 'strerror', None) or error}){free}"
+
+
+def _next_intact(candidates, root: Path, name: str) -> ckpt.Position | None:
+    """The next checkpoint (newest first) whose recorded files every rank found intact. A damaged one is named in
+    the log and set aside (COMPLETE.json renamed), so neither this run nor a later one picks it again."""
+    for candidate in candidates:
+        problems = [p for p in dist_.all_gather_object(
+            ckpt.check_my_files(root / candidate.tag, dist_.rank(), dist_.world())) if p]
+        if not problems:
+            return candidate
+        _set_aside(root, candidate, problems[0], name)
+    return None
+
+
+def _set_aside(root: Path, pos: ckpt.Position, problem: str, name: str) -> None:
+    if dist_.is_main():
+        print(f"[{name}] checkpoint {root / pos.tag} is unusable ({problem}); falling back to the next older "
+              "complete checkpoint, if any", flush=True)
+        complete = root / pos.tag / ckpt.COMPLETE
+        complete.rename(complete.with_name(ckpt.COMPLETE + ".unusable"))
+    dist_.barrier()
+
+
+def _recipe_changes(root: Path, resume: ckpt.Position | None, recipe: dict, cfg, name: str) -> list[str]:
+    """Refuse to resume under a changed training recipe (naming what changed) unless the config allows it."""
+    if resume is None:
+        return []
+    saved = (ckpt.read_record(root / resume.tag) or {}).get("recipe") or {}
+    changes = ckpt.recipe_changes(saved, recipe) if saved else []
+    if changes and not cfg.engine.resume_changed_config:
+        raise TdgError(f"{root / resume.tag} was trained under another config: {'; '.join(changes)}. Resuming "
+                       "would continue the old run under new settings; use a new engine.output_dir, or set "
+                       "engine.resume_changed_config=true to continue anyway (DONE.json then records both)")
+    if changes and dist_.is_main():
+        print(f"[{name}] resuming under a changed config (engine.resume_changed_config): {'; '.join(changes)}",
+              flush=True)
+    return changes
+
+
 def _seed_for(seed: int, step: int, batch_in_step: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + batch_in_step) % (2**63 - 1)
 
@@ -163,7 +213,10 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
     units = task.units or _target_tokens(task.data)
     collate_fn = task.collate_fn or (lambda idx: collate(task.data, idx, task.pad_id, cfg.data.packing,
                                                          cfg.data.mask_prompt))
-    resume = ckpt.latest(root)
+    recipe = ckpt.recipe_of(asdict(cfg), inputs)
+    candidates = iter(reversed(ckpt.complete_checkpoints(root)))
+    resume = _next_intact(candidates, root, task.name)
+    changed = _recipe_changes(root, resume, recipe, cfg, task.name)
     pos = resume or ckpt.Position(world_size=world)
     total_steps = _plan_total_steps(batcher, pos, cfg.optim.epochs, world, accum, cfg.optim.max_steps)
     if total_steps <= pos.global_step and resume is None:
@@ -186,18 +239,35 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
         model=task.model, model_parameters=trainable, optimizer=client_opt, config=ds_cfg,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
-    if resume is not None:
+    failures: list[str] = []
+    while resume is not None:
         tag = resume.tag
         if universal:
             if dist_.is_main():
                 tag = ckpt.to_universal(root, resume)
             tag = dist_.broadcast_object(tag)
-        load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=False)
-        if load_path is None:
-            raise RuntimeError(f"{root / tag}: DeepSpeed could not load this checkpoint")
-        if dist_.is_main():
-            how = f" (converted from {resume.world_size} to {world} ranks)" if universal else ""
-            print(f"[{task.name}] resumed from {root / resume.tag} at step {resume.global_step}{how}", flush=True)
+        problem = None
+        try:
+            load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=False)
+            if load_path is None:
+                problem = f"{root / tag}: DeepSpeed found nothing to load"
+        except Exception as e:  # noqa: BLE001 -- whatever broke the load, an older checkpoint may still do
+            problem = f"{root / tag}: loading failed: {type(e).__name__}: {e}"
+        problems = [p for p in dist_.all_gather_object(problem) if p]
+        if not problems:
+            if dist_.is_main():
+                how = f" (converted from {resume.world_size} to {world} ranks)" if universal else ""
+                print(f"[{task.name}] resumed from {root / resume.tag} at step {resume.global_step}{how}", flush=True)
+            break
+        failures.append(problems[0])
+        _set_aside(root, resume, problems[0], task.name)
+        older = _next_intact(candidates, root, task.name)
+        if older is None or (older.world_size != world) != universal:
+            raise TdgError(f"{root}: no checkpoint could be loaded ({'; '.join(failures)}); the model may be "
+                           "partly loaded, so this run stops instead of training from the start")
+        changed = _recipe_changes(root, older, recipe, cfg, task.name)
+        resume = older
+    pos = resume or ckpt.Position(world_size=world)
 
     log = _Logger(out, dist_.is_main())
     fpt = flops_per_token(engine.module, n_trainable, float(np.mean(lengths)))
@@ -208,18 +278,30 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
     saved_at = resume.global_step if resume is not None else -1
 
     def save_checkpoint() -> None:
+        """Every rank saves and hashes its files; rank 0 records them in COMPLETE.json. A rank that cannot write
+        (a full disk) makes every rank stop with its message, instead of leaving the others in a collective."""
         nonlocal saved_at
         if pos.global_step == saved_at:  # nothing trained since the last checkpoint
             return
         saved_at = pos.global_step
         pos.tag, pos.world_size = f"step{pos.global_step}", world
-        engine.save_checkpoint(str(root), tag=pos.tag, client_state={"tdg_position": asdict(pos)},
-                               exclude_frozen_parameters=True)
-        dist_.barrier()
+        problem, files = None, {}
+        try:
+            engine.save_checkpoint(str(root), tag=pos.tag, client_state={"tdg_position": asdict(pos)},
+                                   exclude_frozen_parameters=True)
+            files = ckpt.hash_my_files(root / pos.tag, rank, world)
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError (iostream error)
+            problem = write_failure(root / pos.tag, e)
+            dist_.barrier()  # the one DeepSpeed's save ends with, which this rank did not reach
+        dist_.raise_if_any(problem)
+        every_file = {k: v for part in dist_.all_gather_object(files) for k, v in part.items()}
         if dist_.is_main():
-            ckpt.mark_complete(root, pos)
-            ckpt.prune(root, cfg.engine.keep_last)
-        dist_.barrier()
+            try:
+                ckpt.mark_complete(root, pos, every_file, recipe)
+                ckpt.prune(root, cfg.engine.keep_last)
+            except OSError as e:
+                problem = write_failure(root / pos.tag, e)
+        dist_.raise_if_any(problem)
 
     last_eval: dict[str, float] = {}
     evaluated_at = -1
@@ -320,6 +402,7 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
                "final_loss": float(np.mean(losses[-window:])) if losses else math.nan,
                "tokens": tokens_seen, "seconds": round(time.time() - t_start, 2), "world_size": world,
                "grad_accum": accum, "precision": prec, "trainable_params": n_trainable, "data": task.data.report(),
+               **({"changed_on_resume": changed} if changed else {}),
                **_throughput(step_seconds, step_rates, fpt, peak * world),
                **{k.rsplit("/", 1)[-1]: v for k, v in last_eval.items()}}
     masters = precision.fp32_masters(named_trainable)  # every rank: assembling them is a collective
@@ -329,7 +412,7 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
                 metrics.update(task.save_fn(engine.module, out) or {})
     dist_.barrier()
     if dist_.is_main():
-        write_done(out, config=asdict(cfg), inputs=inputs, metrics=metrics)
+        write_done(out, config=asdict(cfg), inputs=inputs, metrics=metrics, stage=task.name)
         print(_done_line(task.name, metrics, out), flush=True)
     dist_.barrier()
     return TrainResult(0, metrics)

@@ -23,10 +23,24 @@ def tokenizer_dir(mcfg: ModelConfig) -> str:
 
 
 def check_model_dir(path: str, key: str = "model.path") -> Path:
+    """A local Hugging Face model dir, or an error that says what `path` is instead."""
     p = Path(path)
-    if not (p / "config.json").is_file():
-        raise ConfigError(f"{key}: {path} is not a local Hugging Face model directory (no config.json)")
-    return p
+    if (p / "config.json").is_file():
+        return p
+    if not p.exists():
+        raise ConfigError(f"{key}: {path} does not exist (models are read from local directories)")
+    done = p / "DONE.json"
+    if done.is_file():
+        import json
+
+        stage = json.loads(done.read_text()).get("stage", "a stage")
+        hint = (f"use {p / 'model'} (its full fine-tune)" if (p / "model" / "config.json").is_file() else
+                f"merge it into a model dir with `tdg export --from {p} --output DIR`")
+        raise ConfigError(f"{key}: {path} is the output of {stage}, not a model directory; {hint}")
+    if (p / "adapter_config.json").is_file():
+        raise ConfigError(f"{key}: {path} is a PEFT adapter, not a model directory; give its base model "
+                          "(adapter_config.json: base_model_name_or_path) or merge it with `tdg export`")
+    raise ConfigError(f"{key}: {path} is not a local Hugging Face model directory (no config.json)")
 
 
 def load_base_model(mcfg: ModelConfig, dtype: torch.dtype, ds_config: dict | None = None, scalar_head: bool = False,

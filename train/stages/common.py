@@ -12,12 +12,12 @@ from train.config import TrainStageConfig
 from train.data.dataset import IGNORE, TokenizedSet, read_prepared, tokenize_with
 from train.data.tokenizer import load_tokenizer
 from train.engine import distributed as dist_
-from train.engine import precision
+from train.engine import output_lock, precision
 from train.engine.ds_config import build_ds_config, effective_optim
 from train.engine.loop import TrainTask, run_training
-from train.errors import InputError
+from train.errors import ConfigError, InputError
 from train.manifest import dir_digest, file_digest, read_done
-from train.models.loading import tokenizer_dir
+from train.models.loading import check_model_dir, tokenizer_dir
 
 
 def load_stage_data(name: str, cfg: TrainStageConfig, labels: tuple[str, ...]) -> tuple[TokenizedSet, object]:
@@ -64,7 +64,11 @@ def run_stage(name: str, cfg: TrainStageConfig, build: Callable[[TrainStageConfi
     out = Path(cfg.engine.output_dir)
     if already_done(name, out):
         return 0
+    check_model_dir(cfg.model.path)  # before any tokenizer or model load: a named error, not a hub traceback
+    if cfg.model.tokenizer and not Path(cfg.model.tokenizer).is_dir():
+        raise ConfigError(f"model.tokenizer: {cfg.model.tokenizer} is not a directory (tokenizers are local dirs)")
     device = dist_.setup(cfg.engine.dist_timeout_minutes)
+    output_lock.hold(out, name)
     optim = effective_optim(cfg.optim, cfg.data.max_tokens, dist_.world())
     if cfg.optim.global_batch_tokens and dist_.is_main():
         print(f"[{name}] global batch {cfg.optim.global_batch_tokens:,} tokens = {dist_.world()} rank(s) x "

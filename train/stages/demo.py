@@ -67,7 +67,7 @@ def run_demo(opts: DemoOptions) -> dict:
         _log(f"generating {opts.questions} train + {opts.test_questions} test questions -> {raw}")
         generate(raw, n_train=opts.questions, n_test=opts.test_questions, seed=opts.seed)
         write_gold_solutions(raw / "pretrain" / "gold.jsonl", opts.pretrain_questions, seed=opts.seed)
-        write_done(raw, config=vars(opts), inputs={}, metrics={})
+        write_done(raw, config=vars(opts), inputs={}, metrics={}, stage="demo-data")
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
         _log(f"training a {opts.vocab_size}-piece sentencepiece tokenizer -> {tok_dir}")

@@ -32,7 +32,7 @@ from train.data.mmap_tensors import mmap_safetensors, to_torch
 from train.data.prompt import check_same_template
 from train.engine.loop import TrainTask
 from train.errors import ConfigError, TdgError
-from train.manifest import dir_digest
+from train.manifest import check_stage_output, dir_digest, file_digest
 from train.models.nat import NAT_JSON
 from train.stages.common import load_stage_data, run_stage
 from train.stages.sft import full_model, lora_model
@@ -71,9 +71,11 @@ class StoredScores:
     def __init__(self, scores_dir: str | Path):
         d = Path(scores_dir)
         manifest_path = d / "manifest.json"
-        if not manifest_path.is_file() or not (d / "DONE.json").is_file():
-            raise ConfigError(f"distill.scores: {d} is not a finished stage-score output (no manifest/DONE.json)")
+        check_stage_output(d, "distill.scores", ("score",))
+        if not manifest_path.is_file():
+            raise ConfigError(f"distill.scores: {d} is not a finished stage-score output (no manifest.json)")
         self.manifest = json.loads(manifest_path.read_text())
+        verify_shards(d, self.manifest)
         self.where: dict[str, tuple[int, int, int, float]] = {}  # id -> (shard, start, end, beta)
         self.shards: list[tuple[dict[str, np.ndarray], dict[str, str]]] = []
         for k, shard in enumerate(self.manifest["shards"]):
@@ -102,6 +104,26 @@ class StoredScores:
                 raise ConfigError(f"distill.scores: sample {sid} has {end - start} scored tokens but {n_targets} "
                                   "here; use the same data.max_len, data.overlong and tokenizer as stage score "
                                   f"(score used max_len {self.manifest['max_len']})")
+
+
+def verify_shards(scores_dir: Path, manifest: dict) -> None:
+    """Collective: each rank checks its share of the shards against manifest.json (size, sha256) once, before
+    anything is read; a damaged or truncated shard stops every rank with its name."""
+    from train.engine import distributed as dist_
+
+    problem = None
+    for shard in manifest["shards"][dist_.rank()::dist_.world()]:
+        path = scores_dir / shard["file"]
+        if not path.is_file():
+            problem = f"{path}: missing"
+        elif "size" in shard and path.stat().st_size != shard["size"]:
+            problem = f"{path}: {path.stat().st_size} bytes, {shard['size']} in manifest.json (truncated or replaced)"
+        elif file_digest(path) != shard["sha256"]:
+            problem = f"{path}: does not match its sha256 in manifest.json (damaged or changed since stage score)"
+        if problem:
+            problem += f"; delete {scores_dir / 'DONE.json'} and rerun stage score, which scores bad shards again"
+            break
+    dist_.raise_if_any(problem)
 
 
 def stored_targets(scores: StoredScores, sample_ids: list[str]) -> dict[str, torch.Tensor]:
@@ -177,6 +199,7 @@ def _online_loss(cfg: DistillConfig, tok):
     from train.stages.score import sample_beta, teacher_logprobs
 
     nat_dir = Path(cfg.distill.nat_dir)
+    check_stage_output(nat_dir, "distill.nat_dir", ("nat",), required=False)  # nat.json is checked next
     if not (nat_dir / NAT_JSON).is_file():
         raise ConfigError(f"distill.nat_dir: {nat_dir} is not a finished stage-nat output (no {NAT_JSON})")
     check_same_vocabulary(tok, json.loads((nat_dir / NAT_JSON).read_text())["base_model"])

@@ -37,10 +37,10 @@ from train.data.grading import grade_inline
 from train.data.prompt import DEFAULT_TEMPLATE, recorded_template, render_prompt
 from train.data.readers import Question, read_test_questions
 from train.engine import distributed as dist_
-from train.engine import precision
+from train.engine import output_lock, precision
 from train.engine.signals import EXIT_CHECKPOINTED, StopRequest
 from train.errors import ConfigError
-from train.manifest import dir_digest, file_digest, write_done
+from train.manifest import check_stage_output, dir_digest, file_digest, write_done
 from train.progress import progress
 from train.stages.common import already_done
 from train.voting import WEIGHTINGS, Candidate, any_correct, vote
@@ -162,16 +162,22 @@ def markdown_table(metrics: dict, n: int, weighting: str) -> str:
 
 
 def main(cfg: EvalConfig) -> int:
-    from train.generation import generation_budget, kv_cache_bytes_per_token, load_generator
+    from train.generation import check_generator, generation_budget, kv_cache_bytes_per_token, load_generator
     from train.models.reward import load_ranker, read_ranker_spec
 
     out = Path(cfg.engine.output_dir)
     if already_done("eval", out):
         return 0
-    questions = read_test_questions(cfg.eval.test)  # bad test files fail here, before any model loads
+    # every input is checked before any directory is created or model loaded
+    questions = read_test_questions(cfg.eval.test)
     if cfg.eval.max_questions > 0:
         questions = questions[:cfg.eval.max_questions]
+    check_generator(cfg.eval.model)
+    if cfg.eval.ranker:
+        check_stage_output(cfg.eval.ranker, "eval.ranker", ("ranker",))
+    template = eval_template(cfg, read_ranker_spec(cfg.eval.ranker) if cfg.eval.ranker else None)
     device = dist_.setup(cfg.engine.dist_timeout_minutes)
+    output_lock.hold(out, "eval")
     world, rank = dist_.world(), dist_.rank()
     t0 = time.time()
     if dist_.is_main():
@@ -184,7 +190,6 @@ def main(cfg: EvalConfig) -> int:
     bq = cfg.eval.batch_questions
     busiest = math.ceil(len(remaining) / world)
     rounds = math.ceil(busiest / bq)  # the busiest rank's batches: every rank takes part in each round
-    template = eval_template(cfg, read_ranker_spec(cfg.eval.ranker) if cfg.eval.ranker else None)
     dtype = precision.dtype(cfg.engine.precision, device.type == "cpu")
     model, tok, what = load_generator(cfg.eval.model, device, dtype, cfg.engine.attn_implementation)
     ranker = load_ranker(cfg.eval.ranker, device, dtype) if cfg.eval.ranker else None
@@ -242,7 +247,7 @@ def _finish(cfg: EvalConfig, out: Path, questions: list[Question], t0: float) ->
         for k, v in metrics["overall"].items():
             tb.add_scalar(f"eval/{k}", v, 0)
     inputs = {"test": file_digest(Path(cfg.eval.test)) if Path(cfg.eval.test).is_file() else dir_digest(cfg.eval.test)}
-    write_done(out, config=asdict(cfg), inputs=inputs,
+    write_done(out, stage="eval", config=asdict(cfg), inputs=inputs,
                metrics={**metrics["overall"], "seconds": round(time.time() - t0, 2), "world_size": dist_.world(),
                         **({"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
                            if torch.cuda.is_available() and torch.cuda.is_initialized() else {})})

@@ -16,7 +16,7 @@ from train.config import NatConfig
 from train.data.prompt import check_same_template
 from train.engine.loop import TrainTask
 from train.errors import ConfigError
-from train.manifest import dir_digest
+from train.manifest import check_stage_output, dir_digest
 from train.models.adapters import expected_lora_shapes
 from train.models.loading import check_target_modules, load_base_model
 from train.models.nat import add_nat_layers, gate_shapes, load_lora_branch, save_nat_dir
@@ -46,6 +46,8 @@ def _check_matches_neg(cfg: NatConfig, neg_dir: Path) -> None:
 
 def build(cfg: NatConfig, ds_cfg: dict) -> TrainTask:
     neg_dir = neg_adapter_dir(cfg)
+    check_stage_output(neg_dir.parent if neg_dir.name == "adapter" else neg_dir, "nat.neg_adapter", ("neg", "sft"),
+                       required=False)
     _check_matches_neg(cfg, neg_dir)
     check_same_template(cfg.data.prompt_template, "data.prompt_template",
                         neg_dir.parent if neg_dir.name == "adapter" else neg_dir, "the neg stage")

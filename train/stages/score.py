@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -45,11 +46,11 @@ from train.data.dataset import TokenizedSet, collate, read_prepared, target_mask
 from train.data.prompt import check_same_template
 from train.data.tokenizer import load_tokenizer
 from train.engine import distributed as dist_
-from train.engine import precision
+from train.engine import output_lock, precision
 from train.engine.ds_config import build_ds_config
 from train.engine.signals import EXIT_CHECKPOINTED, StopRequest
 from train.errors import TdgError
-from train.manifest import dir_digest, file_digest, write_done
+from train.manifest import check_stage_output, dir_digest, file_digest, write_done
 from train.models.nat import NAT_JSON, load_nat_teacher, set_mode
 from train.progress import progress
 from train.stages.common import already_done
@@ -121,8 +122,39 @@ def _write_shard(path: Path, ids: list[str], results: list[dict], top_k: int, dt
         "tail_logprob": torch.cat([r["tail_logprob"] for r in results]).float().contiguous(),
     }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"ids": json.dumps(ids), "top_k": str(top_k), "format": FORMAT})
+    try:
+        save_file(tensors, str(tmp), metadata={"ids": json.dumps(ids), "top_k": str(top_k), "format": FORMAT})
+        os.replace(tmp, path)
+        _write_atomic(_digest_path(path), json.dumps({"size": path.stat().st_size, "sha256": file_digest(path)}))
+    except Exception as e:  # noqa: BLE001 -- safetensors reports a full disk as its own error type
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free / 2**30
+        raise TdgError(f"{path}: cannot write the shard ({type(e).__name__}: {e}); {free:.2f} GiB free there") from None
+
+
+def _digest_path(shard: Path) -> Path:
+    """Beside each finished shard, its size and sha256: a restart scores again any shard that no longer matches."""
+    return shard.with_name(shard.name + ".sha256")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def shard_problem(path: Path) -> str | None:
+    """Why a finished shard cannot be kept (missing, no recorded digest, or changed since written), or None."""
+    record = _digest_path(path)
+    if not path.is_file():
+        return f"{path}: missing"
+    try:
+        want = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return f"{path}: no readable {record.name} (written before shards were recorded, or cut off)"
+    if path.stat().st_size != want["size"] or file_digest(path) != want["sha256"]:
+        return f"{path}: changed since it was written (size or sha256 differs from {record.name})"
+    return None
 
 
 def read_shard_ids(path: Path) -> list[str]:
@@ -145,9 +177,11 @@ def main(cfg: ScoreConfig) -> int:
     nat_dir = Path(cfg.score.nat_dir)
     if already_done("score", out):
         return 0
+    check_stage_output(nat_dir, "score.nat_dir", ("nat",), required=False)  # nat.json is checked next
     if not (nat_dir / NAT_JSON).is_file():
         raise TdgError(f"score.nat_dir: {nat_dir} is not a finished stage-nat output (no {NAT_JSON})")
     device = dist_.setup(cfg.engine.dist_timeout_minutes)
+    output_lock.hold(out, "score")
     world, rank = dist_.world(), dist_.rank()
     t0 = time.time()
     spec = json.loads((nat_dir / NAT_JSON).read_text())
@@ -163,7 +197,18 @@ def main(cfg: ScoreConfig) -> int:
         print(f"[score] pos: {data.describe()}", flush=True)
         (out / "shards").mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-    todo = dist_.broadcast_object([i for i in range(len(plans)) if not shard_path(out, i).is_file()])
+    dist_.barrier()
+    existing = [i for i in range(len(plans)) if shard_path(out, i).is_file()]
+    checks = dist_.all_gather_object([(i, shard_problem(shard_path(out, i))) for i in existing[rank::world]])
+    bad = sorted((i, problem) for per_rank in checks for i, problem in per_rank if problem)
+    if bad and dist_.is_main():
+        print(f"[score] {len(bad)} finished shard(s) cannot be kept, scoring them again: "
+              + "; ".join(problem for _, problem in bad[:3]) + (" ..." if len(bad) > 3 else ""), flush=True)
+        for i, _ in bad:
+            shard_path(out, i).unlink(missing_ok=True)
+    dist_.barrier()
+    kept = set(existing) - {i for i, _ in bad}
+    todo = [i for i in range(len(plans)) if i not in kept]
     mine = todo[rank::world]
     rounds = -(-len(todo) // world)  # round k: rank r scores shard todo[k * world + r], if there is one
 
@@ -232,7 +277,8 @@ def _finish(cfg: ScoreConfig, out: Path, nat_dir: Path, data: TokenizedSet, n_sh
             seen[sid] = seen.get(sid, 0) + 1
         with safe_open(str(path), framework="pt") as f:
             betas.append(f.get_tensor("beta").numpy())
-        shards.append({"file": path.relative_to(out).as_posix(), "samples": len(ids), "sha256": file_digest(path)})
+        shards.append({"file": path.relative_to(out).as_posix(), "samples": len(ids), "size": path.stat().st_size,
+                       "sha256": file_digest(path)})
     missing = [s for s in expected_ids if s not in seen]
     twice = [s for s, n in seen.items() if n > 1]
     extra = sorted(set(seen) - set(expected_ids))
@@ -249,7 +295,8 @@ def _finish(cfg: ScoreConfig, out: Path, nat_dir: Path, data: TokenizedSet, n_sh
                "beta_std": float(beta.std()), "beta_min": float(beta.min()), "beta_max": float(beta.max()),
                "seconds": round(time.time() - t0, 2), "world_size": dist_.world(),
                "rank0_scoring_seconds": round(loop_seconds, 2)}  # its shards only: no load, tokenizing or checks
-    write_done(out, config=asdict(cfg), inputs={"data": dir_digest(cfg.data.path), "nat": dir_digest(nat_dir)},
+    write_done(out, stage="score", config=asdict(cfg),
+               inputs={"data": dir_digest(cfg.data.path), "nat": dir_digest(nat_dir)},
                metrics=metrics)
     print(f"[score] {len(expected_ids)} samples in {n_shards} shards; beta mean {metrics['beta_mean']:.4f} "
           f"(min {metrics['beta_min']:.4f}, max {metrics['beta_max']:.4f})", flush=True)

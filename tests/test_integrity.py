@@ -1,0 +1,297 @@
+"""Integrity under faults: damaged checkpoints fall back, damaged scores are refused or redone, one run per
+output dir, no resume under a changed recipe, inputs checked for what they are, bad input and full disks
+named. Every case here ended in a traceback or in a silent success on damaged data before."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, run_stage, stage_cmd, stage_env
+from train.data.prepare import PrepareOptions, prepare
+from train.errors import InputError, TdgError
+
+pytestmark = pytest.mark.slow
+STEPS = 8
+
+
+def _neg_args(prepared, base, out, ds, *extra) -> list[str]:
+    return [f"model.path={base}", f"data.path={prepared}", "data.max_len=384", "data.max_tokens=2048",
+            "optim.lr=5e-3", "optim.warmup_steps=2", "optim.epochs=5", f"optim.max_steps={STEPS}",
+            "engine.save_every=2", "engine.keep_last=3", f"engine.ds_config={ds}", "engine.progress=false",
+            f"engine.output_dir={out}", *extra]
+
+
+def _ok(result) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, prepared_dir, base_model_dir, zero3_partitioned):
+    """A finished 2-rank ZeRO-3 neg run with checkpoints at steps 4, 6 and 8 (the last is the end)."""
+    out = tmp_path_factory.mktemp("integrity") / "neg"
+    _ok(run_stage("neg", _neg_args(prepared_dir, base_model_dir, out, zero3_partitioned)))
+    assert sorted(p.name for p in (out / "checkpoints").glob("step*")) == ["step4", "step6", "step8"]
+    return out
+
+
+def _resumable_copy(finished: Path, where: Path) -> Path:
+    """The finished run's checkpoints without its result, as if it had stopped right after step 8."""
+    out = where / "neg"
+    shutil.copytree(finished, out)
+    (out / "DONE.json").unlink()
+    shutil.rmtree(out / "adapter")
+    return out
+
+
+def _overwrite_16_values(path: Path) -> None:
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.seek(size // 2)
+        f.write(struct.pack("<16f", *([1000.0] * 16)))
+    assert path.stat().st_size == size
+
+
+DAMAGE = {
+    "deleted optimizer shard": lambda d: (d / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink(),
+    "truncated model file": lambda d: (d / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(
+        (d / "zero_pp_rank_0_mp_rank_00_model_states.pt").read_bytes()[:1000]),
+    "deleted model file": lambda d: (d / "zero_pp_rank_0_mp_rank_00_model_states.pt").unlink(),
+    "16 optimizer values overwritten": lambda d: _overwrite_16_values(d / "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+    "garbled COMPLETE.json": lambda d: (d / "COMPLETE.json").write_text('{"global_step": 8, "epo'),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one_and_ends_as_an_intact_run(
+        damage, finished, tmp_path, prepared_dir, base_model_dir, zero3_partitioned):
+    out = _resumable_copy(finished, tmp_path)
+    DAMAGE[damage](out / "checkpoints" / "step8")
+    result = run_stage("neg", _neg_args(prepared_dir, base_model_dir, out, zero3_partitioned))
+    _ok(result)
+    assert f"resumed from {out / 'checkpoints' / 'step6'} at step 6" in result.stdout
+    if damage != "garbled COMPLETE.json":  # an unreadable COMPLETE.json simply makes step8 incomplete
+        assert f"checkpoint {out / 'checkpoints' / 'step8'} is unusable" in result.stdout
+        assert "zero_pp_rank_" in result.stdout.split("is unusable")[1].split("\n")[0]  # the file is named
+    final = load_file(out / "adapter" / "adapter_model.safetensors")
+    reference = load_file(finished / "adapter" / "adapter_model.safetensors")
+    for k in reference:  # steps 7 and 8 trained again from step 6 give the uninterrupted run's adapter
+        torch.testing.assert_close(final[k], reference[k], rtol=0, atol=1e-6)
+
+
+def test_an_intact_checkpoint_records_every_file_with_its_size_and_sha256(finished):
+    from train.manifest import file_digest
+
+    record = json.loads((finished / "checkpoints" / "step8" / "COMPLETE.json").read_text())
+    files = record["files"]
+    on_disk = sorted(p.name for p in (finished / "checkpoints" / "step8").iterdir() if p.name != "COMPLETE.json")
+    assert sorted(files) == on_disk and len(on_disk) == 4  # model and optimizer states of 2 ranks
+    for name, want in files.items():
+        path = finished / "checkpoints" / "step8" / name
+        assert want == {"size": path.stat().st_size, "sha256": file_digest(path)}
+    assert record["recipe"]["config"]["optim"]["lr"] == 5e-3 and "data" in record["recipe"]["inputs"]
+
+
+def test_resuming_under_a_changed_recipe_is_refused_naming_what_changed(finished, tmp_path, prepared_dir,
+                                                                         base_model_dir, zero3_partitioned):
+    out = _resumable_copy(finished, tmp_path)
+    args = _neg_args(prepared_dir, base_model_dir, out, zero3_partitioned, "optim.lr=1e-4")
+    refused = run_stage("neg", args)
+    assert refused.returncode != 0 and "optim.lr: 0.005 -> 0.0001" in refused.stderr, refused.stderr[-2000:]
+    assert not (out / "DONE.json").exists()
+    allowed = run_stage("neg", [*args, "engine.resume_changed_config=true"])
+    _ok(allowed)
+    done = json.loads((out / "DONE.json").read_text())
+    assert done["config"]["optim"]["lr"] == 1e-4 and done["metrics"]["changed_on_resume"] == [
+        "config.optim.lr: 0.005 -> 0.0001"]
+
+
+def test_a_second_run_into_the_same_output_dir_is_refused(tmp_path, prepared_dir, base_model_dir):
+    out = tmp_path / "shared"
+    args = _neg_args(prepared_dir, base_model_dir, out, "zero2", "optim.max_steps=40", "engine.save_every=0")
+    first = subprocess.Popen(stage_cmd("neg", args), env=stage_env(), cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not ((out / ".lock").is_file() and (out / ".lock").read_text()):
+        assert first.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    second = run_stage("neg", args)
+    stdout, _ = first.communicate(timeout=600)
+    assert second.returncode != 0 and f"engine.output_dir {out} is in use by PID" in second.stderr, second.stderr
+    assert first.returncode == 0, stdout[-3000:]
+    assert len(list((out / "tb").glob("events.*"))) == 1  # one run wrote it
+
+
+# --- scores ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory, teacher, prepared_dir):
+    out = tmp_path_factory.mktemp("scores") / "score"
+    _ok(run_stage("score", [f"score.nat_dir={teacher}", f"data.path={prepared_dir}", "data.max_len=384",
+                            "data.max_tokens=2048", "score.shard_size=64", "score.top_k=8", "engine.progress=false",
+                            f"engine.output_dir={out}"], nproc=1))
+    return out
+
+
+def _distill(scores, prepared, base, out):
+    return run_stage("distill", [f"model.path={base}", f"data.path={prepared}", "data.max_len=384",
+                                 "data.max_tokens=2048", "optim.max_steps=2", f"distill.scores={scores}",
+                                 "engine.progress=false", f"engine.output_dir={out}"], nproc=1)
+
+
+@pytest.mark.parametrize("damage", ["values overwritten", "truncated"])
+def test_distill_refuses_a_damaged_score_shard_by_name(damage, scored, tmp_path, prepared_dir, base_model_dir):
+    scores = tmp_path / "score"
+    shutil.copytree(scored, scores)
+    shard = scores / "shards" / "shard-00001.safetensors"
+    if damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:-100])
+    else:
+        _overwrite_16_values(shard)
+    result = _distill(scores, prepared_dir, base_model_dir, tmp_path / "distill")
+    assert result.returncode == 2 and str(shard) in result.stderr, result.stderr[-2000:]
+    assert ("truncated" if damage == "truncated" else "sha256") in result.stderr
+    assert not (tmp_path / "distill" / "DONE.json").exists()
+
+
+def test_score_restarted_over_a_damaged_shard_scores_it_again(scored, tmp_path, teacher, prepared_dir):
+    from safetensors import safe_open
+
+    out = tmp_path / "score"
+    shutil.copytree(scored, out)
+    for name in ("DONE.json", "manifest.json"):
+        (out / name).unlink()
+    shard = out / "shards" / "shard-00001.safetensors"
+    original = shard.read_bytes()
+    _overwrite_16_values(shard)
+    result = run_stage("score", [f"score.nat_dir={teacher}", f"data.path={prepared_dir}", "data.max_len=384",
+                                 "data.max_tokens=2048", "score.shard_size=64", "score.top_k=8",
+                                 "engine.progress=false", f"engine.output_dir={out}"], nproc=1)
+    _ok(result)
+    assert "1 finished shard(s) cannot be kept, scoring them again" in result.stdout and str(shard) in result.stdout
+    with safe_open(str(shard), framework="pt") as f, safe_open(str(scored / "shards" / shard.name), "pt") as g:
+        for key in f.keys():  # noqa: SIM118
+            torch.testing.assert_close(f.get_tensor(key), g.get_tensor(key))
+    assert len(shard.read_bytes()) == len(original)
+
+
+# --- what stages are pointed at ---------------------------------------------------------------------------
+
+
+def test_nat_refuses_a_distill_output_as_its_negative_teacher(tmp_path, prepared_dir, base_model_dir, scored):
+    student = tmp_path / "distill"
+    _ok(_distill(scored, prepared_dir, base_model_dir, student))
+    result = run_stage("nat", [f"model.path={base_model_dir}", f"data.path={prepared_dir}", "data.max_len=384",
+                               "data.max_tokens=2048", f"nat.neg_adapter={student}", "engine.progress=false",
+                               f"engine.output_dir={tmp_path / 'nat'}"], nproc=1)
+    assert result.returncode == 2 and f"nat.neg_adapter: {student} is the output of stage distill, not of stage " \
+        "neg or sft" in result.stderr, result.stderr[-2000:]
+
+    as_model = run_stage("neg", [f"model.path={student}", f"data.path={prepared_dir}", "engine.progress=false",
+                                 f"engine.output_dir={tmp_path / 'neg'}"], nproc=1)
+    assert as_model.returncode == 2 and f"model.path: {student} is the output of distill, not a model directory" \
+        in as_model.stderr and "tdg export" in as_model.stderr, as_model.stderr[-2000:]
+
+
+def test_a_missing_model_path_is_named_before_anything_loads(tmp_path, prepared_dir):
+    result = run_stage("neg", [f"model.path={tmp_path / 'nowhere'}", f"data.path={prepared_dir}",
+                               f"engine.output_dir={tmp_path / 'out'}"], nproc=1)
+    assert result.returncode == 2 and f"model.path: {tmp_path / 'nowhere'} does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_eval_of_a_missing_model_creates_nothing(tmp_path, synthetic_raw):
+    result = run_stage("eval", ["--model", str(tmp_path / "nowhere"), "--test", str(synthetic_raw / "test")],
+                       nproc=1)
+    assert result.returncode == 2 and f"eval.model: {tmp_path / 'nowhere'} does not exist" in result.stderr
+    assert not (tmp_path / "nowhere").exists()
+
+
+# --- bad input --------------------------------------------------------------------------------------------
+
+GOOD = {"question": "Problem:\nWhat is 2+3?", "answer": "2+3=\\boxed{5}", "generated_answer": ["\\boxed{5}"]}
+
+
+@pytest.mark.parametrize("line,reason,message", [
+    ("[" * 100_000 + "]" * 100_000, "invalid_json", "nested too deeply"),
+    ('{"question": "q", "answer": "\\\\boxed{1}", "generated_answer": ["a"], "n": ' + "7" * 5000 + "}",
+     "invalid_json", "invalid JSON"),
+    ('{"question": "What is \\ud800?", "answer": "\\\\boxed{1}", "generated_answer": ["a"]}', "not_unicode",
+     "field 'question' holds a lone surrogate"),
+    ('{"question": "q?", "answer": "\\\\boxed{1}", "generated_answer": ["ok", "bad \\udc00"]}', "not_unicode",
+     "field 'generated_answer[1]' holds a lone surrogate"),
+    ('{"question": "q?", "answer": "so \\\\boxed{1", "generated_answer": ["a"]}', "bad_gold",
+     "never closes"),
+])
+def test_bad_lines_are_named_errors_or_counted_skips_and_leave_no_temp_dir(tmp_path, line, reason, message):
+    src = tmp_path / "in" / "data.jsonl"
+    src.parent.mkdir()
+    src.write_text(json.dumps(GOOD) + "\n" + line + "\n")
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=f"{re.escape(str(src))}:2: .*{re.escape(message)}"):
+        prepare(PrepareOptions(inputs=[str(src)], output=str(out), workers=1, show_progress=False))
+    stats = prepare(PrepareOptions(inputs=[str(src)], output=str(out), workers=1, on_error="skip",
+                                   show_progress=False))
+    assert stats["skipped"] == {reason: 1} and stats["subjects"]["ALL"]["questions"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]  # no .out.tmp left behind
+
+
+def test_a_byte_order_mark_duplicates_and_a_zero_timeout(tmp_path):
+    src = tmp_path / "data.jsonl"
+    dup = {**GOOD, "generated_answer": ["\\boxed{5}", "\\boxed{5}", "\\boxed{6}"]}
+    src.write_bytes(b"\xef\xbb\xbf" + (json.dumps(dup) + "\n" + json.dumps(dup) + "\n").encode())
+    stats = prepare(PrepareOptions(inputs=[str(src)], output=str(tmp_path / "out"), workers=1, show_progress=False))
+    assert stats["duplicates"] == {"questions": 1, "rationales": 4}  # line 2 repeats line 1; "\boxed{5}" x 2 + 3
+    with pytest.raises(TdgError, match="--timeout must be > 0"):
+        prepare(PrepareOptions(inputs=[str(src)], output=str(tmp_path / "o2"), timeout=0, show_progress=False))
+
+
+# --- full disks -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (needs root, as CI has; skipped elsewhere)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_during_prepare_is_named_and_leaves_nothing(small_disk, synthetic_raw):
+    (small_disk / "filler").write_bytes(b"\0" * (2 * 2**20 - 20_000))  # room for a little, not the data
+    with pytest.raises(TdgError, match=r"cannot write the prepared data .*MiB free there"):
+        prepare(PrepareOptions(inputs=[str(synthetic_raw / "train")], output=str(small_disk / "prepared"),
+                               workers=1, show_progress=False))
+    assert [p.name for p in small_disk.iterdir()] == ["filler"]
+
+
+def test_a_full_disk_during_score_is_named(small_disk, teacher, prepared_dir):
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (2 * 2**20 - 200_000))  # leaves room for the config, not for a shard
+    result = run_stage("score", [f"score.nat_dir={teacher}", f"data.path={prepared_dir}", "data.max_len=384",
+                                 "data.max_tokens=2048", "score.top_k=8", "engine.progress=false",
+                                 f"engine.output_dir={small_disk / 'score'}"], nproc=1)
+    assert result.returncode == 2 and "cannot write the shard" in result.stderr and "GiB free there" in result.stderr
+    assert "Traceback" not in result.stderr and not list((small_disk / "score" / "shards").glob(".*tmp*"))
+
+
+def test_a_full_disk_during_a_checkpoint_stops_every_rank_with_the_reason(small_disk, prepared_dir, base_model_dir):
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (2 * 2**20 - 50_000))  # room for the config and logs, not a ~90 KB checkpoint
+    result = run_stage("neg", _neg_args(prepared_dir, base_model_dir, small_disk / "neg", "zero2"))
+    assert result.returncode != 0
+    assert "cannot write" in result.stderr and "GiB free there" in result.stderr, result.stderr[-3000:]
+    assert not list((small_disk / "neg" / "checkpoints").glob("*/COMPLETE.json"))
