@@ -9,28 +9,48 @@ from train.config import AblationConfig, load_config
 from train.errors import ConfigError
 
 
-def _fake_eval(root, seed, variant, greedy, sc, asc):
+def _fake_eval(root, seed, variant, right: int, questions: int = 40):
+    """predictions.jsonl of an eval whose first `right` questions are answered right (greedy, SC, ASC)."""
     d = root / f"seed{seed}" / "eval" / variant
     d.mkdir(parents=True)
-    metrics = {"questions": 10, "greedy": greedy, "sc": sc, "asc_score": asc, "pass_at_n": 50.0, "seconds": 1.0,
-               "world_size": 1}
-    (d / "DONE.json").write_text(json.dumps({"metrics": metrics}))
+    lines = [{"qid": f"q{i:02d}", "greedy": {"correct": i < right},
+              "votes": {"sc": float(i < right), "asc_score": float(i < right), "pass_at_n": True}}
+             for i in range(questions)]
+    (d / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
 
 
-def test_mean_and_std_over_seeds_table_and_chart(tmp_path):
-    _fake_eval(tmp_path, 0, "sft-pos", 10.0, 20.0, 30.0)
-    _fake_eval(tmp_path, 1, "sft-pos", 20.0, 20.0, 10.0)
-    _fake_eval(tmp_path, 0, "nat+nce", 30.0, 40.0, 50.0)
-    _fake_eval(tmp_path, 1, "nat+nce", 30.0, 50.0, 50.0)
-    results = aggregate(tmp_path, [0, 1], ["sft-pos", "nat+nce"])
-    assert results["sft-pos"]["greedy"] == {"values": [10.0, 20.0], "mean": 15.0, "std": 5.0}
-    assert results["nat+nce"]["sc"]["mean"] == 45.0 and "questions" not in results["nat+nce"]
+def test_seeds_and_questions_pooled_with_bootstrap_cis_and_paired_differences(tmp_path):
+    for seed in (0, 1):
+        _fake_eval(tmp_path, seed, "sft-pos", 20)  # 50%
+    _fake_eval(tmp_path, 0, "dpo", 24)  # 60%: 4 more questions right than sft-pos
+    _fake_eval(tmp_path, 1, "dpo", 22)  # 55%
+    results = aggregate(tmp_path, [0, 1], ["sft-pos", "dpo"])
+    dpo = results["dpo"]["greedy"]
+    assert dpo["values"] == [60.0, 55.0] and dpo["mean"] == 57.5 and dpo["std"] == 2.5
+    assert dpo["questions"] == 40 and dpo["ci"][0] < 57.5 < dpo["ci"][1]
+    # paired: only 4 questions differ, so the difference is known far more tightly than either accuracy
+    diff = dpo["diff"]
+    assert diff["mean"] == 7.5 and 0 <= diff["ci"][0] < 7.5 < diff["ci"][1]
+    assert diff["ci"][1] - diff["ci"][0] < 0.6 * (dpo["ci"][1] - dpo["ci"][0])
+    assert "diff" not in results["sft-pos"]["greedy"] and results["sft-pos"]["sc"]["mean"] == 50.0
     table = results_table(results, 8, True, 2, 1.5)
-    assert "| variant | greedy | SC@8 | ASC@8 | pass@8 |" in table
-    assert "| sft-pos | 15.0 ± 5.0 | 20.0 ± 0.0 | 20.0 ± 10.0 | 50.0 ± 0.0 |" in table
-    assert "2 seed(s)" in table
+    assert ("| variant | greedy | Δ greedy vs sft-pos | SC@8 | Δ SC@8 vs sft-pos | ASC@8 | Δ ASC@8 vs sft-pos "
+            "| pass@8 |") in table
+    assert f"| dpo | 57.5 [{dpo['ci'][0]:.1f}, {dpo['ci'][1]:.1f}] | +7.5 [" in table
+    assert "40 test questions x 2 seed(s)" in table
     bar_chart(results, tmp_path / "chart.png", True)
     assert (tmp_path / "chart.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bootstrap_ci_covers_the_true_rate_at_the_stated_level():
+    import numpy as np
+
+    from train.stats import bootstrap_ci
+
+    rng = np.random.default_rng(1)
+    covered = sum(lo <= 30 <= hi for lo, hi in (bootstrap_ci(100 * (rng.random(700) < 0.3), 500, seed=k)
+                                                for k in range(200)))
+    assert 180 <= covered <= 198  # 95% nominal over 200 draws of 700 questions
 
 
 def test_unknown_variant_and_missing_paths_are_config_errors():

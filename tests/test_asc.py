@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from tests.conftest import run_stage, write_lines
 from train.data.dataset import read_prepared, tokenize
+from train.data.pairs import make_pairs
 from train.data.tokenizer import load_tokenizer
-from train.stages.ranker import make_pairs
 from train.voting import Candidate, vote
 
 pytestmark = pytest.mark.slow

@@ -66,8 +66,8 @@ def test_demo_runs_every_stage_end_to_end(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, env=stage_env(), cwd=REPO, timeout=900)
     # the reduced ablation (1 seed, 2 steps per stage): every variant has a row, a chart exists
     table = (out / "ablation" / "results.md").read_text()
-    for variant in ("base", "sft-pos", "sft-mix", "neg-then-pos", "ul", "nat", "kd", "nat+nce"):
+    for variant in ("base", "sft-pos", "sft-mix", "neg-then-pos", "ul", "dpo", "redi", "nat", "kd", "nat+nce"):
         assert f"| {variant} |" in table and f"| {variant} |" in result.stdout
     assert (out / "ablation" / "ablation.png").read_bytes()[:4] == b"\x89PNG"
-    # a rerun resumes: 7 demo stages + 9 ablation trainings + 8 ablation evals, all found finished
-    assert again.returncode == 0 and again.stdout.count("already has DONE.json") == 24
+    # a rerun resumes: 7 demo stages + 11 ablation trainings + 10 ablation evals, all found finished
+    assert again.returncode == 0 and again.stdout.count("already has DONE.json") == 28

@@ -93,7 +93,8 @@ def test_every_shipped_stage_config_loads():
 
     classes = {"neg": config.NegConfig, "nat": config.NatConfig, "sft": config.SftConfig,
                "pretrain": config.SftConfig, "score": config.ScoreConfig, "distill": config.DistillConfig,
-               "ranker": config.RankerConfig, "eval": config.EvalConfig, "ablation": config.AblationConfig}
+               "ranker": config.RankerConfig, "eval": config.EvalConfig, "ablation": config.AblationConfig,
+               "dpo": config.DpoConfig, "redi": config.RediConfig}
     files = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
     assert len(files) >= 14
     for f in files:
@@ -125,7 +126,7 @@ def test_shipped_stage_configs_feed_each_other(family):
     assert cfg["distill"].distill.scores == out["score"]
     assert cfg["eval"].eval.ranker == out["ranker"]
     assert cfg["eval"].eval.model in (out["distill"], str(Path(out["distill"]).parent / "export"))  # or its export
-    trained = [name for name in ("sft", "neg", "nat", "score", "distill", "ranker") if name in cfg]
+    trained = [name for name in ("sft", "neg", "nat", "score", "distill", "ranker", "dpo", "redi") if name in cfg]
     assert len({cfg[name].data.path for name in trained}) == 1
     teacher = {cfg[name].model.path for name in ("neg", "nat")}
     student = {cfg[name].model.path for name in ("sft", "distill", "ranker") if name in cfg}
@@ -154,7 +155,7 @@ def test_shipped_configs_choose_the_zero_stage_by_the_rule():
     """LoRA on a base that fits one GPU: ZeRO-2 (frozen base replicated); a teacher that does not: ZeRO-3,
     scored as ZeRO-3 inference; a teacher that fits: scored without ZeRO (README, "Choosing the ZeRO stage")."""
     cfg = {(p.parent.name, p.stem): _shipped(p) for p in SHIPPED}
-    for name in ("sft", "neg", "nat", "distill", "ranker"):
+    for name in ("sft", "neg", "nat", "distill", "ranker", "dpo", "redi"):
         assert cfg["llama7b", name].engine.ds_config == "zero2"
     assert cfg["llama7b", "score"].engine.ds_config == "none"
     for name in ("neg", "nat"):

@@ -132,8 +132,8 @@ def _hand_total(family: str, stage: str, world: int) -> float:
 
     if family == "llama7b":
         lora = {"neg": lora7[2], "sft": lora7[2], "distill": lora7[2], "nat": lora7[2] + gate7,
-                "ranker": lora7[4] + h7}
-        tokens = {"neg": 4096, "sft": 4096, "nat": 4096, "distill": 1024, "ranker": 8192}
+                "ranker": lora7[4] + h7, "dpo": lora7[2], "redi": lora7[2]}
+        tokens = {"neg": 4096, "sft": 4096, "nat": 4096, "distill": 1024, "ranker": 8192, "dpo": 4096, "redi": 4096}
         if stage == "score":
             return 2 * p7 + 8192 * act7 + 10 * 8192 * v
         if stage == "eval":
@@ -155,7 +155,8 @@ def _hand_total(family: str, stage: str, world: int) -> float:
 
 
 @pytest.mark.parametrize("family,stage", [(f, s) for f in ("llama7b", "large-teacher")
-                                          for s in ("sft", "neg", "nat", "score", "distill", "ranker", "eval")
+                                          for s in ("sft", "neg", "nat", "score", "distill", "ranker", "eval", "dpo",
+                                                    "redi")
                                           if (REPO / "configs" / f / f"{s}.yaml").is_file()])
 def test_each_shipped_config_totals_its_hand_arithmetic(family, stage):
     import importlib

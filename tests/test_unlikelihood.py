@@ -11,7 +11,8 @@ from train.config import SftConfig, load_config
 from train.data.dataset import read_prepared, tokenize
 from train.data.tokenizer import load_tokenizer
 from train.errors import ConfigError
-from train.stages.sft import _flagged_collate, unlikelihood_loss
+from train.stages.common import collate_with_values
+from train.stages.sft import unlikelihood_loss
 
 
 def _data(prepared_dir, base_model_dir):
@@ -29,7 +30,7 @@ def test_loss_equals_a_direct_computation(prepared_dir, base_model_dir, packing)
     data, is_neg = _data(prepared_dir, base_model_dir)
     picks = np.array([int(np.flatnonzero(~is_neg)[0]), int(np.flatnonzero(is_neg)[0]), int(np.flatnonzero(is_neg)[1])])
     model = AutoModelForCausalLM.from_pretrained(base_model_dir, local_files_only=True).eval()
-    batch = _flagged_collate(data, is_neg, 0, packing, True)(picks)
+    batch = collate_with_values(data, is_neg, "neg", 0, packing, True)(picks)
     loss, terms = unlikelihood_loss(model, batch, 0.7)
     ce = ul = 0.0
     for i in picks:  # one sample at a time, by hand
@@ -50,7 +51,7 @@ def _neg_logprob_change(data, is_neg, picks, base_model_dir, loss_of) -> float:
     """Mean log-prob of the negative samples' target tokens after 5 Adam steps minus before."""
     from transformers import AutoModelForCausalLM
 
-    batch = _flagged_collate(data, is_neg, 0, False, True)(picks)
+    batch = collate_with_values(data, is_neg, "neg", 0, False, True)(picks)
     neg_rows = torch.from_numpy(is_neg[picks])
 
     def neg_logprob(model) -> float:

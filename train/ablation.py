@@ -6,6 +6,8 @@ Variants (the paper's comparison, on one student size):
     sft-mix       LoRA on positives and negatives, negatives unmarked
     neg-then-pos  the neg adapter merged into the base, then LoRA on positives (no gate)
     ul            positives with CE + `unlikelihood` x unlikelihood loss on negatives
+    dpo           sft-pos merged, then a LoRA trained with DPO on (pos, neg) pairs, sft-pos as reference
+    redi          sft-pos merged, then a LoRA trained with the REDI objective on positives and negatives
     nat           the NAT model itself (neg + pos + gate) used as the student
     kd            distillation from the NAT teacher with beta fixed to 0.5 (plain KD)
     nat+nce       distillation with the scored beta (NCE)
@@ -13,8 +15,9 @@ Each seed re-runs every training stage with engine.seed = data.seed = seed (neg 
 the teacher is part of the method), then evaluates each variant with stage eval (greedy, SC, ASC;
 the ranker, trained once, is shared). Stage outputs live in OUT/seed<s>/, so a rerun resumes.
 Stages run on this node's GPUs when torch sees any (`ablation.nproc` processes), else on CPU.
-Results: results.json (per variant and metric: every seed's value, mean, std), results.md (a
-mean ± std table) and ablation.png (bar chart with std error bars).
+Results: results.json (per variant and metric: every seed's value, mean, std, a 95% bootstrap CI over
+questions, and the paired difference from sft-pos with its CI), results.md (the table) and
+ablation.png (bar chart with the CIs as error bars).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from train.config import AblationConfig
 from train.errors import ConfigError
 from train.export import export
 from train.launch import launch_stage
-from train.manifest import read_done
+from train.stats import bootstrap_ci
 
 NEEDS = {"neg": {"neg-then-pos", "nat", "kd", "nat+nce"}, "nat": {"nat", "kd", "nat+nce"}, "score": {"kd", "nat+nce"}}
 
@@ -43,11 +46,11 @@ def run_ablation(cfg: AblationConfig) -> dict:
     a = cfg.ablation
     out = Path(cfg.engine.output_dir)
     configs = Path(a.configs)
-    for name in ("sft", "neg", "nat", "score", "distill", "eval"):
+    variants = list(a.variants)
+    for name in ("sft", "neg", "nat", "score", "distill", "eval", *({"dpo", "redi"} & set(variants))):
         if not (configs / f"{name}.yaml").is_file():
             raise ConfigError(f"ablation.configs: {configs} has no {name}.yaml")
     t0 = time.time()
-    variants = list(a.variants)
     for seed in a.seeds:
         _log(f"seed {seed}: {', '.join(variants)}")
         _run_seed(cfg, seed, variants, out / f"seed{seed}")
@@ -91,20 +94,22 @@ def _run_seed(cfg: AblationConfig, seed: int, variants: list[str], d: Path) -> N
         models["nat"] = nat
     if wanted & NEEDS["score"]:
         score = stage("score", "score", "score", [f"data.path={a.data}", f"score.nat_dir={nat}"])
-    if "sft-pos" in wanted:
-        models["sft-pos"] = stage("sft", "sft", "sft-pos", [*student, "sft.labels=[pos]"])
+    if wanted & {"sft-pos", "dpo", "redi"}:
+        sft_pos = stage("sft", "sft", "sft-pos", [*student, "sft.labels=[pos]"])
+        models["sft-pos"] = sft_pos
     if "sft-mix" in wanted:
         models["sft-mix"] = stage("sft", "sft", "sft-mix", [*student, "sft.labels=[pos,neg]"])
     if "ul" in wanted:
         models["ul"] = stage("sft", "sft", "ul", [*student, "sft.labels=[pos,neg]",
                                                       f"sft.unlikelihood={a.unlikelihood}"])
     if "neg-then-pos" in wanted:
-        merged = d / "neg-merged"
-        if not (merged / "config.json").is_file():
-            _log(export(neg, merged))
         models["neg-then-pos"] = stage("sft", "sft", "neg-then-pos",
-                                       [f"model.path={merged}", f"model.tokenizer={a.base_model}", *common,
-                                        "sft.labels=[pos]"])
+                                       [f"model.path={_merged(neg, d / 'neg-merged')}",
+                                        f"model.tokenizer={a.base_model}", *common, "sft.labels=[pos]"])
+    for name in ("dpo", "redi"):  # both start from the SFT model (merged): TRL's and the REDI paper's recipe
+        if name in wanted:
+            models[name] = stage(name, name, name, [f"model.path={_merged(sft_pos, d / 'sft-pos-merged')}",
+                                                    f"model.tokenizer={a.base_model}", *common])
     if "kd" in wanted:
         models["kd"] = stage("distill", "distill", "kd", [*student, f"distill.scores={score}",
                                                           "distill.fixed_beta=0.5"])
@@ -118,14 +123,52 @@ def _run_seed(cfg: AblationConfig, seed: int, variants: list[str], d: Path) -> N
                      f"ablation seed {seed} eval {v}", "rerun to resume", cpu=cpu)
 
 
-def aggregate(out: Path, seeds: list[int], variants: list[str]) -> dict:
-    """{variant: {metric: {values, mean, std}}} over seeds (std: population, 0 for one seed)."""
+def _merged(adapter_stage: Path, target: Path) -> Path:
+    """The stage's adapter merged into its base (once): a model dir that a new LoRA can train on."""
+    if not (target / "config.json").is_file():
+        _log(export(adapter_stage, target))
+    return target
+
+
+METRICS = {"greedy": lambda r: float(r["greedy"]["correct"]), "sc": lambda r: float(r["votes"]["sc"]),
+           "asc_score": lambda r: float(r["votes"]["asc_score"]), "pass_at_n": lambda r: float(r["votes"]["pass_at_n"])}
+BASELINE = "sft-pos"
+
+
+def per_question(eval_dir: Path) -> dict[str, dict[str, float]]:
+    """{qid: {metric: 0..1}} from an eval's predictions.jsonl (SC and ASC give split ties fractional credit)."""
+    from train.stages.evaluate import PREDICTIONS
+
+    out = {}
+    for line in (eval_dir / PREDICTIONS).read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        out[r["qid"]] = {k: f(r) for k, f in METRICS.items() if k == "greedy" or k in r["votes"]}
+    return out
+
+
+def aggregate(out: Path, seeds: list[int], variants: list[str], n_boot: int = 2000) -> dict:
+    """Per variant and metric, in %: each seed's accuracy, their mean and std, and a 95% bootstrap CI of the
+    mean over questions (each question's score averaged over seeds first, so the CI pools seeds and
+    questions but resamples only questions, which seeds share). With sft-pos among the variants, every
+    other variant also gets `diff`: its paired difference from sft-pos with a paired bootstrap CI."""
+    scores = {v: [per_question(out / f"seed{s}" / "eval" / v) for s in seeds] for v in variants}
+    qids = sorted(set.intersection(*(set(d) for runs in scores.values() for d in runs)))
+
+    def matrix(v: str, key: str) -> np.ndarray:  # [seeds, questions]
+        return np.array([[run[q][key] for q in qids] for run in scores[v]])
+
     results: dict[str, dict] = {}
     for v in variants:
-        per_seed = [read_done(out / f"seed{s}" / "eval" / v)["metrics"] for s in seeds]
-        keys = [k for k in per_seed[0] if k not in ("questions", "seconds", "world_size")]
-        results[v] = {k: {"values": [m[k] for m in per_seed], "mean": float(np.mean([m[k] for m in per_seed])),
-                          "std": float(np.std([m[k] for m in per_seed]))} for k in keys}
+        results[v] = {}
+        for key in [k for k in METRICS if k in scores[v][0][qids[0]]]:
+            m = 100 * matrix(v, key)
+            lo, hi = bootstrap_ci(m.mean(0), n_boot)
+            entry = {"values": m.mean(1).tolist(), "mean": float(m.mean()), "std": float(m.mean(1).std()),
+                     "ci": [lo, hi], "questions": len(qids)}
+            if BASELINE in scores and v != BASELINE:
+                d = (m - 100 * matrix(BASELINE, key)).mean(0)
+                entry["diff"] = {"mean": float(d.mean()), "ci": list(bootstrap_ci(d, n_boot))}
+            results[v][key] = entry
     return results
 
 
@@ -134,15 +177,32 @@ def _columns(has_ranker: bool) -> list[tuple[str, str]]:
     return cols[:2] + [("asc_score", "ASC")] + cols[2:] if has_ranker else cols
 
 
+def _title(title: str, n: int) -> str:
+    return title.replace("n", str(n)) if title == "pass@n" else (f"{title}@{n}" if title in ("SC", "ASC") else title)
+
+
 def results_table(results: dict, n: int, has_ranker: bool, seeds: int, minutes: float) -> str:
+    """Mean [95% CI] per metric and, but for pass@n, the paired difference from sft-pos [95% CI]."""
     cols = _columns(has_ranker)
-    head = "| variant | " + " | ".join(title.replace("n", str(n)) if title == "pass@n" else
-                                     (f"{title}@{n}" if title in ("SC", "ASC") else title) for _, title in cols) + " |"
-    lines = [f"Accuracy in % on the test questions, mean ± std over {seeds} seed(s); {minutes:.1f} min in all.", "",
-             head, "|" + " --- |" * (len(cols) + 1)]
+    head, rule = ["variant"], []
+    for key, title in cols:
+        head.append(_title(title, n))
+        if key != "pass_at_n":
+            head.append(f"Δ {_title(title, n)} vs {BASELINE}")
+    rule = "|" + " --- |" * len(head)
+    questions = next(iter(next(iter(results.values())).values()))["questions"]
+    lines = [f"Accuracy in % on {questions} test questions x {seeds} seed(s): mean [95% CI], and the paired "
+             f"difference from {BASELINE} [95% CI] (bootstrap over questions, seeds averaged); "
+             f"{minutes:.1f} min in all.", "", "| " + " | ".join(head) + " |", rule]
     for v, metrics in results.items():
-        cells = [f"{metrics[k]['mean']:.1f} ± {metrics[k]['std']:.1f}" for k, _ in cols]
-        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+        cells = [v]
+        for key, _ in cols:
+            m = metrics[key]
+            cells.append(f"{m['mean']:.1f} [{m['ci'][0]:.1f}, {m['ci'][1]:.1f}]")
+            if key != "pass_at_n":
+                d = m.get("diff")
+                cells.append(f"{d['mean']:+.1f} [{d['ci'][0]:+.1f}, {d['ci'][1]:+.1f}]" if d else "")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -158,11 +218,13 @@ def bar_chart(results: dict, path: Path, has_ranker: bool) -> None:
     width = 0.8 / len(cols)
     fig, ax = plt.subplots(figsize=(1.3 * len(variants) + 2, 4))
     for i, (key, title) in enumerate(cols):
-        ax.bar(x + (i - (len(cols) - 1) / 2) * width, [results[v][key]["mean"] for v in variants], width,
-               yerr=[results[v][key]["std"] for v in variants], capsize=3, label=title)
+        means = np.array([results[v][key]["mean"] for v in variants])
+        ci = np.array([results[v][key]["ci"] for v in variants])
+        ax.bar(x + (i - (len(cols) - 1) / 2) * width, means, width, yerr=[means - ci[:, 0], ci[:, 1] - means],
+               capsize=3, label=title)
     ax.set_xticks(x, variants)
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("Negative-data ablation (mean ± std over seeds)")
+    ax.set_title("Negative-data ablation (mean, 95% bootstrap CI over questions)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

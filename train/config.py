@@ -307,6 +307,46 @@ class SftConfig(TrainStageConfig):
 
 
 @dataclasses.dataclass
+class DpoSection:
+    beta: float = 0.1  # strength of the implicit KL to the reference (TRL's default)
+    pairs_per_question: int = 0  # cap on (pos, neg) pairs per question; 0: max(#pos, #neg), every rationale used
+    seed: int = 0  # seeds the pairing
+
+    def validate(self) -> None:
+        if self.beta <= 0 or self.pairs_per_question < 0:
+            raise ConfigError(f"dpo: beta > 0 and pairs_per_question >= 0 required, got {self.beta}, "
+                              f"{self.pairs_per_question}")
+
+
+@dataclasses.dataclass
+class DpoConfig(TrainStageConfig):
+    """Stage `dpo`: a LoRA trained with DPO on (pos, neg) pairs; the reference is model.path (adapter off)."""
+
+    dpo: DpoSection = dataclasses.field(default_factory=DpoSection)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.data.packing:
+            raise ConfigError("data.packing: dpo compares whole sequences of a pair; use padded batches")
+
+
+@dataclasses.dataclass
+class RediSection:
+    alpha: float = 0.8  # weight of the negative term, < 1 for stability (the REDI paper's recommended 0.8)
+
+    def validate(self) -> None:
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError(f"redi.alpha: between 0 and 1 (the paper recommends 0.8), got {self.alpha}")
+
+
+@dataclasses.dataclass
+class RediConfig(TrainStageConfig):
+    """Stage `redi`: a LoRA trained with the REDI objective on positives and negatives (reference-free)."""
+
+    redi: RediSection = dataclasses.field(default_factory=RediSection)
+
+
+@dataclasses.dataclass
 class NatSection:
     neg_adapter: str = ""  # output dir of stage neg (its `adapter/` is used)
     gate_dim: int = 128  # width of the gate's Q, K and of V's bottleneck (the paper: 128)
@@ -472,7 +512,7 @@ class EvalConfig:
     engine: EvalEngine = dataclasses.field(default_factory=EvalEngine)
 
 
-ABLATION_VARIANTS = ["base", "sft-pos", "sft-mix", "neg-then-pos", "ul", "nat", "kd", "nat+nce"]
+ABLATION_VARIANTS = ["base", "sft-pos", "sft-mix", "neg-then-pos", "ul", "dpo", "redi", "nat", "kd", "nat+nce"]
 
 
 @dataclasses.dataclass

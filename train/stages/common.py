@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from train.config import TrainStageConfig
-from train.data.dataset import IGNORE, TokenizedSet, read_prepared, tokenize_with
+from train.data.dataset import IGNORE, TokenizedSet, collate, read_prepared, tokenize_with
 from train.data.tokenizer import load_tokenizer
 from train.engine import distributed as dist_
 from train.engine import output_lock, precision
@@ -47,6 +48,39 @@ def causal_lm_loss(module: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, 
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
                            reduction="sum")
     return loss, {}
+
+
+def token_logprobs(module: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, L-1] fp32 log p of each next token, 0 off target; [B, L-1] bool target mask), through the fused
+    cross-entropy so no [B, L, V] log-softmax is kept."""
+    logits = module(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                    position_ids=batch.get("position_ids"), use_cache=False).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    lp = -F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="none")
+    return lp.view(labels.shape), labels != IGNORE
+
+
+def is_negative(cfg: TrainStageConfig, data: TokenizedSet) -> np.ndarray:
+    """[len(data)] bool: which samples are negative rationales (from the prepared data's labels)."""
+    table = read_prepared(cfg.data.path, columns=["id", "label"])
+    label_of = dict(zip(table.column("id").to_pylist(), table.column("label").to_pylist(), strict=True))
+    return np.array([label_of[i] == "neg" for i in data.ids])
+
+
+def collate_with_values(data: TokenizedSet, values: np.ndarray, key: str, pad_id: int, packing: bool,
+                        mask_prompt: bool = True):
+    """A collate function: the usual batch plus `key`, each sample's `values[i]` at every one of its positions
+    (same layout as labels), for losses that treat samples differently (negatives, per-sample weights)."""
+    def collate_fn(indices) -> dict:
+        batch = collate(data, indices, pad_id, packing, mask_prompt)
+        if packing:
+            per_token = np.concatenate([np.full(len(data.input_ids[i]), values[i]) for i in indices])[None]
+        else:
+            per_token = np.repeat(values[indices][:, None], batch["labels"].shape[1], axis=1)
+        batch[key] = torch.from_numpy(per_token)
+        return batch
+
+    return collate_fn
 
 
 def already_done(name: str, out: Path) -> bool:

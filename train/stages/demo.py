@@ -35,8 +35,8 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "tiny"
 class DemoOptions:
     output: str = "demo_out"
     questions: int = 600
-    pretrain_questions: int = 20000
-    test_questions: int = 150
+    pretrain_questions: int = 47000
+    test_questions: int = 1500
     seed: int = 0
     workers: int = 2
     vocab_size: int = 512

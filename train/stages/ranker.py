@@ -7,11 +7,8 @@ summed over pairs, mean per step. The pointwise loss makes s an absolute score t
 for every question, which is what ASC's weighted vote adds up across candidates; the pairwise loss
 only orders the rationales of one question and leaves each question an arbitrary offset.
 
-A question with P positives and N negatives gives max(P, N) pairs (capped by
-`ranker.pairs_per_question`): both lists shuffled, then cycled, so every rationale is used and
-none twice more than needed. Questions with only one kind cannot form a pair; they are skipped
-and counted. A `ranker.heldout_fraction` of questions (chosen by a hash of question id and seed,
-so the split does not depend on data order) is kept out; at each epoch end its pairwise accuracy
+Pairs come from `train.data.pairs.make_pairs` (`ranker.pairs_per_question` caps them). A
+`ranker.heldout_fraction` of questions is kept out; at each epoch end its pairwise accuracy
 (share of pairs with r(pos) > r(neg)) and calibration (mean s of its positives and negatives,
 Brier score) are measured, logged to TensorBoard and kept in DONE.json.
 
@@ -27,19 +24,16 @@ Output: `adapter/` (LoRA on the body), `head.safetensors` (the scalar head, full
 
 from __future__ import annotations
 
-import hashlib
 import json
-import random
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from train.config import RankerConfig
 from train.data.batching import TokenBudgetBatcher
-from train.data.dataset import TokenizedSet, collate, read_prepared, tokenize_with
+from train.data.dataset import read_prepared, tokenize_with
+from train.data.pairs import PairSet, make_pairs
 from train.data.tokenizer import load_tokenizer
 from train.engine import distributed as dist_
 from train.engine.loop import TrainTask
@@ -49,72 +43,6 @@ from train.models.loading import check_target_modules, load_base_model, tokenize
 from train.models.reward import RANKER_JSON, RewardModel, save_head
 from train.stages.common import model_dtype, run_stage
 from train.stages.sft import peft_lora_config
-
-
-@dataclass
-class PairSet:
-    """(pos, neg) pairs over one tokenized set; `lengths` is what a pair costs in a padded batch."""
-
-    seqs: TokenizedSet
-    pos: np.ndarray
-    neg: np.ndarray
-
-    @property
-    def ids(self) -> list[str]:
-        return [f"{self.seqs.ids[p]}>{self.seqs.ids[n]}" for p, n in zip(self.pos, self.neg, strict=True)]
-
-    @property
-    def lengths(self) -> np.ndarray:
-        lens = self.seqs.lengths
-        return 2 * np.maximum(lens[self.pos], lens[self.neg])
-
-    def __len__(self) -> int:
-        return len(self.pos)
-
-    def report(self) -> dict:
-        return self.seqs.report()
-
-    def batch(self, indices, pad_id: int) -> dict:
-        """Rows 0..B-1 the positives, rows B..2B-1 their negatives, right padded."""
-        rows = np.concatenate([self.pos[indices], self.neg[indices]])
-        b = collate(self.seqs, rows, pad_id, packing=False)
-        return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
-
-
-def is_heldout(qid: str, fraction: float, seed: int) -> bool:
-    h = int.from_bytes(hashlib.sha1(f"{seed}:{qid}".encode()).digest()[:8], "big")
-    return h / 2**64 < fraction
-
-
-def make_pairs(qids: list[str], labels: list[str], data: TokenizedSet, row_of: dict[str, int], ids: list[str],
-               fraction: float, cap: int, seed: int) -> tuple[PairSet, PairSet, dict]:
-    """Train and held-out pairs from rows (qid, label, id); rows missing from `data` are ignored."""
-    groups: dict[str, tuple[list[int], list[int]]] = {}
-    for qid, label, rid in zip(qids, labels, ids, strict=True):
-        if rid in row_of:
-            groups.setdefault(qid, ([], []))[0 if label == "pos" else 1].append(row_of[rid])
-    pairs = {False: ([], []), True: ([], [])}
-    stats = {"questions": len(groups), "only_pos": 0, "only_neg": 0}
-    for qid in sorted(groups):
-        pos, neg = groups[qid]
-        if not pos or not neg:
-            stats["only_pos" if pos else "only_neg"] += 1
-            continue
-        rng = random.Random(f"{seed}:{qid}")
-        rng.shuffle(pos)
-        rng.shuffle(neg)
-        n = max(len(pos), len(neg))
-        n = min(n, cap) if cap > 0 else n
-        held = is_heldout(qid, fraction, seed)
-        pairs[held][0].extend(pos[k % len(pos)] for k in range(n))
-        pairs[held][1].extend(neg[k % len(neg)] for k in range(n))
-
-    def as_set(held: bool) -> PairSet:
-        return PairSet(data, np.asarray(pairs[held][0], dtype=np.int64), np.asarray(pairs[held][1], dtype=np.int64))
-
-    train, heldout = as_set(False), as_set(True)
-    stats.update(train_pairs=len(train), heldout_pairs=len(heldout))
-    return train, heldout, stats
 
 
 def bradley_terry(rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -15,15 +15,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from train.config import SftConfig, TrainStageConfig
-from train.data.dataset import IGNORE, collate, read_prepared
 from train.engine.loop import TrainTask
 from train.models.adapters import AdapterSaveError, expected_lora_shapes, save_adapter
 from train.models.loading import check_target_modules, load_base_model
-from train.stages.common import causal_lm_loss, load_stage_data, model_dtype, run_stage
+from train.stages.common import (
+    causal_lm_loss,
+    collate_with_values,
+    is_negative,
+    load_stage_data,
+    model_dtype,
+    run_stage,
+    token_logprobs,
+)
 
 
 def peft_lora_config(cfg: TrainStageConfig, task_type: str | None = "CAUSAL_LM"):
@@ -82,37 +88,17 @@ def build_sft(cfg: TrainStageConfig, ds_cfg: dict, labels: tuple[str, ...], name
     model, save = full_model(cfg, ds_cfg, tok) if full else lora_model(cfg, ds_cfg, name)
     loss_fn, collate_fn = causal_lm_loss, None
     if unlikelihood > 0:
-        label_of = dict(zip(*(read_prepared(cfg.data.path, columns=["id", "label"]).column(c).to_pylist()
-                              for c in ("id", "label")), strict=True))
-        is_neg = np.array([label_of[i] == "neg" for i in data.ids])
-        collate_fn = _flagged_collate(data, is_neg, tok.pad_token_id, cfg.data.packing, cfg.data.mask_prompt)
+        collate_fn = collate_with_values(data, is_negative(cfg, data), "neg", tok.pad_token_id, cfg.data.packing,
+                                         cfg.data.mask_prompt)
         loss_fn = lambda module, batch: unlikelihood_loss(module, batch, unlikelihood)  # noqa: E731
     return TrainTask(name=name, model=model, data=data, loss_fn=loss_fn, pad_id=tok.pad_token_id,
                      collate_fn=collate_fn, save_fn=lambda module, out: {**save(module, out), "samples": len(data)})
 
 
-def _flagged_collate(data, is_neg: np.ndarray, pad_id: int, packing: bool, mask_prompt: bool):
-    """The usual batch plus `neg`: 1 at every position of a negative sample (same layout as labels)."""
-    def collate_fn(indices) -> dict:
-        batch = collate(data, indices, pad_id, packing, mask_prompt)
-        if packing:
-            flags = np.concatenate([np.full(len(data.input_ids[i]), is_neg[i]) for i in indices])[None]
-        else:
-            flags = np.repeat(is_neg[indices][:, None], batch["labels"].shape[1], axis=1)
-        batch["neg"] = torch.from_numpy(flags.astype(np.bool_))
-        return batch
-
-    return collate_fn
-
-
 def unlikelihood_loss(module: torch.nn.Module, batch: dict, weight: float) -> tuple[torch.Tensor, dict]:
     """Sum of CE over positive target tokens + weight * sum of -log(1 - p) over negative ones."""
-    logits = module(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                    position_ids=batch.get("position_ids"), use_cache=False).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE
-    lp = torch.log_softmax(logits[mask].float(), -1).gather(-1, labels[mask][:, None]).squeeze(-1)
-    neg = batch["neg"][:, 1:][mask]
+    lp, mask = token_logprobs(module, batch)
+    lp, neg = lp[mask], batch["neg"][:, 1:][mask]
     ce = -(lp[~neg]).sum()
     ul = -torch.log1p(-lp[neg].exp().clamp(max=1 - 1e-6)).sum()
     return ce + weight * ul, {"ce": ce.detach(), "ul": ul.detach()}
