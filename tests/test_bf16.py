@@ -35,7 +35,8 @@ def bf16_runs(request, tmp_path_factory, prepared_dir, base_model_dir, zero3_par
     zero = request.param
     ds = "zero2" if zero == "zero2" else zero3_partitioned
     root = tmp_path_factory.mktemp(f"bf16-{zero}")
-    out = {name: root / name for name in ("sft", "neg", "nat", "score", "distill", "distill-online", "ranker")}
+    out = {name: root / name for name in ("sft", "neg", "nat", "score", "distill", "distill-online", "ranker",
+                                          "dpo", "redi")}
 
     def train(stage: str, name: str, *extra: str) -> None:
         _ok(run_stage(stage, [*_common(prepared_dir, base_model_dir, out[name], ds), *extra]))
@@ -50,16 +51,32 @@ def bf16_runs(request, tmp_path_factory, prepared_dir, base_model_dir, zero3_par
     train("distill", "distill", f"distill.scores={out['score']}")
     train("distill", "distill-online", "distill.mode=online", f"distill.nat_dir={out['nat']}")
     train("ranker", "ranker", "ranker.heldout_fraction=0.2")
+    train("dpo", "dpo")
+    train("redi", "redi")
     return zero, out
 
 
-@pytest.mark.parametrize("name", ["sft", "neg", "nat", "distill", "distill-online", "ranker"])
+@pytest.mark.parametrize("name", ["sft", "neg", "nat", "distill", "distill-online", "ranker", "redi"])
 def test_every_training_stage_trains_in_bf16_and_its_loss_goes_down(bf16_runs, name):
     zero, out = bf16_runs
     m = json.loads((out[name] / "DONE.json").read_text())["metrics"]
     assert m["precision"] == "bf16" and m["world_size"] == 2 and m["global_step"] == STEPS
     assert math.isfinite(m["first_loss"]) and math.isfinite(m["final_loss"])
     assert m["final_loss"] < m["first_loss"], (zero, name, m["first_loss"], m["final_loss"])
+
+
+def test_dpo_in_bf16_starts_at_the_reference_and_saves_fp32(bf16_runs):
+    """DPO's per-step loss is noisy over a few steps; what bf16 could break is the reference (the base with
+    the adapter off) drifting from the policy at step 1, and the saved dtype."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, out = bf16_runs
+    events = EventAccumulator(str(out["dpo"] / "tb"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("dpo/loss")]
+    assert len(losses) == STEPS and all(math.isfinite(v) for v in losses)
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-3)  # policy == reference at the first step, in bf16
+    _trained_fp32(out["dpo"] / "adapter" / "adapter_model.safetensors")
 
 
 def _trained_fp32(path) -> dict[str, torch.Tensor]:
@@ -78,6 +95,7 @@ def test_adapters_gate_and_head_are_saved_in_fp32_from_the_masters(bf16_runs):
     _trained_fp32(out["nat"] / "gate.safetensors")
     _trained_fp32(out["ranker"] / "adapter" / "adapter_model.safetensors")
     _trained_fp32(out["ranker"] / "head.safetensors")
+    _trained_fp32(out["redi"] / "adapter" / "adapter_model.safetensors")
 
 
 def test_bf16_scores_are_finite_and_cover_every_sample_once(bf16_runs):
