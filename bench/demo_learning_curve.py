@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,7 +28,7 @@ from bench.common import record  # noqa: E402
 from train.data.answers import last_boxed  # noqa: E402
 from train.data.batching import TokenBudgetBatcher  # noqa: E402
 from train.data.dataset import collate, prompt_ids  # noqa: E402
-from train.data.prompt import DEFAULT_TEMPLATE, bare_question, bare_rationale  # noqa: E402
+from train.data.prompt import bare_question, bare_rationale  # noqa: E402
 from train.data.synthetic import generate, make_question, write_gold_solutions  # noqa: E402
 from train.data.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 from train.engine.schedule import warmup_cosine  # noqa: E402
@@ -64,14 +63,15 @@ def data(work: Path, n_pretrain: int, n_test: int, vocab: int):
 
 
 def tokenized(tok, gold: list[dict], max_len: int):
-    from train.data.dataset import TokenizedSet, encode
+    """The gold solutions through the stages' own tokenization (prompt template, EOS, overlong dropped)."""
+    import pyarrow as pa
 
-    prompts, targets = encode(tok, [bare_question(g["question"]) for g in gold],
-                              [bare_rationale(g["rationale"]) for g in gold], DEFAULT_TEMPLATE)
-    ids = [np.array(p + t + [tok.eos_token_id], dtype=np.int64) for p, t in zip(prompts, targets, strict=True)]
-    keep = [i for i, x in enumerate(ids) if len(x) <= max_len]
-    return TokenizedSet(ids=[str(i) for i in keep], input_ids=[ids[i] for i in keep],
-                        prompt_lens=np.array([len(prompts[i]) for i in keep]), max_len=max_len)
+    from train.data.dataset import tokenize
+
+    table = pa.table({"id": [str(i) for i in range(len(gold))],
+                      "question": [bare_question(g["question"]) for g in gold],
+                      "rationale": [bare_rationale(g["rationale"]) for g in gold]})
+    return tokenize(table, tok, max_len)
 
 
 @torch.no_grad()

@@ -153,20 +153,19 @@ def aggregate(out: Path, seeds: list[int], variants: list[str], n_boot: int = 20
     other variant also gets `diff`: its paired difference from sft-pos with a paired bootstrap CI."""
     scores = {v: [per_question(out / f"seed{s}" / "eval" / v) for s in seeds] for v in variants}
     qids = sorted(set.intersection(*(set(d) for runs in scores.values() for d in runs)))
-
-    def matrix(v: str, key: str) -> np.ndarray:  # [seeds, questions]
-        return np.array([[run[q][key] for q in qids] for run in scores[v]])
-
+    keys = [k for k in METRICS if k in scores[variants[0]][0][qids[0]]]
+    # [seeds, questions] in % per variant and metric
+    m = {(v, k): 100 * np.array([[run[q][k] for q in qids] for run in scores[v]]) for v in variants for k in keys}
     results: dict[str, dict] = {}
     for v in variants:
         results[v] = {}
-        for key in [k for k in METRICS if k in scores[v][0][qids[0]]]:
-            m = 100 * matrix(v, key)
-            lo, hi = bootstrap_ci(m.mean(0), n_boot)
-            entry = {"values": m.mean(1).tolist(), "mean": float(m.mean()), "std": float(m.mean(1).std()),
+        for key in keys:
+            x = m[v, key]
+            lo, hi = bootstrap_ci(x.mean(0), n_boot)
+            entry = {"values": x.mean(1).tolist(), "mean": float(x.mean()), "std": float(x.mean(1).std()),
                      "ci": [lo, hi], "questions": len(qids)}
             if BASELINE in scores and v != BASELINE:
-                d = (m - 100 * matrix(BASELINE, key)).mean(0)
+                d = (x - m[BASELINE, key]).mean(0)
                 entry["diff"] = {"mean": float(d.mean()), "ci": list(bootstrap_ci(d, n_boot))}
             results[v][key] = entry
     return results

@@ -13,6 +13,7 @@ import sys
 from train.data.prompt import DEFAULT_TEMPLATE
 from train.engine.signals import EXIT_CHECKPOINTED
 from train.errors import StageStopped, TdgError
+from train.plan import PLANNED_STAGES
 
 EXIT_USER_ERROR = 2
 
@@ -201,7 +202,7 @@ def _add_plan(sub) -> None:
                     "Exits 2 naming the reason when a stage will not fit. slurm/pipeline.sh runs it first.")
     p.add_argument("--config", action="append", required=True, metavar="FILE",
                    help="a stage config; repeat for several. The stage is the file name (pretrain.yaml: sft)")
-    p.add_argument("--stage", choices=["sft", "neg", "nat", "score", "distill", "ranker", "eval"],
+    p.add_argument("--stage", choices=PLANNED_STAGES,
                    help="the stage, when the file name does not say it")
     p.add_argument("--nodes", type=int, default=1, help="nodes of the job (default 1)")
     p.add_argument("--gpus-per-node", type=int, default=1, help="GPUs (= ranks) per node (default 1)")

@@ -280,6 +280,11 @@ class TrainStageConfig:
             raise ConfigError(f"data.max_len ({self.data.max_len}) must be <= data.max_tokens "
                               f"({self.data.max_tokens}): a batch must hold the longest sample")
 
+    def require_padded_batches(self, why: str) -> None:
+        """For stages whose loss reads whole sequences one per row (pairs, a score per sequence)."""
+        if self.data.packing:
+            raise ConfigError(f"data.packing: {why}; use padded batches")
+
 
 @dataclasses.dataclass
 class NegConfig(TrainStageConfig):
@@ -326,8 +331,7 @@ class DpoConfig(TrainStageConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.data.packing:
-            raise ConfigError("data.packing: dpo compares whole sequences of a pair; use padded batches")
+        self.require_padded_batches("dpo compares whole sequences of a pair")
 
 
 @dataclasses.dataclass
@@ -454,8 +458,7 @@ class RankerConfig(TrainStageConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.data.packing:
-            raise ConfigError("data.packing: the ranker reads one score per sequence; use padded batches")
+        self.require_padded_batches("the ranker reads one score per sequence")
 
 
 @dataclasses.dataclass

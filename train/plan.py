@@ -351,12 +351,16 @@ def plan_eval(cfg, nodes: int, gpn: int, gpu_mem: float, model: str | None, conf
     return plan
 
 
+TRAINING_STAGES = ("sft", "neg", "nat", "distill", "ranker", "dpo", "redi")
+PLANNED_STAGES = (*TRAINING_STAGES, "score", "eval")
+
+
 def make_plan(stage: str, cfg, nodes: int, gpn: int, gpu_mem: float, model: str | None = None,
               config_file: str | None = None) -> Plan:
     if stage == "score":
         return plan_score(cfg, nodes, gpn, gpu_mem, model, config_file)
     if stage == "eval":
         return plan_eval(cfg, nodes, gpn, gpu_mem, model, config_file)
-    if stage in ("sft", "neg", "nat", "distill", "ranker", "dpo", "redi"):
+    if stage in TRAINING_STAGES:
         return plan_training(stage, cfg, nodes, gpn, gpu_mem, model, config_file)
     raise ConfigError(f"tdg plan: no plan for stage {stage!r}")

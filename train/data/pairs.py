@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from train.data.dataset import TokenizedSet, collate
+from train.data.dataset import TokenizedSet, collate, read_prepared, tokenize_with
+from train.errors import InputError
 
 
 @dataclass
@@ -81,4 +82,18 @@ def make_pairs(qids: list[str], labels: list[str], data: TokenizedSet, row_of: d
 
     train, heldout = as_set(False), as_set(True)
     stats.update(train_pairs=len(train), heldout_pairs=len(heldout))
+    return train, heldout, stats
+
+
+def pairs_from_prepared(data_cfg, tok, fraction: float, cap: int, seed: int) -> tuple[PairSet, PairSet, dict]:
+    """Train and held-out pairs of a prepared data set, tokenized with a stage's `data` settings; a data set
+    in which no question has both kinds is an InputError naming it."""
+    table = read_prepared(data_cfg.path, columns=["id", "qid", "label", "question", "rationale"])
+    data = tokenize_with(table, tok, data_cfg)
+    train, heldout, stats = make_pairs(table.column("qid").to_pylist(), table.column("label").to_pylist(), data,
+                                       {rid: i for i, rid in enumerate(data.ids)}, table.column("id").to_pylist(),
+                                       fraction, cap, seed)
+    if len(train) == 0:
+        raise InputError(data_cfg.path, None, f"no question has both a positive and a negative rationale "
+                         f"({stats['only_pos']} only positive, {stats['only_neg']} only negative)", "empty_input")
     return train, heldout, stats

@@ -42,12 +42,8 @@ def model_dtype(cfg: TrainStageConfig) -> torch.dtype:
 
 def causal_lm_loss(module: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Sum of next-token cross-entropy over the target tokens (labels != IGNORE)."""
-    logits = module(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                    position_ids=batch.get("position_ids"), use_cache=False).logits
-    labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
-                           reduction="sum")
-    return loss, {}
+    lp, _ = token_logprobs(module, batch)
+    return -lp.sum(), {}
 
 
 def token_logprobs(module: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ summed over pairs, mean per step. The reference log-probs come from a no-grad fo
 adapter off in the same step: the reference is the weights the adapter sits on, so nothing needs to
 be stored, and under ZeRO-3 it costs no extra memory for a second model.
 
-Pairs: `train.data.pairs.make_pairs` (every rationale used; questions with one kind only skipped).
+Pairs: `train.data.pairs.pairs_from_prepared` (every rationale used; questions with one kind only skipped).
 Output: `adapter/` (a PEFT LoRA over model.path), as stage sft. Logged per step: the loss, the
 reward accuracy (share of pairs with a positive implicit-reward margin) and the mean margin.
 """
@@ -22,12 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from train.config import DpoConfig
-from train.data.dataset import read_prepared, tokenize_with
-from train.data.pairs import make_pairs
+from train.data.pairs import pairs_from_prepared
 from train.data.tokenizer import load_tokenizer
 from train.engine import distributed as dist_
 from train.engine.loop import TrainTask
-from train.errors import InputError
 from train.models.loading import tokenizer_dir
 from train.stages.common import run_stage, token_logprobs
 from train.stages.sft import lora_model
@@ -61,16 +59,9 @@ def dpo_step_loss(model: torch.nn.Module, batch: dict, beta: float) -> tuple[tor
 
 def build(cfg: DpoConfig, ds_cfg: dict) -> TrainTask:
     tok = load_tokenizer(tokenizer_dir(cfg.model), cfg.model.trust_remote_code)
-    table = read_prepared(cfg.data.path, columns=["id", "qid", "label", "question", "rationale"])
-    data = tokenize_with(table, tok, cfg.data)
-    pairs, _, stats = make_pairs(table.column("qid").to_pylist(), table.column("label").to_pylist(), data,
-                                 {rid: i for i, rid in enumerate(data.ids)}, table.column("id").to_pylist(),
-                                 0.0, cfg.dpo.pairs_per_question, cfg.dpo.seed)
-    if len(pairs) == 0:
-        raise InputError(cfg.data.path, None, f"no question has both a positive and a negative rationale "
-                         f"({stats['only_pos']} only positive, {stats['only_neg']} only negative)", "empty_input")
+    pairs, _, stats = pairs_from_prepared(cfg.data, tok, 0.0, cfg.dpo.pairs_per_question, cfg.dpo.seed)
     if dist_.is_main():
-        print(f"[dpo] pos/neg: {data.describe()}; {stats['train_pairs']} pairs, beta {cfg.dpo.beta}; skipped "
+        print(f"[dpo] pos/neg: {pairs.seqs.describe()}; {stats['train_pairs']} pairs, beta {cfg.dpo.beta}; skipped "
               f"{stats['only_pos']} questions with only positives, {stats['only_neg']} with only negatives",
               flush=True)
     model, save = lora_model(cfg, ds_cfg, "dpo")

@@ -32,12 +32,10 @@ import torch.nn.functional as F
 
 from train.config import RankerConfig
 from train.data.batching import TokenBudgetBatcher
-from train.data.dataset import read_prepared, tokenize_with
-from train.data.pairs import PairSet, make_pairs
+from train.data.pairs import PairSet, pairs_from_prepared
 from train.data.tokenizer import load_tokenizer
 from train.engine import distributed as dist_
 from train.engine.loop import TrainTask
-from train.errors import InputError
 from train.models.adapters import expected_lora_shapes, save_adapter
 from train.models.loading import check_target_modules, load_base_model, tokenizer_dir
 from train.models.reward import RANKER_JSON, RewardModel, save_head
@@ -99,17 +97,10 @@ def build(cfg: RankerConfig, ds_cfg: dict) -> TrainTask:
     from peft import get_peft_model, get_peft_model_state_dict
 
     tok = load_tokenizer(tokenizer_dir(cfg.model), cfg.model.trust_remote_code)
-    table = read_prepared(cfg.data.path, columns=["id", "qid", "label", "question", "rationale"])
-    data = tokenize_with(table, tok, cfg.data)
-    train, heldout, stats = make_pairs(
-        table.column("qid").to_pylist(), table.column("label").to_pylist(), data,
-        {rid: i for i, rid in enumerate(data.ids)}, table.column("id").to_pylist(),
-        cfg.ranker.heldout_fraction, cfg.ranker.pairs_per_question, cfg.ranker.seed)
-    if len(train) == 0:
-        raise InputError(cfg.data.path, None, f"no question has both a positive and a negative rationale "
-                         f"({stats['only_pos']} only positive, {stats['only_neg']} only negative)", "empty_input")
+    train, heldout, stats = pairs_from_prepared(cfg.data, tok, cfg.ranker.heldout_fraction,
+                                                cfg.ranker.pairs_per_question, cfg.ranker.seed)
     if dist_.is_main():
-        print(f"[ranker] pos/neg: {data.describe()}; loss {cfg.ranker.loss}", flush=True)
+        print(f"[ranker] pos/neg: {train.seqs.describe()}; loss {cfg.ranker.loss}", flush=True)
         print(f"[ranker] {stats['train_pairs']} training pairs, {stats['heldout_pairs']} held-out pairs; skipped "
               f"{stats['only_pos']} questions with only positives, {stats['only_neg']} with only negatives",
               flush=True)
