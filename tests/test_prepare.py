@@ -105,7 +105,7 @@ def test_bad_line_is_skipped_and_counted(tmp_path, case):
 
 def test_directory_without_jsonl_and_unreadable_file(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match="contains no .jsonl files"):
+    with pytest.raises(InputError, match="contains no .jsonl or .parquet files"):
         prepare(_opts([tmp_path / "empty"], tmp_path / "out"))
     with pytest.raises(InputError, match="no such file"):
         prepare(_opts([tmp_path / "nope"], tmp_path / "out"))

@@ -22,12 +22,19 @@ def _add_prepare(sub) -> None:
     p = sub.add_parser(
         "prepare", help="grade rationales and write a prepared data set",
         description="Read rationales (TDG layout <root>/<subject>/*.jsonl with question/answer/generated_answer, "
-                    "or flat jsonl with id/question/rationale/gold[/subject][/label]), grade each final answer "
+                    "or flat records question/rationale/gold[/id][/subject][/level][/label] in jsonl, json, parquet "
+                    "or a datasets save_to_disk directory; other field names through --fields), grade each final "
+                    "answer "
                     "(last \\boxed{}) against the gold answer, and write parquet shards, stats.json and DONE.json "
                     "to OUTPUT. Prints a per-subject table.",
     )
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                   help="files or directories to read; directories are searched recursively for *.jsonl")
+                   help="files (.jsonl, .json, .parquet), datasets save_to_disk directories, or directories "
+                        "searched recursively for *.jsonl, *.parquet and datasets directories")
+    p.add_argument("--fields", metavar="MAP", default="",
+                   help="the input's field names, as OURS=THEIRS pairs: question=problem,rationale=response,"
+                        "gold=answer (and label=COLUMN where the data is already graded: bool or pos/neg; id, "
+                        "subject and level too)")
     p.add_argument("--output", required=True, metavar="DIR",
                    help="output directory; written to a temporary sibling and renamed when complete")
     p.add_argument("--grader", choices=["math-verify", "hendrycks"], default="math-verify",
@@ -105,7 +112,7 @@ STAGES["ablation"] = ("does negative data help? train and evaluate every baselin
                       "train.ablation", "AblationConfig")
 
 EVAL_SHORTCUTS = {"model": "eval.model", "test": "eval.test", "ranker": "eval.ranker", "n": "eval.n",
-                  "output": "engine.output_dir"}
+                  "fields": "eval.fields", "output": "engine.output_dir"}
 
 
 def config_keys_help(cls) -> str:
@@ -166,10 +173,12 @@ def _add_stage(sub, name: str) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides, e.g. optim.lr=1e-4 data.max_tokens=2048")
     if name == "eval":  # the common case without a config file
-        p.add_argument("--model", metavar="DIR", help="model to evaluate (eval.model): an exported model dir or "
-                       "a stage output (adapter/, model/ or NAT)")
+        p.add_argument("--model", metavar="DIR", help="model to evaluate (eval.model): a model dir, a hub id in "
+                       "the local HF cache, or a stage output (adapter/, model/ or NAT)")
         p.add_argument("--test", metavar="PATH", help="test questions (eval.test): MATH-style or question/answer "
-                       "jsonl, or a TDG-layout directory")
+                       "records in jsonl, json or parquet, a datasets directory, or a TDG-layout directory")
+        p.add_argument("--fields", metavar="MAP", help="the test file's field names (eval.fields), e.g. "
+                       "question=prompt,gold=final_answer")
         p.add_argument("--ranker", metavar="DIR", help="stage-ranker output for ASC (eval.ranker)")
         p.add_argument("--n", "--num-samples", dest="n", type=int, metavar="N",
                        help="sampled rationales per question (eval.n, default 16); under torchrun spell it "
@@ -233,7 +242,7 @@ def _run(args: argparse.Namespace) -> int:
         stats = prepare(PrepareOptions(
             inputs=args.input, output=args.output, grader=args.grader, workers=args.workers,
             on_error=args.on_error, timeout=args.timeout, tokenizer=args.tokenizer, overwrite=args.overwrite,
-            prompt_template=args.prompt_template, show_progress=not args.no_progress))
+            prompt_template=args.prompt_template, fields=args.fields, show_progress=not args.no_progress))
         if stats.get("skipped_existing"):
             print(f"{args.output} is already prepared (DONE.json found); pass --overwrite to redo it")
         print(format_stats(stats))
@@ -263,7 +272,12 @@ def _run(args: argparse.Namespace) -> int:
         overrides = list(args.overrides)
         if args.command == "eval":
             if args.model and not args.output and not args.config:
-                args.output = f"{args.model.rstrip('/')}/eval-{os.path.basename(args.test or 'test').split('.')[0]}"
+                from train.models.hub import is_hub_id
+
+                test_name = os.path.basename(args.test or 'test').split('.')[0]
+                model = args.model.rstrip("/")  # a hub id's results go to ./eval-ORG--NAME-TEST, not into the cache
+                args.output = f"eval-{model.replace('/', '--')}-{test_name}" if is_hub_id(model) else \
+                    f"{model}/eval-{test_name}"
             overrides = [f"{key}={getattr(args, flag)}" for flag, key in EVAL_SHORTCUTS.items()
                          if getattr(args, flag) is not None] + overrides
         cfg = config.load_config(getattr(config, cls_name), args.config, overrides)

@@ -190,17 +190,17 @@ def save_config(cfg: Any, path: str | Path) -> None:
 
 @dataclasses.dataclass
 class ModelConfig:
-    """The base model: a local Hugging Face directory (never fetched from a hub)."""
+    """The base model: a local Hugging Face directory, or a hub id read from the local HF cache (never fetched)."""
 
-    path: str = ""  # local HF model dir (config.json + safetensors)
-    tokenizer: str = ""  # tokenizer dir; empty means `path`
+    path: str = ""  # local HF model dir (config.json + safetensors), or a hub id org/name[@revision] in the HF cache
+    tokenizer: str = ""  # tokenizer dir or hub id; empty means `path`
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     trust_remote_code: bool = False  # run model code shipped in the model dir (off unless you trust it)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
 
     def validate(self) -> None:
         if not self.path:
-            raise ConfigError("model.path: required (a local Hugging Face model directory)")
+            raise ConfigError("model.path: required (a local Hugging Face model directory or a cached hub id)")
 
 
 @dataclasses.dataclass
@@ -463,8 +463,9 @@ class RankerConfig(TrainStageConfig):
 
 @dataclasses.dataclass
 class EvalSection:
-    model: str = ""  # model to evaluate: an exported model dir, or a stage output (adapter/, model/ or NAT)
-    test: str = ""  # test questions: MATH-style jsonl, question/answer jsonl, or a TDG-layout directory
+    model: str = ""  # model to evaluate: a model dir or cached hub id, or a stage output (adapter/, model/, NAT)
+    test: str = ""  # test questions: MATH-style or question/answer jsonl/json/parquet/datasets dir, or a TDG dir
+    fields: str = ""  # the test file's field names, OURS=THEIRS: question=prompt,gold=final_answer
     ranker: str = ""  # output dir of stage ranker; empty: no ASC (greedy and self-consistency only)
     n: int = 16  # sampled rationales per question (the paper: 16)
     temperature: float = 0.5  # sampling temperature (the paper sampled at 0.5)

@@ -16,9 +16,10 @@ class ConfigError(TdgError):
 
 
 class InputError(TdgError):
-    """An input file is wrong. `reason` is a short machine-readable tag used for skip counts."""
+    """An input file is wrong. `line` is a line number or a place (`row 12`); `reason` is a short
+    machine-readable tag used for skip counts."""
 
-    def __init__(self, path: str, line: int | None, message: str, reason: str):
+    def __init__(self, path: str, line: int | str | None, message: str, reason: str):
         self.path, self.line, self.reason = path, line, reason
         where = f"{path}:{line}" if line is not None else path
         super().__init__(f"{where}: {message}")

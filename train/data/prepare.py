@@ -24,9 +24,9 @@ from train.data.answers import last_boxed
 from train.data.dataset import PREPARED_FORMAT, encode
 from train.data.grading import OK, grade_pairs
 from train.data.prompt import DEFAULT_TEMPLATE, check_template, render_prompt
-from train.data.readers import Question, read_inputs
+from train.data.readers import Question, parse_fields, read_inputs
 from train.errors import InputError, TdgError
-from train.manifest import file_digest, read_done, write_done
+from train.manifest import dir_digest, file_digest, read_done, write_done
 
 SCHEMA = pa.schema([
     ("id", pa.string()), ("qid", pa.string()), ("subject", pa.string()), ("level", pa.string()),
@@ -51,6 +51,7 @@ class PrepareOptions:
     timeout: float = 5.0  # seconds per answer before it counts as ungradable
     tokenizer: str | None = None  # for token-length quantiles and what each max_len keeps; else word/symbol counts
     prompt_template: str = DEFAULT_TEMPLATE  # the template the lengths are measured with (as the stages will use)
+    fields: str = ""  # the input's field names: question=problem,rationale=response,gold=answer[,label=correct]
     overwrite: bool = False
     show_progress: bool = True
 
@@ -191,10 +192,10 @@ def prepare(opts: PrepareOptions) -> dict:
             raise InputError(str(out), None, "output exists and is not a finished prepare run; "
                              "pass --overwrite to replace it", "output_exists")
     t0 = time.time()
-    result = read_inputs(opts.inputs, on_error=opts.on_error)
+    result = read_inputs(opts.inputs, on_error=opts.on_error, fields=parse_fields(opts.fields))
     if not result.questions:
         raise InputError(", ".join(opts.inputs), None, "no usable records in the input", "empty_input")
-    input_files_digest = {str(f): file_digest(f) for f in result.files}
+    input_files_digest = {str(f): dir_digest(f) if f.is_dir() else file_digest(f) for f in result.files}
     rows = _grade(result.questions, opts)
     lengths = _lengths(rows, opts.tokenizer, opts.prompt_template)
     stats = compute_stats(rows, lengths, "tokens" if opts.tokenizer else "words+symbols (approx. tokens)")

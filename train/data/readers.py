@@ -1,8 +1,14 @@
 """Readers for the two input layouts; every problem is reported as `FILE:LINE: what is wrong`.
 
+Files: `.jsonl`, `.json` (an array of objects, or JSON lines), `.parquet`, and Hugging Face `datasets`
+directories written by `save_to_disk` (read as the Arrow files they are; a DatasetDict asks for
+one split). In parquet and datasets inputs the place of a problem is `FILE:row N` (0-based, as
+`dataset[N]`). Field names other than the ones below are mapped with `--fields`
+(`question=problem,rationale=response,gold=answer,label=correct`).
+
 TDG layout: `<root>/<subject>/*.jsonl`, each line `{"question", "answer", "generated_answer": [...]}`
 where `answer` is a worked solution whose last `\\boxed{}` is the gold answer.
-Flat layout: `*.jsonl` lines `{"id", "question", "rationale", "gold"}` with optional `"subject"`
+Flat layout: records `{"question", "rationale", "gold"}` with optional `"id"`, `"subject"`, `"level"`
 and optional `"label"` (`pos`/`neg`/bool) that, when present, is used instead of grading.
 
 Each input line's layout is recognised by its fields, so a directory may mix both. A leading
@@ -24,6 +30,7 @@ from train.data.answers import last_boxed
 from train.data.prompt import bare_question, bare_rationale
 from train.errors import InputError
 
+Where = tuple[str, "int | str"]  # (file, line number, or "row N" / "record N")
 _SUBJECT_DIR = re.compile(r"^(?:train|test|val)_[^_]+_(.+)_\d+$")
 
 
@@ -43,6 +50,7 @@ class Question:
     source: str  # FILE:LINE
     rationales: list[Rationale] = field(default_factory=list)
     level: str = ""
+    grouped: bool = False  # one record carried all its rationales (TDG): seeing the question again is a repeat
 
 
 def question_id(question: str) -> str:
@@ -62,14 +70,14 @@ def gold_answer(answer: str) -> str:
     return boxed if boxed is not None else answer.strip()
 
 
-def _gold(answer: str, where: tuple[str, int]) -> str:
+def _gold(answer: str, where: Where) -> str:
     """The gold answer of a worked solution; a `\\boxed{` that never closes is an error, not the whole text."""
     if last_boxed(answer) is None and ("\\boxed" in answer or "\\fbox" in answer):
         raise InputError(where[0], where[1], "the gold answer has a \\boxed{ that never closes", "bad_gold")
     return gold_answer(answer)
 
 
-def _check_text(rec: dict, where: tuple[str, int]) -> None:
+def _check_text(rec: dict, where: Where) -> None:
     """Every string of a record must be valid Unicode: JSON can carry lone surrogates (\\ud800) that no file
     format can write."""
     for key, value in rec.items():
@@ -87,19 +95,66 @@ def _natural_key(p: Path) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.as_posix())]
 
 
-def find_jsonl(path: Path) -> list[Path]:
-    """The jsonl files under `path` (itself if a file), in natural order (2.jsonl before 10.jsonl)."""
-    if path.is_file():
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+FIELD_NAMES = ("id", "question", "rationale", "gold", "label", "subject", "level")  # what --fields can map to
+_OPTIONAL_FIELDS = {"id", "label", "subject", "level"}
+
+
+def is_datasets_dir(path: Path) -> bool:
+    """A directory written by `datasets`' save_to_disk (a Dataset or a DatasetDict)."""
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def find_inputs(path: Path) -> list[Path]:
+    """The data files under `path` (itself if a file or a datasets directory), in natural order (2.jsonl
+    before 10.jsonl): .jsonl and .parquet files, and datasets directories."""
+    if path.is_file() or (path.is_dir() and is_datasets_dir(path)):
         return [path]
     if not path.exists():
         raise InputError(str(path), None, "no such file or directory", "unreadable_file")
-    files = sorted((p for p in path.rglob("*.jsonl") if not p.is_dir()), key=_natural_key)
+    found = {d.parent for d in path.rglob("state.json")} | {d.parent for d in path.rglob("dataset_dict.json")}
+    files = [p for p in path.rglob("*") if p.suffix in (".jsonl", ".parquet") and not p.is_dir()
+             and not any(d in p.parents for d in found)]
+    files = sorted([*files, *found], key=_natural_key)
     if not files:
-        raise InputError(str(path), None, "directory contains no .jsonl files", "no_jsonl_files")
+        raise InputError(str(path), None, "directory contains no .jsonl or .parquet files or datasets directories",
+                         "no_jsonl_files")
     return files
 
 
-def _need(rec: dict, key: str, types: type | tuple, where: tuple[str, int]) -> object:
+def parse_fields(spec: str | dict[str, str] | None, key: str = "--fields") -> dict[str, str]:
+    """`question=problem,rationale=response` -> {"question": "problem", "rationale": "response"}: our field
+    name -> the input's."""
+    from train.errors import ConfigError
+
+    if not spec:
+        return {}
+    pairs = spec.items() if isinstance(spec, dict) else (item.partition("=")[::2] for item in spec.split(","))
+    out: dict[str, str] = {}
+    for ours, theirs in pairs:
+        ours, theirs = ours.strip(), theirs.strip()
+        if ours not in FIELD_NAMES or not theirs:
+            raise ConfigError(f"{key}: {ours}={theirs} is not FIELD=INPUT_FIELD with FIELD one of "
+                              f"{', '.join(FIELD_NAMES)} (e.g. question=problem,rationale=response,gold=answer)")
+        out[ours] = theirs
+    return out
+
+
+def rename_fields(rec: object, fields: dict[str, str], where: Where) -> object:
+    """The record with the input's field names replaced by ours (`--fields`)."""
+    if not fields or not isinstance(rec, dict):
+        return rec
+    out = {k: v for k, v in rec.items() if k not in fields.values()}
+    for ours, theirs in fields.items():
+        if rec.get(theirs) is not None:
+            out[ours] = rec[theirs]
+        elif ours not in _OPTIONAL_FIELDS:  # columnar files hold a missing value as null
+            what = "missing field" if theirs not in rec else "null in field"
+            raise InputError(where[0], where[1], f"{what} {theirs!r} (--fields {ours}={theirs})", "missing_field")
+    return out
+
+
+def _need(rec: dict, key: str, types: type | tuple, where: Where) -> object:
     if key not in rec:
         raise InputError(where[0], where[1], f"missing field {key!r}", "missing_field")
     value = rec[key]
@@ -111,7 +166,7 @@ def _need(rec: dict, key: str, types: type | tuple, where: tuple[str, int]) -> o
     return value
 
 
-def _parse_label(value: object, where: tuple[str, int]) -> str:
+def _parse_label(value: object, where: Where) -> str:
     if value is True or value in ("pos", "positive", 1):
         return "pos"
     if value is False or value in ("neg", "negative", 0):
@@ -119,7 +174,7 @@ def _parse_label(value: object, where: tuple[str, int]) -> str:
     raise InputError(where[0], where[1], f"field 'label' must be pos/neg or a bool, got {value!r}", "wrong_type")
 
 
-def _parse_line(rec: object, subject: str, where: tuple[str, int]) -> Question:
+def _parse_line(rec: object, subject: str, where: Where) -> Question:
     if not isinstance(rec, dict):
         raise InputError(where[0], where[1], "line is not a JSON object", "wrong_type")
     _check_text(rec, where)
@@ -139,26 +194,27 @@ def _parse_line(rec: object, subject: str, where: tuple[str, int]) -> Question:
         q = Question(question_id(question), str(rec.get("subject", subject)), question, _gold(answer, where),
                      source, level=level)
         q.rationales = [Rationale("", bare_rationale(r)) for r in generated]
+        q.grouped = True
         return q
     if "rationale" in rec:
-        rid = _need(rec, "id", (str, int), where)
+        rid = _need(rec, "id", (str, int), where) if rec.get("id") is not None else ""
         question = bare_question(_need(rec, "question", str, where))
         rationale = bare_rationale(_need(rec, "rationale", str, where))
-        gold = _need(rec, "gold", str, where)
+        gold = str(_need(rec, "gold", (str, int, float), where))
         subj = _need(rec, "subject", str, where) if "subject" in rec else subject
         label = _parse_label(rec["label"], where) if "label" in rec else None
         q = Question(question_id(question), subj, question, _gold(gold, where), source, level=level)
-        q.rationales = [Rationale(str(rid), rationale, label)]
+        q.rationales = [Rationale(str(rid), rationale, label)]  # no id: numbered per question, as TDG lines
         return q
     raise InputError(
         where[0], where[1],
         "line has neither TDG fields (question, answer, generated_answer) "
-        "nor flat fields (id, question, rationale, gold)",
+        "nor flat fields (question, rationale, gold); map other names with --fields",
         "missing_field",
     )
 
 
-def _parse_test_line(rec: object, subject: str, where: tuple[str, int]) -> Question:
+def _parse_test_line(rec: object, subject: str, where: Where) -> Question:
     """A test question: MATH style (problem + solution, subject or type, level), question + answer
     (answer may be a worked solution: its last boxed expression is the gold), or a TDG line."""
     if not isinstance(rec, dict):
@@ -182,14 +238,14 @@ def _parse_test_line(rec: object, subject: str, where: tuple[str, int]) -> Quest
                     level=str(rec.get("level", "")))
 
 
-def read_test_questions(path: str | Path) -> list[Question]:
+def read_test_questions(path: str | Path, fields: dict[str, str] | None = None) -> list[Question]:
     """Every question of a test file or directory (first occurrence of each), in file order.
     A directory's subdirectory names are subjects (the TDG layout); bad lines raise InputError."""
     root = Path(path)
     seen: dict[str, Question] = {}
-    for f in find_jsonl(root):
-        subject = subject_from_dir(f.parent.name) if root.is_dir() else "default"
-        for q in _read_file(f, subject, _parse_test_line):
+    for f in find_inputs(root):
+        subject = subject_from_dir(f.parent.name) if root.is_dir() and f != root else "default"
+        for q in _read_file(f, subject, _parse_test_line, fields):
             if isinstance(q, InputError):
                 raise q
             seen.setdefault(q.qid, q)
@@ -198,34 +254,101 @@ def read_test_questions(path: str | Path) -> list[Question]:
     return list(seen.values())
 
 
-def _read_file(path: Path, subject: str, parse=_parse_line) -> Iterator[Question | InputError]:
-    """Each non-blank line as a Question, or the InputError that says what is wrong with it."""
+def _read_file(path: Path, subject: str, parse=None, fields: dict[str, str] | None = None
+               ) -> Iterator[Question | InputError]:
+    """Each record of a data file as a Question, or the InputError that says what is wrong with it."""
+    parse = parse or _parse_line
+    for where, rec in _records(path):
+        if isinstance(rec, InputError):
+            yield rec
+            continue
+        try:
+            yield parse(rename_fields(rec, fields or {}, where), subject, where)
+        except InputError as e:
+            yield e
+
+
+def _records(path: Path) -> Iterator[tuple[Where, object]]:
+    """((file, line or "row N"), record or InputError) for every record of one input."""
+    if path.is_dir():
+        yield from _arrow_rows(path, _datasets_table(path))
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise InputError(str(path), None, f"cannot read as parquet: {e}", "unreadable_file") from None
+        yield from _arrow_rows(path, table)
+    else:
+        yield from _json_records(path)
+
+
+def _datasets_table(path: Path):
+    """The rows of a `save_to_disk` directory, read from its Arrow files (no `datasets` import needed)."""
+    import pyarrow as pa
+
+    if (path / "dataset_dict.json").is_file():
+        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        raise InputError(str(path), None, f"a DatasetDict with splits {splits}: give one split's directory "
+                         f"(e.g. {path / (splits[0] if splits else 'train')})", "unreadable_file")
+    try:
+        state = json.loads((path / "state.json").read_text())
+        tables = []
+        for entry in state["_data_files"]:
+            with pa.memory_map(str(path / entry["filename"])) as source:
+                tables.append(pa.ipc.open_stream(source).read_all())
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(str(path), None, f"cannot read as a datasets directory (state.json + Arrow files): {e}",
+                         "unreadable_file") from None
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+def _arrow_rows(path: Path, table) -> Iterator[tuple[Where, object]]:
+    row = 0
+    for batch in table.to_batches(max_chunksize=4096):
+        for rec in batch.to_pylist():
+            yield (str(path), f"row {row}"), rec
+            row += 1
+
+
+def _json_records(path: Path) -> Iterator[tuple[Where, object]]:
+    """JSON lines, or a `.json` file holding one array of objects (its records are numbered from 1)."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise InputError(str(path), None, f"cannot read: {e.strerror}", "unreadable_file") from None
     if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark, as some editors write
         data = data[3:]
+    if path.suffix == ".json" and data.lstrip().startswith(b"["):
+        try:
+            records = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise InputError(str(path), None, f"not valid UTF-8 (byte {e.start})", "not_utf8") from None
+        except (json.JSONDecodeError, RecursionError, ValueError) as e:
+            raise InputError(str(path), getattr(e, "lineno", None), f"invalid JSON: {getattr(e, 'msg', e)}",
+                             "invalid_json") from None
+        for i, rec in enumerate(records, start=1):
+            yield (str(path), f"record {i}"), rec
+        return
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
             continue
-        where = (str(path), lineno)
         try:
             text = raw.decode("utf-8")
-            try:
-                rec = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise InputError(str(path), lineno, f"invalid JSON: {e.msg} at column {e.colno}",
-                                 "invalid_json") from None
-            except RecursionError:
-                raise InputError(str(path), lineno, "invalid JSON: nested too deeply", "invalid_json") from None
-            except ValueError as e:  # e.g. an integer longer than Python converts (4,300 digits)
-                raise InputError(str(path), lineno, f"invalid JSON: {e}", "invalid_json") from None
-            yield parse(rec, subject, where)
         except UnicodeDecodeError as e:
-            yield InputError(str(path), lineno, f"not valid UTF-8 (byte {e.start})", "not_utf8")
-        except InputError as e:
-            yield e
+            yield (str(path), lineno), InputError(str(path), lineno, f"not valid UTF-8 (byte {e.start})", "not_utf8")
+            continue
+        try:
+            yield (str(path), lineno), json.loads(text)
+        except json.JSONDecodeError as e:
+            yield (str(path), lineno), InputError(str(path), lineno, f"invalid JSON: {e.msg} at column {e.colno}",
+                                                  "invalid_json")
+        except RecursionError:
+            yield (str(path), lineno), InputError(str(path), lineno, "invalid JSON: nested too deeply",
+                                                  "invalid_json")
+        except ValueError as e:  # e.g. an integer longer than Python converts (4,300 digits)
+            yield (str(path), lineno), InputError(str(path), lineno, f"invalid JSON: {e}", "invalid_json")
 
 
 @dataclass
@@ -236,7 +359,7 @@ class ReadResult:
     duplicates: Counter = field(default_factory=Counter)  # "questions" seen again, "rationales" repeated verbatim
 
 
-def read_inputs(paths: list[str | Path], on_error: str = "fail") -> ReadResult:
+def read_inputs(paths: list[str | Path], on_error: str = "fail", fields: dict[str, str] | None = None) -> ReadResult:
     """Read every input; merge rationales of the same question; give rationales stable ids.
 
     on_error="fail" raises the first InputError; "skip" drops the bad line or file and counts it.
@@ -255,14 +378,14 @@ def read_inputs(paths: list[str | Path], on_error: str = "fail") -> ReadResult:
 
     for root in map(Path, paths):
         try:
-            files = find_jsonl(root)
+            files = find_inputs(root)
         except InputError as e:
             fail_or_skip(e)
             continue
         for f in files:
-            subject = subject_from_dir(f.parent.name) if root.is_dir() else "default"
+            subject = subject_from_dir(f.parent.name) if root.is_dir() and f != root else "default"
             try:
-                items = list(_read_file(f, subject))
+                items = list(_read_file(f, subject, fields=fields))
             except InputError as e:
                 fail_or_skip(e)
                 continue
@@ -271,7 +394,7 @@ def read_inputs(paths: list[str | Path], on_error: str = "fail") -> ReadResult:
                 if isinstance(q, InputError):
                     fail_or_skip(q)
                     continue
-                if q.qid in by_qid and not q.rationales[0].id:  # a TDG line repeats a question (flat lines share)
+                if q.qid in by_qid and q.grouped:  # a TDG line repeats a question (flat lines share one)
                     duplicates["questions"] += 1
                 merged = by_qid.setdefault(q.qid, Question(q.qid, q.subject, q.question, q.gold, q.source,
                                                            level=q.level))
@@ -282,7 +405,8 @@ def read_inputs(paths: list[str | Path], on_error: str = "fail") -> ReadResult:
                     r.id = r.id or f"{q.qid}-{len(merged.rationales)}"
                     if r.id in seen_ids:
                         path, line = q.source.rsplit(":", 1)
-                        fail_or_skip(InputError(path, int(line), f"duplicate id {r.id!r} (first at {seen_ids[r.id]})",
+                        fail_or_skip(InputError(path, int(line) if line.isdigit() else line,
+                                                f"duplicate id {r.id!r} (first at {seen_ids[r.id]})",
                                                 "duplicate_id"))
                         continue
                     seen_ids[r.id] = q.source

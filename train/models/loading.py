@@ -1,6 +1,7 @@
 """Base models and tokenizers from local directories; the tiny from-scratch default.
 
-Nothing is fetched from a hub (`local_files_only`), and `trust_remote_code` stays off unless
+Hub ids are resolved to cached snapshot dirs before this (`train.models.hub`); nothing is
+fetched (`local_files_only`), and `trust_remote_code` stays off unless
 the config asks for it. Under ZeRO-3 the model is created already partitioned (transformers'
 `HfDeepSpeedConfig` hook), so a 70B teacher never sits whole in one process's memory.
 """
@@ -28,7 +29,8 @@ def check_model_dir(path: str, key: str = "model.path") -> Path:
     if (p / "config.json").is_file():
         return p
     if not p.exists():
-        raise ConfigError(f"{key}: {path} does not exist (models are read from local directories)")
+        raise ConfigError(f"{key}: {path} does not exist (give a local model directory, or a hub id org/name "
+                          "that is in the Hugging Face cache)")
     done = p / "DONE.json"
     if done.is_file():
         import json

@@ -18,6 +18,7 @@ from train.engine.ds_config import build_ds_config, effective_optim
 from train.engine.loop import TrainTask, run_training
 from train.errors import ConfigError, InputError
 from train.manifest import dir_digest, file_digest, read_done
+from train.models.hub import resolve_model_ref
 from train.models.loading import check_model_dir, tokenizer_dir
 
 
@@ -94,9 +95,12 @@ def run_stage(name: str, cfg: TrainStageConfig, build: Callable[[TrainStageConfi
     out = Path(cfg.engine.output_dir)
     if already_done(name, out):
         return 0
+    # hub ids become their cached snapshot dirs here, so config.yaml records the exact revision trained on
+    cfg.model.path = resolve_model_ref(cfg.model.path, "model.path")
+    cfg.model.tokenizer = resolve_model_ref(cfg.model.tokenizer, "model.tokenizer")
     check_model_dir(cfg.model.path)  # before any tokenizer or model load: a named error, not a hub traceback
     if cfg.model.tokenizer and not Path(cfg.model.tokenizer).is_dir():
-        raise ConfigError(f"model.tokenizer: {cfg.model.tokenizer} is not a directory (tokenizers are local dirs)")
+        raise ConfigError(f"model.tokenizer: {cfg.model.tokenizer} is not a directory (a tokenizer dir or hub id)")
     device = dist_.setup(cfg.engine.dist_timeout_minutes)
     output_lock.hold(out, name)
     optim = effective_optim(cfg.optim, cfg.data.max_tokens, dist_.world())

@@ -35,12 +35,13 @@ from train.config import EvalConfig, save_config
 from train.data.answers import last_boxed
 from train.data.grading import grade_inline
 from train.data.prompt import DEFAULT_TEMPLATE, recorded_template, render_prompt
-from train.data.readers import Question, read_test_questions
+from train.data.readers import Question, parse_fields, read_test_questions
 from train.engine import distributed as dist_
 from train.engine import output_lock, precision
 from train.engine.signals import EXIT_CHECKPOINTED, StopRequest
 from train.errors import ConfigError
 from train.manifest import check_stage_output, dir_digest, file_digest, write_done
+from train.models.hub import resolve_model_ref
 from train.progress import progress
 from train.stages.common import already_done
 from train.voting import WEIGHTINGS, Candidate, any_correct, vote
@@ -169,9 +170,10 @@ def main(cfg: EvalConfig) -> int:
     if already_done("eval", out):
         return 0
     # every input is checked before any directory is created or model loaded
-    questions = read_test_questions(cfg.eval.test)
+    questions = read_test_questions(cfg.eval.test, parse_fields(cfg.eval.fields, "eval.fields"))
     if cfg.eval.max_questions > 0:
         questions = questions[:cfg.eval.max_questions]
+    cfg.eval.model = resolve_model_ref(cfg.eval.model, "eval.model")
     check_generator(cfg.eval.model)
     if cfg.eval.ranker:
         check_stage_output(cfg.eval.ranker, "eval.ranker", ("ranker",))
