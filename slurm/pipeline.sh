@@ -2,8 +2,15 @@
 # Submit every stage that has a config in CONFIG_DIR, each depending on the one before
 # (--dependency=afterok, and --kill-on-invalid-dep so a failure cancels what follows).
 #
-#   slurm/pipeline.sh CONFIG_DIR [sbatch flags ...]
-#   e.g. slurm/pipeline.sh configs/llama7b -N 2 --ntasks-per-node 8 --gpus-per-node 8
+#   slurm/pipeline.sh [--dry-run] CONFIG_DIR [sbatch flags ...] [-- key=value ...]
+#   e.g. slurm/pipeline.sh configs/llama7b -N 2 --ntasks-per-node 8 --gpus-per-node 8 \
+#            -- base_model=mistralai/Mistral-7B-v0.1 run_dir=/scratch/$USER/mistral optim.lr=2e-4
+#
+# Overrides after `--` go to every stage they are for: a shared value of CONFIG_DIR/run.yaml
+# (base_model, run_dir, ...: every config refers to them as ${name}) goes to all, a dotted key to
+# the stages whose configs have its section (optim.lr: the training stages). One that no stage
+# takes stops the pipeline. --dry-run prints, per stage, the sbatch command and the resolved
+# model, input and output paths, and submits nothing.
 #
 # Stage order, by config file name: pretrain.yaml (stage sft), sft.yaml, neg.yaml, nat.yaml,
 # score.yaml, distill.yaml, ranker.yaml, eval.yaml.
@@ -15,8 +22,13 @@
 # a stage will not fit or its global batch cannot be split over the ranks. TDG_PLAN=0 skips the check.
 set -euo pipefail
 
+dry_run=0
+if [ "${1:-}" = "--dry-run" ]; then
+    dry_run=1
+    shift
+fi
 if [ $# -lt 1 ] || [ ! -d "$1" ]; then
-    echo "usage: slurm/pipeline.sh CONFIG_DIR [sbatch flags ...]" >&2
+    echo "usage: slurm/pipeline.sh [--dry-run] CONFIG_DIR [sbatch flags ...] [-- key=value ...]" >&2
     exit 2
 fi
 config_dir=$(cd "$1" && pwd)
@@ -24,9 +36,21 @@ shift
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${TDG_PYTHON:-${repo}/.venv/bin/python}
 
+# sbatch flags before `--`, overrides after it
+sbatch_flags=() overrides=()
+while [ $# -gt 0 ]; do
+    if [ "$1" = "--" ]; then
+        shift
+        overrides=("$@")
+        break
+    fi
+    sbatch_flags+=("$1")
+    shift
+done
+
 # the job's size, from the sbatch flags: nodes, and ranks (one per GPU) per node
 nodes=1 per_node="" gpus="" ntasks=""
-args=("$@")
+args=("${sbatch_flags[@]}")
 for ((i = 0; i < ${#args[@]}; i++)); do
     a=${args[i]} next=${args[i + 1]:-}
     case "${a}" in
@@ -49,27 +73,44 @@ for name in pretrain sft neg nat score distill ranker eval; do
 done
 if [ "${TDG_PLAN:-1}" != 0 ] && [ ${#configs[@]} -gt 0 ]; then
     if ! (cd "${repo}" && "${python}" -m train plan "${configs[@]}" --nodes "${nodes}" \
-            --gpus-per-node "${per_node}" --gpu-mem "${TDG_GPU_MEM:-80}"); then
+            --gpus-per-node "${per_node}" --gpu-mem "${TDG_GPU_MEM:-80}" -- "${overrides[@]}"); then
         echo "pipeline: not submitted (tdg plan above; TDG_PLAN=0 skips the check)" >&2
         exit 2
     fi
 fi
 
 prev=""
+info=$(mktemp)
+trap 'rm -f "${info}"' EXIT
 for entry in pretrain:sft sft:sft neg:neg nat:nat score:score distill:distill ranker:ranker eval:eval; do
     name=${entry%%:*}
     stage=${entry##*:}
     cfg="${config_dir}/${name}.yaml"
     [ -f "${cfg}" ] || continue
-    out=$(cd "${repo}" && "${python}" -m train "${stage}" --config "${cfg}" --print engine.output_dir)
+    # NUL-separated: engine.output_dir, then the overrides that are for this stage (values may hold newlines)
+    if ! (cd "${repo}" && "${python}" -m train pipeline-stage "${stage}" "${cfg}" -- "${overrides[@]}") >"${info}"; then
+        echo "pipeline: not submitted (${name}.yaml: see the error above)" >&2
+        exit 2
+    fi
+    mapfile -d '' fields <"${info}"
+    out=${fields[0]}
+    stage_overrides=("${fields[@]:1}")
     case "${out}" in /*) ;; *) out="${repo}/${out}" ;; esac
-    mkdir -p "${out}/logs"
     dep=()
     if [ -n "${prev}" ]; then
         dep=(--dependency="afterok:${prev}" --kill-on-invalid-dep=yes)
     fi
-    jid=$(cd "${repo}" && sbatch --parsable --job-name="tdg-${name}" "${dep[@]}" \
-        --output="${out}/logs/%x-%j.out" "$@" "slurm/${stage}.sbatch" "${cfg}")
+    cmd=(sbatch --parsable --job-name="tdg-${name}" "${dep[@]}" --output="${out}/logs/%x-%j.out" \
+         "${sbatch_flags[@]}" "slurm/${stage}.sbatch" "${cfg}" "${stage_overrides[@]}")
+    if [ "${dry_run}" = 1 ]; then
+        echo "${name}:"
+        printf '  %s\n' "$(printf '%q ' "${cmd[@]}")"
+        (cd "${repo}" && "${python}" -m train pipeline-stage --describe "${stage}" "${cfg}" -- "${overrides[@]}")
+        prev="<${name} job>"
+        continue
+    fi
+    mkdir -p "${out}/logs"
+    jid=$(cd "${repo}" && "${cmd[@]}")
     jid=${jid%%;*}
     echo "${name}: job ${jid} -> ${out}"
     prev=${jid}
@@ -77,4 +118,7 @@ done
 if [ -z "${prev}" ]; then
     echo "no stage configs (pretrain/sft/neg/nat/score/distill/ranker/eval .yaml) in ${config_dir}" >&2
     exit 2
+fi
+if [ "${dry_run}" = 1 ]; then
+    echo "dry run: nothing submitted"
 fi

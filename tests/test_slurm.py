@@ -63,9 +63,9 @@ def _env():
     return {"TDG_DEVICE": "cpu", "TDG_PYTHON": str(REPO / ".venv" / "bin" / "python"), "PYTHONWARNINGS": "ignore"}
 
 
-def _submit_pipeline(slurm, config_dir: Path) -> dict[str, str]:
-    r = slurm.run(["bash", str(REPO / "slurm" / "pipeline.sh"), str(config_dir), "--nodes=1", "--ntasks=2"],
-                  cwd=str(REPO), env=_env())
+def _submit_pipeline(slurm, config_dir: Path, *overrides: str) -> dict[str, str]:
+    r = slurm.run(["bash", str(REPO / "slurm" / "pipeline.sh"), str(config_dir), "--nodes=1", "--ntasks=2",
+                   "--", *overrides], cwd=str(REPO), env=_env())
     assert r.returncode == 0, r.stdout + r.stderr
     return dict(re.findall(r"^(\w+): job (\d+) ->", r.stdout, re.M))
 
@@ -78,8 +78,13 @@ def test_pipeline_runs_every_stage_through_its_sbatch_script(slurm, tmp_path, pr
                                                              synthetic_raw):
     out = tmp_path / "runs"
     show_progress = {"engine": {"progress": True}}
-    jobs = _submit_pipeline(slurm, _write_configs(tmp_path / "cfg", prepared_dir, base_model_dir, out, full=True,
-                                                  test=synthetic_raw / "test", neg_extra=show_progress))
+    cfg = _write_configs(tmp_path / "cfg", prepared_dir, base_model_dir, out, full=True, test=synthetic_raw / "test",
+                         neg_extra=show_progress)
+    # every stage refers to a shared ${run_dir}, whose run.yaml value is wrong: the override fixes it everywhere
+    for f in cfg.glob("*.yaml"):
+        f.write_text(f.read_text().replace(str(out), "${run_dir}"))
+    (cfg / "run.yaml").write_text("run_dir: /nonexistent/runs\n")
+    jobs = _submit_pipeline(slurm, cfg, f"run_dir={out}")
     assert list(jobs) == ["neg", "nat", "score", "distill", "ranker", "eval"]
     for stage, job in jobs.items():
         assert slurm.wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED", _log(out / stage)
@@ -89,7 +94,7 @@ def test_pipeline_runs_every_stage_through_its_sbatch_script(slurm, tmp_path, pr
     neg_log = _log(out / "neg")  # progress in a job log: readable lines, not tqdm's carriage-return redraws
     assert "\r" not in neg_log and f"neg: 100% {STEPS}/{STEPS}" in neg_log and f"[neg] done: step {STEPS}" in neg_log
     # resubmitting the finished pipeline is safe: every stage sees DONE.json and exits 0 at once
-    again = _submit_pipeline(slurm, tmp_path / "cfg")
+    again = _submit_pipeline(slurm, tmp_path / "cfg", f"run_dir={out}")
     for stage, job in again.items():
         assert slurm.wait_for(job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED"
         assert _log(out / stage).count("already has DONE.json") == 1  # said by rank 0 alone

@@ -219,7 +219,22 @@ def _add_plan(sub) -> None:
     p.add_argument("--model-config", metavar="PATH|NAME",
                    help="the model's config.json (or its dir), or a known shape (llama-7b, llama-2-7b, llama-2-13b, "
                         "llama-2-70b, mistral-7b), when model.path is not on this machine and its name is not one")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides for every config")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="overrides, each given to the configs it is for (a run.yaml shared value, or a key of one "
+                        "of the config's sections)")
+
+
+def _add_pipeline_stage(sub) -> None:
+    p = sub.add_parser(
+        "pipeline-stage", help="(used by slurm/pipeline.sh) one stage's overrides, output dir and paths",
+        description="Resolve one stage config of a pipeline directory (its run.yaml shared values and the "
+                    "pipeline's overrides) and print, NUL-separated, its engine.output_dir followed by the "
+                    "overrides that are for this stage; with --describe, its resolved model, input and output "
+                    "paths. An override that no stage config of the directory takes is an error.")
+    p.add_argument("stage", choices=[s for s in STAGES if s != "ablation"], help="the stage the config is for")
+    p.add_argument("config", metavar="FILE", help="the stage config")
+    p.add_argument("--describe", action="store_true", help="print the resolved paths instead")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="the pipeline's overrides")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_export(sub)
     _add_plan(sub)
+    _add_pipeline_stage(sub)
     for name in STAGES:
         _add_stage(sub, name)
     return parser
@@ -263,6 +279,11 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "plan":
         return _plan(args)
+    if args.command == "pipeline-stage":
+        from train.pipeline import stage_info
+
+        sys.stdout.write(stage_info(args.stage, args.config, args.overrides, args.describe))
+        return 0
     if args.command in STAGES:
         import importlib
 
@@ -295,18 +316,23 @@ def _plan(args: argparse.Namespace) -> int:
     from train import config
     from train.plan import make_plan
 
-    too_big = []
+    too_big, used = [], set()
     for file in args.config:
         stage = args.stage or {"pretrain": "sft"}.get(Path(file).stem, Path(file).stem)
         if stage not in STAGES or stage == "ablation":
             raise TdgError(f"{file}: cannot tell the stage from the file name; pass --stage")
         cls = getattr(importlib.import_module(STAGES[stage][1]), STAGES[stage][2])
-        plan = make_plan(stage, config.load_config(cls, file, args.overrides), args.nodes, args.gpus_per_node,
-                         args.gpu_mem, args.model_config, file)
+        mine = [o for o in args.overrides if config.is_override_for(cls, file, o)]  # optim.lr: not for eval
+        used.update(mine)
+        plan = make_plan(stage, config.load_config(cls, file, mine), args.nodes, args.gpus_per_node,
+                         args.gpu_mem, args.model_config, file, tuple(args.overrides))
         print(plan.render(), flush=True)
         if not plan.fits:
             too_big.append(f"{file} ({stage}): needs {plan.total / 2**30 + 2:.1f} GiB of {args.gpu_mem:g} per GPU")
         too_big += [f"{file} ({stage}): {problem}" for problem in plan.problems]
+    unused = [o for o in args.overrides if o not in used]
+    if unused:
+        raise TdgError(f"overrides for none of the configs: {', '.join(unused)}")
     if too_big:
         raise TdgError("will not run: " + "; ".join(too_big))
     return 0

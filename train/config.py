@@ -3,6 +3,11 @@
 Every stage has one dataclass (sections are nested dataclasses). Loading validates strictly:
 an unknown key names itself and the valid keys; a wrong type names the key, the value and the
 expected type. The resolved config is written next to every stage's output (`config.yaml`).
+
+Shared values: a `run.yaml` beside a stage config holds values every config in that directory can
+refer to as `${name}` (e.g. `model.path: ${base_model}`, `engine.output_dir: ${run_dir}/neg`;
+OmegaConf interpolation, so `${oc.env:SCRATCH}` reads the environment). An override `name=value`
+without a dot sets a shared value; a dotted one sets a stage key, as before.
 """
 
 from __future__ import annotations
@@ -140,24 +145,70 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
+RUN_VARS = "run.yaml"  # shared values for every stage config in its directory
+
+
+def _read_mapping(p: Path) -> dict:
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of config keys")
+    return raw
+
+
+def shared_values(config: str | Path | None) -> dict:
+    """The `run.yaml` beside a stage config (empty without one)."""
+    if config is None:
+        return {}
+    f = Path(config).parent / RUN_VARS
+    return _read_mapping(f) if f.is_file() and f.resolve() != Path(config).resolve() else {}
+
+
+def _interpolate(raw: dict, shared: dict, where: str) -> dict:
+    """`${name}` references resolved against the shared values (and each other); the shared keys dropped."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if "${" not in yaml.safe_dump(raw) + yaml.safe_dump(shared):
+        return raw
+    try:
+        resolved = OmegaConf.to_container(OmegaConf.create({**shared, **raw}), resolve=True)
+    except OmegaConfBaseException as e:
+        known = f"shared values from {RUN_VARS}: {', '.join(shared)}" if shared else f"no {RUN_VARS} beside it"
+        reason = str(e.msg).splitlines()[0]  # the rest repeats full_key and the object type
+        raise ConfigError(f"{where}{e.full_key or 'interpolation'}: {reason} ({known})") from None
+    return {k: v for k, v in resolved.items() if k not in shared}
+
+
+def is_override_for(cls: type, config: str | Path | None, override: str) -> bool:
+    """Whether `key=value` means something to a `cls` config: a shared value of its run.yaml or one of its
+    sections. slurm/pipeline.sh sends each stage the overrides that are for it."""
+    key = override.partition("=")[0]
+    return ("." not in key and key in shared_values(config)) or \
+        key.split(".")[0] in {f.name for f in dataclasses.fields(cls)}
+
+
 def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
-    """Build `cls` from a YAML file (optional) and dotted overrides, validating every key."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except OSError as e:
-            raise ConfigError(f"{p}: cannot read config: {e.strerror}") from None
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: top level must be a mapping of config keys")
-    for key, value in parse_overrides(overrides or []):
-        _set_dotted(raw, key, value)
+    """Build `cls` from a YAML file (optional), its directory's run.yaml and overrides, validating every key."""
+    raw: dict = _read_mapping(Path(path)) if path is not None else {}
+    shared = shared_values(path)
+    sections = {f.name for f in dataclasses.fields(cls)}
     where = f"{path}: " if path is not None else ""
+    if set(shared) & sections:
+        raise ConfigError(f"{Path(path).parent / RUN_VARS}: {', '.join(sorted(set(shared) & sections))} is also a "
+                          "config section; give shared values other names")
+    for key, value in parse_overrides(overrides or []):
+        if "." not in key and key in shared:
+            shared[key] = value
+        else:
+            _set_dotted(raw, key, value)
+    raw = _interpolate(raw, shared, where)
     try:
         cfg = _build(cls, raw)
         _validate_tree(cfg)

@@ -23,8 +23,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from train.errors import ConfigError
 
 GIB = 2**30
@@ -112,14 +110,22 @@ def _base_of(output_dir: str) -> str | None:
     return None
 
 
-def _sibling_model(config_file: str | None, stage_file: str) -> str | None:
-    """model.path of another stage config beside this one (the pipeline's directory), if there is one."""
+def _sibling_model(config_file: str | None, stage_file: str, overrides: tuple[str, ...] = ()) -> str | None:
+    """model.path of another stage config beside this one (the pipeline's directory), if there is one, resolved
+    as the pipeline will run it (run.yaml shared values and the overrides that are for it)."""
     if config_file is None:
         return None
     sibling = Path(config_file).with_name(stage_file)
-    if sibling.is_file():
-        return ((yaml.safe_load(sibling.read_text()) or {}).get("model") or {}).get("path")
-    return None
+    if not sibling.is_file():
+        return None
+    from train.config import is_override_for, load_config
+    from train.pipeline import config_class
+
+    cls = config_class(sibling.stem)  # sft, nat, distill or ranker: the file is named by its stage
+    try:
+        return load_config(cls, sibling, [o for o in overrides if is_override_for(cls, sibling, o)]).model.path
+    except ConfigError:
+        return None
 
 
 @dataclass
@@ -208,13 +214,13 @@ def _steps_note(cfg, labels: tuple[str, ...], world: int, accum: int) -> str:
 
 
 def plan_training(stage: str, cfg, nodes: int, gpn: int, gpu_mem: float, model: str | None, config_file: str | None,
-                  teacher_model: str | None = None) -> Plan:
+                  overrides: tuple[str, ...] = (), teacher_model: str | None = None) -> Plan:
     from train.engine.ds_config import effective_optim
 
     world = nodes * gpn
     path = model or cfg.model.path
     if stage in ("dpo", "redi") and not model and _base_of(path) is None:  # a merged sft model not exported yet
-        path = _sibling_model(config_file, "sft.yaml") or path
+        path = _sibling_model(config_file, "sft.yaml", overrides) or path
     shape, source = shape_of(path)
     zero, offload = _zero(cfg.engine.ds_config)
     plan = Plan(stage, world, gpu_mem)
@@ -284,9 +290,10 @@ def plan_training(stage: str, cfg, nodes: int, gpn: int, gpu_mem: float, model: 
     return plan
 
 
-def plan_score(cfg, nodes: int, gpn: int, gpu_mem: float, model: str | None, config_file: str | None) -> Plan:
+def plan_score(cfg, nodes: int, gpn: int, gpu_mem: float, model: str | None, config_file: str | None,
+               overrides: tuple[str, ...] = ()) -> Plan:
     world = nodes * gpn
-    base = model or _base_of(cfg.score.nat_dir) or _sibling_model(config_file, "nat.yaml")
+    base = model or _base_of(cfg.score.nat_dir) or _sibling_model(config_file, "nat.yaml", overrides)
     if base is None:
         raise ConfigError(f"score.nat_dir: {cfg.score.nat_dir} does not exist yet and no nat.yaml beside the config "
                           "names its base; pass --model-config")
@@ -314,11 +321,12 @@ def plan_score(cfg, nodes: int, gpn: int, gpu_mem: float, model: str | None, con
     return plan
 
 
-def plan_eval(cfg, nodes: int, gpn: int, gpu_mem: float, model: str | None, config_file: str | None) -> Plan:
+def plan_eval(cfg, nodes: int, gpn: int, gpu_mem: float, model: str | None, config_file: str | None,
+              overrides: tuple[str, ...] = ()) -> Plan:
     from train.generation import rows_per_call
 
     world = nodes * gpn
-    base = model or _base_of(cfg.eval.model) or _sibling_model(config_file, "distill.yaml")
+    base = model or _base_of(cfg.eval.model) or _sibling_model(config_file, "distill.yaml", overrides)
     if base is None:
         raise ConfigError(f"eval.model: {cfg.eval.model} does not exist yet and no distill.yaml beside the config "
                           "names its base; pass --model-config")
@@ -327,7 +335,7 @@ def plan_eval(cfg, nodes: int, gpn: int, gpu_mem: float, model: str | None, conf
     plan.header = f"{nodes} node(s) x {gpn} GPU(s) of {gpu_mem:g} GiB, one copy per GPU, bf16; generator {source}"
     plan.memory.append(("generator weights (bf16)", 2 * shape.params()))
     if cfg.eval.ranker:
-        ranker_base = _base_of(cfg.eval.ranker) or _sibling_model(config_file, "ranker.yaml") or base
+        ranker_base = _base_of(cfg.eval.ranker) or _sibling_model(config_file, "ranker.yaml", overrides) or base
         ranker, ranker_source = shape_of(model or ranker_base)
         plan.memory.append((f"ranker weights ({ranker_source})", 2 * ranker.params()))
     per_token = shape.kv_cache_bytes()
@@ -356,11 +364,12 @@ PLANNED_STAGES = (*TRAINING_STAGES, "score", "eval")
 
 
 def make_plan(stage: str, cfg, nodes: int, gpn: int, gpu_mem: float, model: str | None = None,
-              config_file: str | None = None) -> Plan:
+              config_file: str | None = None, overrides: tuple[str, ...] = ()) -> Plan:
+    """`overrides`: the pipeline's, for reading the model of a sibling config (score: nat.yaml's base)."""
     if stage == "score":
-        return plan_score(cfg, nodes, gpn, gpu_mem, model, config_file)
+        return plan_score(cfg, nodes, gpn, gpu_mem, model, config_file, overrides)
     if stage == "eval":
-        return plan_eval(cfg, nodes, gpn, gpu_mem, model, config_file)
+        return plan_eval(cfg, nodes, gpn, gpu_mem, model, config_file, overrides)
     if stage in TRAINING_STAGES:
-        return plan_training(stage, cfg, nodes, gpn, gpu_mem, model, config_file)
+        return plan_training(stage, cfg, nodes, gpn, gpu_mem, model, config_file, overrides)
     raise ConfigError(f"tdg plan: no plan for stage {stage!r}")
