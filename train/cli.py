@@ -53,6 +53,10 @@ def _add_prepare(sub) -> None:
     p.add_argument("--prompt-template", metavar="TEXT", default=DEFAULT_TEMPLATE,
                    help="the prompt template the lengths are measured with; use the stages' data.prompt_template "
                         f"(default {DEFAULT_TEMPLATE!r}; in bash write newlines as $'...\\n...')")
+    p.add_argument("--prompt-format", choices=["plain", "chat"], default="plain",
+                   help="as the stages' data.prompt_format: chat measures with the tokenizer's chat template "
+                        "(needs --tokenizer)")
+    p.add_argument("--system-prompt", metavar="TEXT", default="", help="as the stages' data.system_prompt (chat)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -258,7 +262,8 @@ def _run(args: argparse.Namespace) -> int:
         stats = prepare(PrepareOptions(
             inputs=args.input, output=args.output, grader=args.grader, workers=args.workers,
             on_error=args.on_error, timeout=args.timeout, tokenizer=args.tokenizer, overwrite=args.overwrite,
-            prompt_template=args.prompt_template, fields=args.fields, show_progress=not args.no_progress))
+            prompt_template=args.prompt_template, prompt_format=args.prompt_format, system_prompt=args.system_prompt,
+            fields=args.fields, show_progress=not args.no_progress))
         if stats.get("skipped_existing"):
             print(f"{args.output} is already prepared (DONE.json found); pass --overwrite to redo it")
         print(format_stats(stats))

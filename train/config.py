@@ -34,6 +34,10 @@ class DataConfig:
     max_len: int = 1024  # longest sample in tokens (BOS + prompt + rationale + EOS); see `tdg prepare --tokenizer`
     overlong: Literal["drop", "truncate"] = "drop"  # a longer sample: dropped and counted, or cut (loses its ending)
     prompt_template: str = DEFAULT_TEMPLATE  # the prompt, with {question}: the same string in every stage and eval
+    # plain: BOS + template; chat: the template is the user message of the tokenizer's chat template (special
+    # tokens and generation prompt from the template); recorded and checked like the template
+    prompt_format: Literal["plain", "chat"] = "plain"  # plain | chat (the tokenizer's apply_chat_template)
+    system_prompt: str = ""  # chat only: the system message (empty: none)
     max_tokens: int = 4096  # token budget of one micro-batch (padded tokens count)
     packing: bool = False  # one row per micro-batch, samples concatenated, attention kept per sample
     mask_prompt: bool = True  # no loss on the question tokens
@@ -42,6 +46,9 @@ class DataConfig:
 
     def validate(self) -> None:
         check_template(self.prompt_template)
+        if self.system_prompt and self.prompt_format != "chat":
+            raise ConfigError("data.system_prompt: needs data.prompt_format=chat (a plain prompt has no system "
+                              "message; put the text in data.prompt_template)")
         if self.max_len < 2 or self.max_tokens < 1:
             raise ConfigError("data: max_len >= 2 and max_tokens >= 1 required")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from train.data.prompt import EXPORT_JSON, recorded_template
+from train.data.prompt import EXPORT_JSON, recorded_prompt
 from train.errors import TdgError
 from train.manifest import read_done
 from train.models.nat import NAT_JSON
@@ -32,10 +32,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def _card(src: Path, kind: str, base: str) -> str:
     done = read_done(src) or {}
     config = done.get("config", {})
-    template = recorded_template(src)
+    prompt = recorded_prompt(src)
     lines = [f"# Exported from `{src}`", "", f"- kind: {kind}", f"- base model: `{base}`",
              *([f"- prompt (the question replaces {{question}}; the model writes the rationale after it): "
-                f"`{template!r}`"] if template is not None else []),
+                f"`{prompt.prompt_template!r}`",
+                f"- prompt format: {prompt.prompt_format}" + (" (the tokenizer's chat template, generation prompt "
+                                                              "added; the prompt above is the user message)"
+                                                              if prompt.prompt_format == "chat" else ""),
+                *([f"- system prompt: `{prompt.system_prompt!r}`"] if prompt.system_prompt else [])]
+              if prompt is not None else []),
              f"- exported by tdg-trainer {done.get('version', '?')}; stage finished {done.get('finished_at', '?')}"]
     data_path = config.get("data", {}).get("path")
     stats = Path(data_path) / "stats.json" if data_path else None
@@ -103,10 +108,9 @@ def export(src: str | Path, out: str | Path, max_shard_size: str = "2GB", dtype:
         what = f"re-saved the full fine-tune {src / 'model'} -> {out}"
     else:
         what = _export_from_checkpoint(src, tmp, out, max_shard_size, dtype)
-    template = recorded_template(src)
-    if template is not None:  # eval prompts an exported model with the template it was trained with
-        (tmp / EXPORT_JSON).write_text(json.dumps({"prompt_template": template, "source": str(src.resolve())},
-                                                  indent=1))
+    prompt = recorded_prompt(src)
+    if prompt is not None:  # eval prompts an exported model the way it was trained
+        (tmp / EXPORT_JSON).write_text(json.dumps({**prompt.record(), "source": str(src.resolve())}, indent=1))
     if out.exists():
         out.rmdir()
     tmp.rename(out)

@@ -1,7 +1,7 @@
 """Rationales from a trained model: load any stage output as a generator, sample in batches.
 
-Prompts are built by `train.data.dataset.prompt_ids` with the model's prompt template, the
-function and template the training stages used, so a model is asked exactly the way it was
+Prompts are built by `train.data.dataset.prompt_ids` with the model's prompt (template, format,
+system prompt), the function and prompt the training stages used, so a model is asked exactly the way it was
 trained. Prompts are left-padded for `generate`.
 """
 
@@ -121,16 +121,16 @@ def rows_per_call(budget_tokens: int, prompt_tokens: int, max_new_tokens: int) -
 
 
 @torch.no_grad()
-def generate_rationales(model, tok, questions: list[str], template: str, n: int, temperature: float, top_p: float,
+def generate_rationales(model, tok, questions: list[str], prompt, n: int, temperature: float, top_p: float,
                         max_new_tokens: int, seed: int, device: torch.device,
                         budget_tokens: int = 1 << 62) -> Generated:
-    """One greedy rationale and n sampled ones per question, prompted through `template`, in as many generate
+    """One greedy rationale and n sampled ones per question, prompted through `prompt` (a Prompt), in as many generate
     calls as the KV-cache budget needs: the greedy rows and the question x n sampled rows are each cut into
     chunks of `rows_per_call` sequences (greedy results do not depend on the chunking)."""
     from train.data.dataset import prompt_ids
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ids, mask = left_pad(prompt_ids(tok, questions, template), pad)
+    ids, mask = left_pad(prompt_ids(tok, questions, prompt), pad)
     ids, mask = ids.to(device), mask.to(device)
     width = ids.shape[1]
     rows = rows_per_call(budget_tokens, width, max_new_tokens)

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from train.data.prompt import DEFAULT_TEMPLATE, render_prompt
+from train.data.prompt import DEFAULT_TEMPLATE, Prompt, as_prompt
 from train.errors import InputError
 from train.manifest import read_done
 
@@ -44,22 +44,30 @@ def target_mask(batch: dict):
     return batch["labels"][:, 1:] != IGNORE
 
 
-def prompt_ids(tokenizer, questions: Sequence[str], template: str = DEFAULT_TEMPLATE) -> list[list[int]]:
-    """Token ids of each question's prompt (BOS + rendered template): what training and generation both feed."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+def _bos(tokenizer, prompt: Prompt) -> list[int]:
+    return [tokenizer.bos_token_id] if prompt.uses_bos() and tokenizer.bos_token_id is not None else []
+
+
+def prompt_ids(tokenizer, questions: Sequence[str], prompt: Prompt | str = DEFAULT_TEMPLATE) -> list[list[int]]:
+    """Token ids of each question's prompt (BOS + rendered template, or the rendered chat template): what
+    training and generation both feed."""
+    prompt = as_prompt(prompt)
+    bos = _bos(tokenizer, prompt)
     unique = list(dict.fromkeys(questions))  # a question has many rationales: tokenize its prompt once
-    ids = tokenizer([render_prompt(template, q) for q in unique], add_special_tokens=False)["input_ids"]
+    ids = tokenizer([prompt.text(tokenizer, q) for q in unique], add_special_tokens=False)["input_ids"]
     by_question = dict(zip(unique, ids, strict=True))
     return [bos + by_question[q] for q in questions]
 
 
 def encode(tokenizer, questions: Sequence[str], rationales: Sequence[str],
-           template: str = DEFAULT_TEMPLATE) -> tuple[list[list[int]], list[list[int]]]:
-    """(BOS + prompt ids, rationale ids) per sample, the rationale tokenized in context after its prompt."""
-    prompts = prompt_ids(tokenizer, questions, template)
-    whole = tokenizer([render_prompt(template, q) + r for q, r in zip(questions, rationales, strict=True)],
+           prompt: Prompt | str = DEFAULT_TEMPLATE) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, rationale ids) per sample, the rationale tokenized in context after its prompt."""
+    prompt = as_prompt(prompt)
+    prompts = prompt_ids(tokenizer, questions, prompt)
+    texts = {q: prompt.text(tokenizer, q) for q in dict.fromkeys(questions)}
+    whole = tokenizer([texts[q] + r for q, r in zip(questions, rationales, strict=True)],
                       add_special_tokens=False)["input_ids"]
-    bos = 1 if tokenizer.bos_token_id is not None else 0
+    bos = len(_bos(tokenizer, prompt))
     targets: list[list[int]] = []
     straddling = []
     for k, (p, w) in enumerate(zip(prompts, whole, strict=True)):
@@ -129,7 +137,7 @@ class TokenizedSet:
                 "reaches it)")
 
 
-def tokenize(table, tokenizer, max_len: int, template: str = DEFAULT_TEMPLATE, overlong: str = "drop",
+def tokenize(table, tokenizer, max_len: int, prompt: Prompt | str = DEFAULT_TEMPLATE, overlong: str = "drop",
              finished: Sequence[bool] | None = None) -> TokenizedSet:
     """Tokenize rows (id, question, rationale[, label]) into samples of at most `max_len` tokens.
 
@@ -140,7 +148,7 @@ def tokenize(table, tokenizer, max_len: int, template: str = DEFAULT_TEMPLATE, o
     row_ids = table.column("id").to_pylist()
     labels = table.column("label").to_pylist() if "label" in table.column_names else ["all"] * len(row_ids)
     eos = tokenizer.eos_token_id
-    prompts, targets = encode(tokenizer, questions, table.column("rationale").to_pylist(), template)
+    prompts, targets = encode(tokenizer, questions, table.column("rationale").to_pylist(), prompt)
     data = TokenizedSet([], [], np.zeros(0, dtype=np.int64), max_len, overlong)
     plens = []
     for k, (rid, prompt, r, label) in enumerate(zip(row_ids, prompts, targets, labels, strict=True)):
@@ -161,8 +169,8 @@ def tokenize(table, tokenizer, max_len: int, template: str = DEFAULT_TEMPLATE, o
 
 
 def tokenize_with(table, tokenizer, data) -> TokenizedSet:
-    """`tokenize` with a stage's `data` settings (max_len, prompt_template, overlong): one call for every stage."""
-    return tokenize(table, tokenizer, data.max_len, data.prompt_template, data.overlong)
+    """`tokenize` with a stage's `data` settings (max_len, prompt, overlong): one call for every stage."""
+    return tokenize(table, tokenizer, data.max_len, Prompt.of(data), data.overlong)
 
 
 def collate(data: TokenizedSet, indices, pad_id: int, packing: bool, mask_prompt: bool = True) -> dict:

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from train.data.answers import last_boxed
 from train.data.dataset import PREPARED_FORMAT, encode
 from train.data.grading import OK, grade_pairs
-from train.data.prompt import DEFAULT_TEMPLATE, check_template, render_prompt
+from train.data.prompt import DEFAULT_TEMPLATE, Prompt, check_template, render_prompt
 from train.data.readers import Question, parse_fields, read_inputs
 from train.errors import InputError, TdgError
 from train.manifest import dir_digest, file_digest, read_done, write_done
@@ -51,6 +51,8 @@ class PrepareOptions:
     timeout: float = 5.0  # seconds per answer before it counts as ungradable
     tokenizer: str | None = None  # for token-length quantiles and what each max_len keeps; else word/symbol counts
     prompt_template: str = DEFAULT_TEMPLATE  # the template the lengths are measured with (as the stages will use)
+    prompt_format: str = "plain"  # plain | chat: as data.prompt_format (chat needs --tokenizer with a chat template)
+    system_prompt: str = ""  # as data.system_prompt
     fields: str = ""  # the input's field names: question=problem,rationale=response,gold=answer[,label=correct]
     overwrite: bool = False
     show_progress: bool = True
@@ -77,16 +79,16 @@ def _grade(questions: list[Question], opts: PrepareOptions) -> list[dict]:
     return rows
 
 
-def _lengths(rows: list[dict], tokenizer: str | None, template: str) -> np.ndarray:
+def _lengths(rows: list[dict], tokenizer: str | None, prompt: Prompt) -> np.ndarray:
     """Length of each sample as the stages build it (BOS + prompt + rationale + EOS) in tokens of
     `tokenizer`; without one, approximated by words and symbols of the same text."""
     questions, rationales = [r["question"] for r in rows], [r["rationale"] for r in rows]
     if tokenizer is None:
-        return np.array([len(_WORD.findall(render_prompt(template, q) + r)) for q, r in zip(questions, rationales,
-                                                                                         strict=True)])
+        texts = [render_prompt(prompt.prompt_template, q) + r for q, r in zip(questions, rationales, strict=True)]
+        return np.array([len(_WORD.findall(t)) for t in texts])
     from train.data.tokenizer import load_tokenizer
 
-    prompts, targets = encode(load_tokenizer(tokenizer), questions, rationales, template)
+    prompts, targets = encode(load_tokenizer(tokenizer), questions, rationales, prompt)
     return np.array([len(p) + len(t) + 1 for p, t in zip(prompts, targets, strict=True)])
 
 
@@ -197,7 +199,7 @@ def prepare(opts: PrepareOptions) -> dict:
         raise InputError(", ".join(opts.inputs), None, "no usable records in the input", "empty_input")
     input_files_digest = {str(f): dir_digest(f) if f.is_dir() else file_digest(f) for f in result.files}
     rows = _grade(result.questions, opts)
-    lengths = _lengths(rows, opts.tokenizer, opts.prompt_template)
+    lengths = _lengths(rows, opts.tokenizer, Prompt(opts.prompt_template, opts.prompt_format, opts.system_prompt))
     stats = compute_stats(rows, lengths, "tokens" if opts.tokenizer else "words+symbols (approx. tokens)")
     stats["skipped"] = dict(result.skipped)
     stats["seconds"] = round(time.time() - t0, 2)

@@ -7,14 +7,21 @@ files disagree on whether the labels are part of the text: the authors' TDG file
 carry neither. Readers therefore strip a leading `Problem:` / `Solution:` label, so that every
 format reaches the template as the bare text and no label ever appears twice.
 
-Every stage records its template (config.yaml; `tdg.json` in an export); a stage reading another
-stage's output refuses one trained with a different template (`check_same_template`).
+With `data.prompt_format: chat` the rendered template is the user message of the tokenizer's own
+chat template (`apply_chat_template`, generation prompt added; `data.system_prompt` as the system
+message), and that text replaces BOS + template: the chat template adds the special tokens the
+model expects. `Prompt` carries the three settings; every stage, eval and the ranker build prompts
+through it.
+
+Every stage records its prompt (config.yaml; `tdg.json` in an export); a stage reading another
+stage's output refuses one trained with a different prompt (`check_same_prompt`).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -50,21 +57,79 @@ def render_prompt(template: str, question: str) -> str:
     return template.replace(FIELD, question)
 
 
-def recorded_template(path: str | Path) -> str | None:
-    """The template a stage output or an exported model was trained with; None if it records none
+PROMPT_FORMATS = ("plain", "chat")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """How a question becomes the text before the rationale. Field names as in DataConfig and the records."""
+
+    prompt_template: str = DEFAULT_TEMPLATE
+    prompt_format: str = "plain"  # plain: BOS + template; chat: the tokenizer's chat template around it
+    system_prompt: str = ""  # chat only: the system message
+
+    @classmethod
+    def of(cls, data) -> Prompt:
+        """The prompt of a stage's `data` section."""
+        return cls(data.prompt_template, data.prompt_format, data.system_prompt)
+
+    @classmethod
+    def from_record(cls, rec: dict) -> Prompt:
+        """From config.yaml's data section, ranker.json or tdg.json (outputs from before chat: plain)."""
+        return cls(rec.get("prompt_template") or DEFAULT_TEMPLATE, rec.get("prompt_format") or "plain",
+                   rec.get("system_prompt") or "")
+
+    def record(self) -> dict:
+        return {"prompt_template": self.prompt_template, "prompt_format": self.prompt_format,
+                "system_prompt": self.system_prompt}
+
+    def uses_bos(self) -> bool:
+        """Plain prompts get the tokenizer's BOS id in front; a chat template writes its own special tokens."""
+        return self.prompt_format == "plain"
+
+    def text(self, tokenizer, question: str) -> str:
+        """The prompt text of one question (for chat: the rendered chat template, special tokens included)."""
+        user = render_prompt(self.prompt_template, question)
+        if self.prompt_format == "plain":
+            return user
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(f"data.prompt_format=chat but the tokenizer ({getattr(tokenizer, 'name_or_path', '?')})"
+                              " has no chat template; use prompt_format=plain or a tokenizer with one")
+        messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + \
+            [{"role": "user", "content": user}]
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # jinja's TemplateError, raised by templates that refuse e.g. a system role
+            raise ConfigError(f"the tokenizer's chat template refuses this prompt ({e}); "
+                              + ("its model may take no system message: leave data.system_prompt empty"
+                                 if self.system_prompt else "check the template")) from None
+
+    def differences(self, other: Prompt) -> list[str]:
+        """The settings (record keys) in which the two differ."""
+        return [k for k in self.record() if getattr(self, k) != getattr(other, k)]
+
+
+def as_prompt(prompt: Prompt | str) -> Prompt:
+    """A bare template string is a plain prompt."""
+    return Prompt(prompt) if isinstance(prompt, str) else prompt
+
+
+def recorded_prompt(path: str | Path) -> Prompt | None:
+    """The prompt a stage output or an exported model was trained with; None if it records none
     (a model from elsewhere)."""
     p = Path(path)
     if (p / EXPORT_JSON).is_file():
-        return json.loads((p / EXPORT_JSON).read_text()).get("prompt_template")
+        return Prompt.from_record(json.loads((p / EXPORT_JSON).read_text()))
     if (p / "config.yaml").is_file():
-        cfg = yaml.safe_load((p / "config.yaml").read_text()) or {}
-        return (cfg.get("data") or {}).get("prompt_template")
+        data = (yaml.safe_load((p / "config.yaml").read_text()) or {}).get("data") or {}
+        return Prompt.from_record(data) if "prompt_template" in data else None
     return None
 
 
-def check_same_template(mine: str, key: str, other: str | Path, what: str) -> None:
-    """Refuse to build on an output trained with a different prompt template."""
-    theirs = recorded_template(other)
+def check_same_prompt(mine: Prompt, other: str | Path, what: str, key: str = "data") -> None:
+    """Refuse to build on an output trained with a different prompt (template, format or system prompt)."""
+    theirs = recorded_prompt(other)
     if theirs is not None and theirs != mine:
-        raise ConfigError(f"{key} is {mine!r} but {what} {other} was trained with {theirs!r}; "
-                          "every stage must use one prompt template")
+        raise ConfigError("; ".join(f"{key}.{k} is {getattr(mine, k)!r} but {what} {other} was trained with "
+                                    f"{getattr(theirs, k)!r}" for k in mine.differences(theirs))
+                          + "; every stage must use one prompt template, format and system prompt")

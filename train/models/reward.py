@@ -68,7 +68,7 @@ class Ranker:
 
     model: RewardModel
     tokenizer: object
-    spec: dict  # ranker.json: prompt_template, max_len, ...
+    spec: dict  # ranker.json: prompt_template, prompt_format, system_prompt, max_len, ...
 
     @torch.no_grad()
     def scores(self, question: str, rationales: list[str], finished: list[bool], device: torch.device) -> list[float]:
@@ -90,10 +90,11 @@ def candidate_samples(tokenizer, spec: dict, question: str, rationales: list[str
     """Eval candidates as ranker samples: `train.data.dataset.tokenize`, the function stage ranker trained with,
     with its template and max_len; EOS only on finished candidates, overlong ones cut (a vote cannot drop them)."""
     from train.data.dataset import tokenize
+    from train.data.prompt import Prompt
 
     table = pa.table({"id": [str(i) for i in range(len(rationales))], "question": [question] * len(rationales),
                       "rationale": rationales})
-    return tokenize(table, tokenizer, spec["max_len"], spec["prompt_template"], "truncate", finished=finished)
+    return tokenize(table, tokenizer, spec["max_len"], Prompt.from_record(spec), "truncate", finished=finished)
 
 
 def read_ranker_spec(ranker_dir: str | Path) -> dict:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from train.config import DistillConfig
 from train.data.dataset import TokenizedSet, collate, target_mask
 from train.data.mmap_tensors import mmap_safetensors, to_torch
-from train.data.prompt import check_same_template
+from train.data.prompt import Prompt, check_same_prompt
 from train.engine.loop import TrainTask
 from train.errors import ConfigError, TdgError
 from train.manifest import check_stage_output, dir_digest, file_digest
@@ -170,8 +170,8 @@ def build(cfg: DistillConfig, ds_cfg: dict) -> TrainTask:
     data, tok = load_stage_data("distill", cfg, labels=("pos",))
     lam, temp = cfg.distill.lam, cfg.distill.temperature
     teacher_dir = cfg.distill.scores if cfg.distill.mode == "offline" else cfg.distill.nat_dir
-    check_same_template(cfg.data.prompt_template, "data.prompt_template", teacher_dir,
-                        "the scores" if cfg.distill.mode == "offline" else "the NAT teacher")
+    check_same_prompt(Prompt.of(cfg.data), teacher_dir,
+                      "the scores" if cfg.distill.mode == "offline" else "the NAT teacher")
     if cfg.distill.mode == "offline":
         scores = StoredScores(cfg.distill.scores)
         check_same_vocabulary(tok, scores.manifest["tokenizer"])

@@ -34,7 +34,7 @@ import torch
 from train.config import EvalConfig, save_config
 from train.data.answers import last_boxed
 from train.data.grading import grade_inline
-from train.data.prompt import DEFAULT_TEMPLATE, recorded_template, render_prompt
+from train.data.prompt import DEFAULT_TEMPLATE, Prompt, recorded_prompt
 from train.data.readers import Question, parse_fields, read_test_questions
 from train.engine import distributed as dist_
 from train.engine import output_lock, precision
@@ -76,27 +76,30 @@ def _batch_seed(seed: int, qids: list[str]) -> int:
     return int.from_bytes(hashlib.sha1(f"{seed}:{','.join(qids)}".encode()).digest()[:7], "big")
 
 
-def eval_template(cfg: EvalConfig, ranker_spec: dict | None) -> str:
-    """The prompt template of this eval: the one the model was trained with (or eval.prompt_template, or the
-    default for a model that records none), which the ranker must share. Mismatches are refused."""
-    recorded = recorded_template(cfg.eval.model)
-    template = cfg.eval.prompt_template or recorded or DEFAULT_TEMPLATE
-    if recorded is not None and recorded != template:
-        raise ConfigError(f"eval.prompt_template is {template!r} but the model {cfg.eval.model} was trained with "
-                          f"{recorded!r}; leave eval.prompt_template empty to use the model's")
-    if ranker_spec is not None and ranker_spec["prompt_template"] != template:
-        raise ConfigError(f"eval.ranker: {cfg.eval.ranker} was trained with prompt template "
-                          f"{ranker_spec['prompt_template']!r} but the model is prompted with {template!r}; "
-                          "train the ranker with the model's data.prompt_template")
-    return template
+def eval_prompt(cfg: EvalConfig, ranker_spec: dict | None) -> Prompt:
+    """The prompt of this eval: the one the model was trained with (template, format and system prompt; or
+    eval.prompt_template for a model that records none), which the ranker must share. Mismatches are refused."""
+    recorded = recorded_prompt(cfg.eval.model)
+    prompt = recorded or Prompt(cfg.eval.prompt_template or DEFAULT_TEMPLATE)
+    if recorded is not None and cfg.eval.prompt_template and recorded.prompt_template != cfg.eval.prompt_template:
+        raise ConfigError(f"eval.prompt_template is {cfg.eval.prompt_template!r} but the model {cfg.eval.model} was "
+                          f"trained with {recorded.prompt_template!r}; leave eval.prompt_template empty to use "
+                          "the model's")
+    if ranker_spec is not None and Prompt.from_record(ranker_spec) != prompt:
+        theirs = Prompt.from_record(ranker_spec)
+        raise ConfigError("; ".join(f"eval.ranker: {cfg.eval.ranker} was trained with {k} {getattr(theirs, k)!r} but "
+                                    f"the model is prompted with {getattr(prompt, k)!r}"
+                                    for k in prompt.differences(theirs))
+                          + "; train the ranker with the model's data.prompt_template, prompt_format and system_prompt")
+    return prompt
 
 
-def evaluate_batch(model, tok, ranker, questions: list[Question], cfg: EvalConfig, template: str,
+def evaluate_batch(model, tok, ranker, questions: list[Question], cfg: EvalConfig, prompt: Prompt,
                    device: torch.device, budget_tokens: int) -> list[dict]:
     from train.generation import generate_rationales
 
     e = cfg.eval
-    gen = generate_rationales(model, tok, [q.question for q in questions], template, e.n, e.temperature, e.top_p,
+    gen = generate_rationales(model, tok, [q.question for q in questions], prompt, e.n, e.temperature, e.top_p,
                               e.max_new_tokens, _batch_seed(e.seed, [q.qid for q in questions]), device,
                               budget_tokens)
     records = []
@@ -107,7 +110,7 @@ def evaluate_batch(model, tok, ranker, questions: list[Question], cfg: EvalConfi
         cands = [Candidate(a, c, s if scores else 0.0)
                  for a, c, s in zip(answers[1:], correct[1:], scores or [0.0] * len(texts), strict=True)]
         rec = {"qid": q.qid, "subject": q.subject, "level": q.level, "question": q.question, "gold": q.gold,
-               "prompt": render_prompt(template, q.question),
+               "prompt": prompt.text(tok, q.question),
                "greedy": {"text": g, "answer": answers[0], "correct": correct[0]},
                "samples": [{"text": t, "finished": f, "answer": c.answer, "correct": c.correct,
                             "ranker": None if scores is None else c.score}
@@ -177,7 +180,7 @@ def main(cfg: EvalConfig) -> int:
     check_generator(cfg.eval.model)
     if cfg.eval.ranker:
         check_stage_output(cfg.eval.ranker, "eval.ranker", ("ranker",))
-    template = eval_template(cfg, read_ranker_spec(cfg.eval.ranker) if cfg.eval.ranker else None)
+    prompt = eval_prompt(cfg, read_ranker_spec(cfg.eval.ranker) if cfg.eval.ranker else None)
     device = dist_.setup(cfg.engine.dist_timeout_minutes)
     output_lock.hold(out, "eval")
     world, rank = dist_.world(), dist_.rank()
@@ -203,7 +206,7 @@ def main(cfg: EvalConfig) -> int:
               flush=True)
         print(f"[eval] {what}; {len(questions)} questions ({len(done)} already done), {cfg.eval.n} samples each, "
               f"{world} rank(s)" + (f"; ranker {cfg.eval.ranker}" if ranker is not None else "; no ranker")
-              + f"; prompt template {template!r}", flush=True)
+              + f"; prompt template {prompt.prompt_template!r} ({prompt.prompt_format})", flush=True)
     bar = progress(len(todo), "eval (rank 0)", "question", enabled=dist_.is_main() and cfg.engine.progress)
     mine = out / f"predictions-rank{rank}.jsonl"
     drop_torn_tail(mine)
@@ -211,7 +214,7 @@ def main(cfg: EvalConfig) -> int:
         for k in range(rounds):
             batch = todo[k * bq:(k + 1) * bq]
             if batch:
-                for rec in evaluate_batch(model, tok, ranker, batch, cfg, template, device, budget):
+                for rec in evaluate_batch(model, tok, ranker, batch, cfg, prompt, device, budget):
                     f.write(json.dumps(rec) + "\n")
                 f.flush()
                 os.fsync(f.fileno())

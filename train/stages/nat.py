@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from train.config import NatConfig
-from train.data.prompt import check_same_template
+from train.data.prompt import Prompt, check_same_prompt
 from train.engine.loop import TrainTask
 from train.errors import ConfigError
 from train.manifest import check_stage_output, dir_digest
@@ -49,8 +49,7 @@ def build(cfg: NatConfig, ds_cfg: dict) -> TrainTask:
     check_stage_output(neg_dir.parent if neg_dir.name == "adapter" else neg_dir, "nat.neg_adapter", ("neg", "sft"),
                        required=False)
     _check_matches_neg(cfg, neg_dir)
-    check_same_template(cfg.data.prompt_template, "data.prompt_template",
-                        neg_dir.parent if neg_dir.name == "adapter" else neg_dir, "the neg stage")
+    check_same_prompt(Prompt.of(cfg.data), neg_dir.parent if neg_dir.name == "adapter" else neg_dir, "the neg stage")
     data, tok = load_stage_data("nat", cfg, labels=("pos",))
     base = load_base_model(cfg.model, model_dtype(cfg), ds_config=ds_cfg)
     check_target_modules(base, cfg.lora.target_modules)

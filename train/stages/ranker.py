@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from train.config import RankerConfig
 from train.data.batching import TokenBudgetBatcher
 from train.data.pairs import PairSet, pairs_from_prepared
+from train.data.prompt import Prompt
 from train.data.tokenizer import load_tokenizer
 from train.engine import distributed as dist_
 from train.engine.loop import TrainTask
@@ -124,7 +125,7 @@ def build(cfg: RankerConfig, ds_cfg: dict) -> TrainTask:
         (out / RANKER_JSON).write_text(json.dumps({
             "base_model": str(Path(cfg.model.path).resolve()),
             "tokenizer": str(Path(tokenizer_dir(cfg.model)).resolve()), "hidden_size": hidden,
-            "prompt_template": cfg.data.prompt_template, "max_len": cfg.data.max_len,
+            **Prompt.of(cfg.data).record(), "max_len": cfg.data.max_len,
             "overlong": cfg.data.overlong, "loss": cfg.ranker.loss}, indent=1))
         return {"ranker": str(out), **stats}
 

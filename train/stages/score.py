@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 from train.config import OptimConfig, ScoreConfig, save_config
 from train.data.batching import TokenBudgetBatcher
 from train.data.dataset import TokenizedSet, collate, read_prepared, target_mask, tokenize_with
-from train.data.prompt import check_same_template
+from train.data.prompt import Prompt, check_same_prompt
 from train.data.tokenizer import load_tokenizer
 from train.engine import distributed as dist_
 from train.engine import output_lock, precision
@@ -185,7 +185,7 @@ def main(cfg: ScoreConfig) -> int:
     world, rank = dist_.world(), dist_.rank()
     t0 = time.time()
     spec = json.loads((nat_dir / NAT_JSON).read_text())
-    check_same_template(cfg.data.prompt_template, "data.prompt_template", nat_dir, "the NAT teacher")
+    check_same_prompt(Prompt.of(cfg.data), nat_dir, "the NAT teacher")
     tok = load_tokenizer(spec["base_model"])
     table = read_prepared(cfg.data.path, labels=("pos",))
     data = tokenize_with(table, tok, cfg.data)
@@ -289,7 +289,7 @@ def _finish(cfg: ScoreConfig, out: Path, nat_dir: Path, data: TokenizedSet, n_sh
     manifest = {"format": FORMAT, "samples": len(expected_ids), "shards": shards, "top_k": cfg.score.top_k,
                 "max_len": cfg.data.max_len, "nat_dir": str(nat_dir.resolve()),
                 "tokenizer": json.loads((nat_dir / NAT_JSON).read_text())["base_model"],
-                "prompt_template": cfg.data.prompt_template, "data": data.report()}
+                **Prompt.of(cfg.data).record(), "data": data.report()}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     metrics = {"samples": len(expected_ids), "shards": n_shards, "data": data.report(), "beta_mean": float(beta.mean()),
                "beta_std": float(beta.std()), "beta_min": float(beta.min()), "beta_max": float(beta.max()),
