@@ -129,3 +129,25 @@ def test_stored_scores_are_memory_mapped_and_only_a_batch_is_read(tmp_path, lp_d
     assert torch.equal(got["kd_ids"], torch.cat([ids[8:10], ids[0:3]]).long())
     assert torch.equal(got["kd_lp"], torch.cat([lps[8:10], lps[0:3]]).float())  # bf16 restored exactly
     assert torch.equal(got["kd_tail"], torch.cat([tail[8:10], tail[0:3]]))
+
+
+def test_distill_heldout_loss_reports_ce_and_kd_of_the_heldout_samples(full_vocab_scores, prepared_dir,
+                                                                       base_model_dir, tmp_path):
+    import numpy as np
+
+    from train.engine.loop import _target_tokens, heldout_loss
+
+    cfg = load_config(DistillConfig, None, _common(prepared_dir, base_model_dir, tmp_path / "h",
+                                                   f"distill.scores={full_vocab_scores}", "data.heldout_fraction=0.3"))
+    task = distill.build(cfg, build_ds_config("zero2", cfg.optim, 1, bf16=False))
+    held = task.data.heldout
+    assert 0 < held.sum() < len(held)
+    with torch.no_grad():
+        metrics = heldout_loss(task, task.model, held, task.data.lengths, _target_tokens(task.data),
+                               task.collate_fn, cfg, torch.device("cpu"))
+        idx = np.flatnonzero(held)
+        loss, terms = task.loss_fn(task.model, task.collate_fn(idx))  # all of them in one batch, by hand
+    tokens = int((task.data.lengths - task.data.prompt_lens)[idx].sum())
+    assert metrics["distill/heldout_loss"] == pytest.approx(float(loss) / tokens, rel=1e-4)
+    assert metrics["distill/heldout_ce"] == pytest.approx(float(terms["ce"]) / tokens, rel=1e-4)
+    assert metrics["distill/heldout_kd"] == pytest.approx(float(terms["kd"]) / tokens, rel=1e-4)

@@ -42,10 +42,15 @@ class DataConfig:
     packing: bool = False  # one row per micro-batch, samples concatenated, attention kept per sample
     mask_prompt: bool = True  # no loss on the question tokens
     group_size: int = 512  # samples per length-grouping window (bigger: less padding, less random)
-    seed: int = 0  # seeds the batch order (the same on every rank; differs per epoch)
+    seed: int = 0  # seeds the batch order (the same on every rank; differs per epoch) and the held-out split
+    # share of QUESTIONS (hashed, as the ranker's split) kept out of training: their loss is evaluated at each
+    # epoch end (TensorBoard heldout/*, DONE.json), to see overfitting over many epochs
+    heldout_fraction: float = 0.0  # 0: every sample trains; e.g. 0.05 for a held-out loss per epoch
 
     def validate(self) -> None:
         check_template(self.prompt_template)
+        if not 0 <= self.heldout_fraction < 1:
+            raise ConfigError(f"data.heldout_fraction: between 0 and 1 (exclusive), got {self.heldout_fraction}")
         if self.system_prompt and self.prompt_format != "chat":
             raise ConfigError("data.system_prompt: needs data.prompt_format=chat (a plain prompt has no system "
                               "message; put the text in data.prompt_template)")
@@ -390,6 +395,9 @@ class DpoConfig(TrainStageConfig):
     def validate(self) -> None:
         super().validate()
         self.require_padded_batches("dpo compares whole sequences of a pair")
+        if self.data.heldout_fraction > 0:
+            raise ConfigError("data.heldout_fraction: not available in stage dpo yet (it trains on pairs); "
+                              "the sft, neg, nat, distill and redi stages have it")
 
 
 @dataclasses.dataclass
@@ -517,6 +525,8 @@ class RankerConfig(TrainStageConfig):
     def validate(self) -> None:
         super().validate()
         self.require_padded_batches("the ranker reads one score per sequence")
+        if self.data.heldout_fraction > 0:
+            raise ConfigError("data.heldout_fraction: the ranker holds questions out with ranker.heldout_fraction")
 
 
 @dataclasses.dataclass

@@ -18,8 +18,13 @@ import numpy as np
 
 class TokenBudgetBatcher:
     def __init__(self, lengths, max_tokens: int, seed: int = 0, packing: bool = False, group_size: int = 512,
-                 shuffle: bool = True):
+                 shuffle: bool = True, index: np.ndarray | None = None):
+        """`index`: batch only these samples (e.g. the training ones, not the held-out); batches hold indices
+        into `lengths` either way."""
+        self.index = None if index is None else np.asarray(index, dtype=np.int64)
         self.lengths = np.asarray(lengths, dtype=np.int64)
+        if self.index is not None:
+            self.lengths = self.lengths[self.index]
         if len(self.lengths) == 0:
             raise ValueError("no samples to batch")
         too_long = int(self.lengths.max())
@@ -43,6 +48,8 @@ class TokenBudgetBatcher:
             if self.shuffle:
                 batches = [batches[i] for i in rng.permutation(len(batches))]
         sizes = np.fromiter((len(b) for b in batches), dtype=np.int64, count=len(batches))
+        if self.index is not None:
+            batches = [self.index[b] for b in batches]
         return batches, np.concatenate([[0], np.cumsum(sizes)])
 
     def _greedy(self, order: np.ndarray, cost) -> list[np.ndarray]:

@@ -110,6 +110,7 @@ class TokenizedSet:
     overlong_policy: str = "drop"
     overlong: Counter = field(default_factory=Counter)  # label -> samples over max_len (dropped or cut)
     prompt_too_long: int = 0  # samples whose prompt alone reaches max_len: always left out
+    heldout: np.ndarray | None = None  # bool per sample: kept out of training, evaluated (data.heldout_fraction)
 
     @property
     def lengths(self) -> np.ndarray:

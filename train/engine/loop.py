@@ -58,7 +58,8 @@ class TrainTask:
     scalars_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None  # extra TensorBoard scalars
     collate_fn: Callable[[np.ndarray], dict] | None = None
     # held-out evaluation (every rank, eval mode, no grad) at each epoch end and after the last step;
-    # its scalars go to TensorBoard and the last ones into DONE.json
+    # its scalars go to TensorBoard and the last ones into DONE.json (all of them: eval_history). Samples a
+    # TokenizedSet marks `heldout` (data.heldout_fraction) are left out of training and their loss added
     evaluate_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None
 
 
@@ -190,6 +191,30 @@ def _recipe_changes(root: Path, resume: ckpt.Position | None, recipe: dict, cfg,
     return changes
 
 
+def heldout_loss(task: TrainTask, module: torch.nn.Module, heldout: np.ndarray, lengths: np.ndarray, units,
+                 collate_fn, cfg: TrainStageConfig, device: torch.device) -> dict[str, float]:
+    """The task's own loss and terms (CE; CE and KD for distill), per unit, on the held-out samples, split over
+    ranks. Every rank makes the same number of forward calls (ZeRO-3 gathers weights in each); the extra ones
+    repeat batch 0 and are dropped."""
+    batches = TokenBudgetBatcher(lengths, cfg.data.max_tokens, shuffle=False, packing=cfg.data.packing,
+                                 group_size=int(heldout.sum()), index=np.flatnonzero(heldout)).batches(0)
+    world, rank = dist_.world(), dist_.rank()
+    mine = batches[rank::world]
+    sums: dict[str, float] = {}
+    for k in range(-(-len(batches) // world)):
+        batch = {key: v.to(device) for key, v in collate_fn(mine[k] if k < len(mine) else batches[0]).items()}
+        loss_sum, terms = task.loss_fn(module, batch)
+        if k < len(mine):
+            for name, value in {"loss": loss_sum, **terms}.items():
+                sums[name] = sums.get(name, 0.0) + float(value)
+    total: dict[str, float] = {}
+    for part in dist_.all_gather_object(sums):
+        for name, value in part.items():
+            total[name] = total.get(name, 0.0) + value
+    n = max(1, sum(units(b) for b in batches))
+    return {f"{task.name}/heldout_{name}": value / n for name, value in sorted(total.items())}
+
+
 def _seed_for(seed: int, step: int, batch_in_step: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + batch_in_step) % (2**63 - 1)
 
@@ -208,8 +233,11 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
     dist_.barrier()
 
     lengths = task.data.lengths  # a property that walks every sample: read it once
+    heldout = getattr(task.data, "heldout", None)  # TokenizedSet: samples of held-out questions (or None)
+    heldout = heldout if heldout is not None and heldout.any() else None
     batcher = TokenBudgetBatcher(lengths, cfg.data.max_tokens, seed=cfg.data.seed,
-                                 packing=cfg.data.packing, group_size=cfg.data.group_size)
+                                 packing=cfg.data.packing, group_size=cfg.data.group_size,
+                                 index=None if heldout is None else np.flatnonzero(~heldout))
     units = task.units or _target_tokens(task.data)
     collate_fn = task.collate_fn or (lambda idx: collate(task.data, idx, task.pad_id, cfg.data.packing,
                                                          cfg.data.mask_prompt))
@@ -304,17 +332,22 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
         dist_.raise_if_any(problem)
 
     last_eval: dict[str, float] = {}
+    eval_history: list[dict] = []  # every evaluation of this run (not of runs before a resume), for DONE.json
     evaluated_at = -1
 
     def evaluate() -> None:
         nonlocal last_eval, evaluated_at
-        if task.evaluate_fn is None or evaluated_at == pos.global_step:
+        if (task.evaluate_fn is None and heldout is None) or evaluated_at == pos.global_step:
             return
         engine.eval()
         with torch.no_grad():
-            last_eval = task.evaluate_fn(engine.module)
+            last_eval = task.evaluate_fn(engine.module) if task.evaluate_fn is not None else {}
+            if heldout is not None:
+                last_eval.update(heldout_loss(task, engine.module, heldout, lengths, units, collate_fn, cfg, device))
         engine.train()
         evaluated_at = pos.global_step
+        eval_history.append({"step": pos.global_step, "epoch": pos.epoch,
+                             **{k.rsplit("/", 1)[-1]: v for k, v in last_eval.items()}})
         log.scalars(last_eval, pos.global_step)
         if dist_.is_main():
             print(f"[{task.name}] step {pos.global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()),
@@ -404,7 +437,8 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
                "grad_accum": accum, "precision": prec, "trainable_params": n_trainable, "data": task.data.report(),
                **({"changed_on_resume": changed} if changed else {}),
                **_throughput(step_seconds, step_rates, fpt, peak * world),
-               **{k.rsplit("/", 1)[-1]: v for k, v in last_eval.items()}}
+               **{k.rsplit("/", 1)[-1]: v for k, v in last_eval.items()},
+               **({"eval_history": eval_history} if eval_history else {})}
     masters = precision.fp32_masters(named_trainable)  # every rank: assembling them is a collective
     with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
         if dist_.is_main():

@@ -33,7 +33,26 @@ def load_stage_data(name: str, cfg: TrainStageConfig, labels: tuple[str, ...]) -
                          "empty_input")
     if dist_.is_main():
         print(f"[{name}] {'/'.join(labels)}: {data.describe()}", flush=True)
+    if cfg.data.heldout_fraction > 0:
+        data.heldout = heldout_mask(name, table, data, cfg.data.heldout_fraction, cfg.data.seed)
     return data, tok
+
+
+def heldout_mask(name: str, table, data: TokenizedSet, fraction: float, seed: int) -> np.ndarray:
+    """Which samples belong to held-out questions (the ranker's hashed split: a question is all in or all out)."""
+    from train.data.pairs import is_heldout
+
+    qid_of = dict(zip(table.column("id").to_pylist(), table.column("qid").to_pylist(), strict=True))
+    mask = np.array([is_heldout(qid_of[i], fraction, seed) for i in data.ids], dtype=bool)
+    if mask.all():
+        raise ConfigError(f"data.heldout_fraction={fraction} holds out every question: nothing left to train on")
+    if dist_.is_main():
+        qids = {qid_of[i] for i, h in zip(data.ids, mask, strict=True) if h}
+        print(f"[{name}] held out: {int(mask.sum())} samples of {len(qids)} questions (data.heldout_fraction="
+              f"{fraction}); their loss is evaluated at each epoch end" if mask.any() else
+              f"[{name}] data.heldout_fraction={fraction} selects no question of this data: no held-out loss",
+              flush=True)
+    return mask
 
 
 def model_dtype(cfg: TrainStageConfig) -> torch.dtype:
