@@ -251,6 +251,14 @@ def save_config(cfg: Any, path: str | Path) -> None:
 # --- stage config sections ------------------------------------------------------------------
 
 
+def check_loggers(report_to: list[str]) -> None:
+    from train.engine.loggers import LOGGERS
+
+    unknown = [name for name in report_to if name not in LOGGERS]
+    if unknown or len(set(report_to)) != len(report_to):
+        raise ConfigError(f"engine.report_to: {report_to} must list distinct loggers out of {', '.join(LOGGERS)}")
+
+
 @dataclasses.dataclass
 class ModelConfig:
     """The base model: a local Hugging Face directory, or a hub id read from the local HF cache (never fetched)."""
@@ -318,6 +326,9 @@ class EngineConfig:
     peak_tflops: float = 0.0  # per device, for MFU; 0 = look the GPU up (none on CPU)
     progress: bool = True  # rank 0: a tqdm bar on a terminal, a plain line every 30 s in a log file
     resume_changed_config: bool = False  # resume a checkpoint trained under another config (DONE.json records both)
+    # where scalars go, each getting the same ones: tensorboard (tb/), wandb, mlflow (optional extras, set up from
+    # their environment variables: WANDB_PROJECT, WANDB_MODE, MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME)
+    report_to: list[str] = dataclasses.field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, mlflow
 
     def validate(self) -> None:
         if not self.output_dir:
@@ -326,6 +337,7 @@ class EngineConfig:
             raise ConfigError("engine.dist_timeout_minutes: must be > 0")
         if self.keep_last < 1:
             raise ConfigError("engine.keep_last: must be >= 1")
+        check_loggers(self.report_to)
 
 
 @dataclasses.dataclass
@@ -568,12 +580,14 @@ class EvalEngine:
     dist_timeout_minutes: float = 60  # how long a collective waits (a rank saving or converting) before failing
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     progress: bool = True  # rank 0: a tqdm bar on a terminal, a plain line every 30 s in a log file
+    report_to: list[str] = dataclasses.field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, mlflow
 
     def validate(self) -> None:
         if not self.output_dir:
             raise ConfigError("engine.output_dir: required")
         if self.dist_timeout_minutes <= 0:
             raise ConfigError("engine.dist_timeout_minutes: must be > 0")
+        check_loggers(self.report_to)
 
 
 @dataclasses.dataclass

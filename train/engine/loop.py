@@ -37,6 +37,7 @@ from train.engine import distributed as dist_
 from train.engine import precision
 from train.engine.ds_config import build_ds_config, effective_optim
 from train.engine.flops import flops_per_token, peak_flops
+from train.engine.loggers import ScalarLoggers
 from train.engine.schedule import warmup_cosine
 from train.engine.signals import EXIT_CHECKPOINTED, StopRequest
 from train.errors import TdgError
@@ -83,26 +84,6 @@ def _plan_total_steps(batcher: TokenBudgetBatcher, pos: ckpt.Position, epochs: i
         cursor = batcher.batch_index_at(epoch, pos.samples_in_epoch) if epoch == pos.epoch else 0
         total += (len(batcher.batches(epoch)) - cursor) // per_step
     return min(total, max_steps) if max_steps > 0 else total
-
-
-class _Logger:
-    """TensorBoard on rank 0 only; other ranks get a no-op."""
-
-    def __init__(self, out: Path, enabled: bool):
-        self.writer = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(out / "tb"))
-
-    def scalars(self, values: dict[str, float], step: int) -> None:
-        if self.writer is not None:
-            for k, v in values.items():
-                self.writer.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 def _done_line(name: str, metrics: dict, out: Path) -> str:
@@ -297,7 +278,7 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
         resume = older
     pos = resume or ckpt.Position(world_size=world)
 
-    log = _Logger(out, dist_.is_main())
+    log = ScalarLoggers(out, cfg.engine.report_to, f"{task.name} {out}", asdict(cfg), dist_.is_main())
     fpt = flops_per_token(engine.module, n_trainable, float(np.mean(lengths)))
     peak = peak_flops(cfg.engine.peak_tflops)
     bar = progress(total_steps, task.name, "step", initial=pos.global_step,

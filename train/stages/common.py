@@ -15,6 +15,7 @@ from train.data.tokenizer import load_tokenizer
 from train.engine import distributed as dist_
 from train.engine import output_lock, precision
 from train.engine.ds_config import build_ds_config, effective_optim
+from train.engine.loggers import check_available
 from train.engine.loop import TrainTask, run_training
 from train.errors import ConfigError, InputError
 from train.manifest import dir_digest, file_digest, read_done
@@ -120,6 +121,7 @@ def run_stage(name: str, cfg: TrainStageConfig, build: Callable[[TrainStageConfi
     check_model_dir(cfg.model.path)  # before any tokenizer or model load: a named error, not a hub traceback
     if cfg.model.tokenizer and not Path(cfg.model.tokenizer).is_dir():
         raise ConfigError(f"model.tokenizer: {cfg.model.tokenizer} is not a directory (a tokenizer dir or hub id)")
+    check_available(cfg.engine.report_to)
     device = dist_.setup(cfg.engine.dist_timeout_minutes)
     output_lock.hold(out, name)
     optim = effective_optim(cfg.optim, cfg.data.max_tokens, dist_.world())

@@ -38,6 +38,7 @@ from train.data.prompt import DEFAULT_TEMPLATE, Prompt, recorded_prompt
 from train.data.readers import Question, parse_fields, read_test_questions
 from train.engine import distributed as dist_
 from train.engine import output_lock, precision
+from train.engine.loggers import check_available
 from train.engine.signals import EXIT_CHECKPOINTED, StopRequest
 from train.errors import ConfigError
 from train.manifest import check_stage_output, dir_digest, file_digest, write_done
@@ -178,6 +179,7 @@ def main(cfg: EvalConfig) -> int:
         questions = questions[:cfg.eval.max_questions]
     cfg.eval.model = resolve_model_ref(cfg.eval.model, "eval.model")
     check_generator(cfg.eval.model)
+    check_available(cfg.engine.report_to)
     if cfg.eval.ranker:
         check_stage_output(cfg.eval.ranker, "eval.ranker", ("ranker",))
     prompt = eval_prompt(cfg, read_ranker_spec(cfg.eval.ranker) if cfg.eval.ranker else None)
@@ -233,7 +235,7 @@ def main(cfg: EvalConfig) -> int:
 
 
 def _finish(cfg: EvalConfig, out: Path, questions: list[Question], t0: float) -> None:
-    from torch.utils.tensorboard import SummaryWriter
+    from train.engine.loggers import ScalarLoggers
 
     done = read_predictions(out)
     missing = [q.qid for q in questions if q.qid not in done]
@@ -248,9 +250,9 @@ def _finish(cfg: EvalConfig, out: Path, questions: list[Question], t0: float) ->
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     table = markdown_table(metrics, cfg.eval.n, cfg.eval.weighting)
     (out / "metrics.md").write_text(f"# Evaluation of {cfg.eval.model}\n\nTest: {cfg.eval.test}\n\n{table}")
-    with SummaryWriter(str(out / "tb")) as tb:
-        for k, v in metrics["overall"].items():
-            tb.add_scalar(f"eval/{k}", v, 0)
+    log = ScalarLoggers(out, cfg.engine.report_to, f"eval {out}", asdict(cfg))
+    log.scalars({f"eval/{k}": v for k, v in metrics["overall"].items()}, 0)
+    log.close()
     inputs = {"test": file_digest(Path(cfg.eval.test)) if Path(cfg.eval.test).is_file() else dir_digest(cfg.eval.test)}
     write_done(out, stage="eval", config=asdict(cfg), inputs=inputs,
                metrics={**metrics["overall"], "seconds": round(time.time() - t0, 2), "world_size": dist_.world(),
