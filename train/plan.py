@@ -18,6 +18,7 @@ A GPU keeps CONTEXT_GIB free for the CUDA context, NCCL buffers and allocator sl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -80,7 +81,13 @@ PRESETS = {"llama-7b": _LLAMA_7B, "llama-2-7b": _LLAMA_7B, "llama-13b": _LLAMA_1
 
 def shape_of(model: str) -> tuple[Shape, str]:
     """(shape, where it came from) for a model dir with config.json, a config.json path, or a preset name
-    (also the last part of a path that does not exist here, e.g. /models/llama-2-70b)."""
+    (also the last part of a path or hub id that is not here, e.g. /models/llama-2-70b or
+    mistralai/Mistral-7B-Instruct-v0.2: mistral-7b). A hub id in the local HF cache is read from its snapshot."""
+    from train.models.hub import is_hub_id, resolve_model_ref
+
+    if is_hub_id(model):
+        with contextlib.suppress(ConfigError):  # not cached on this (login) node: its name may still give the shape
+            model = resolve_model_ref(model, "model.path")
     p = Path(model)
     cfg_file = p if p.name == "config.json" else p / "config.json"
     if cfg_file.is_file():
@@ -89,9 +96,10 @@ def shape_of(model: str) -> tuple[Shape, str]:
         return Shape(c["vocab_size"], c["hidden_size"], c["num_hidden_layers"], heads,
                      c.get("num_key_value_heads") or heads, c["intermediate_size"],
                      bool(c.get("tie_word_embeddings", False))), str(cfg_file)
-    name = p.name.lower()
-    if name in PRESETS:
-        return PRESETS[name], f"preset {name}"
+    name = p.name.lower().partition("@")[0]
+    for preset in sorted(PRESETS, key=len, reverse=True):  # llama-2-7b-chat-hf: llama-2-7b
+        if name == preset or name.startswith(preset + "-"):
+            return PRESETS[preset], f"preset {preset}"
     raise ConfigError(f"{model}: no config.json there and not a known shape; pass --model-config with a "
                       f"config.json or one of {', '.join(sorted(PRESETS))}")
 

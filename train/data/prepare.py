@@ -27,6 +27,7 @@ from train.data.prompt import DEFAULT_TEMPLATE, Prompt, check_template, render_p
 from train.data.readers import Question, parse_fields, read_inputs
 from train.errors import InputError, TdgError
 from train.manifest import dir_digest, file_digest, read_done, write_done
+from train.models.hub import resolve_model_ref
 
 SCHEMA = pa.schema([
     ("id", pa.string()), ("qid", pa.string()), ("subject", pa.string()), ("level", pa.string()),
@@ -199,7 +200,8 @@ def prepare(opts: PrepareOptions) -> dict:
         raise InputError(", ".join(opts.inputs), None, "no usable records in the input", "empty_input")
     input_files_digest = {str(f): dir_digest(f) if f.is_dir() else file_digest(f) for f in result.files}
     rows = _grade(result.questions, opts)
-    lengths = _lengths(rows, opts.tokenizer, Prompt(opts.prompt_template, opts.prompt_format, opts.system_prompt))
+    tokenizer = resolve_model_ref(opts.tokenizer or "", "--tokenizer") or None  # a dir or a cached hub id
+    lengths = _lengths(rows, tokenizer, Prompt(opts.prompt_template, opts.prompt_format, opts.system_prompt))
     stats = compute_stats(rows, lengths, "tokens" if opts.tokenizer else "words+symbols (approx. tokens)")
     stats["skipped"] = dict(result.skipped)
     stats["seconds"] = round(time.time() - t0, 2)
