@@ -111,10 +111,15 @@ STAGES = {
              "train.stages.evaluate", "EvalConfig"),
 }
 
+STAGES["sample"] = ("sample n rationales per question from a teacher (in-process or an OpenAI-compatible server), "
+                    "written in the flat layout tdg prepare grades", "train.stages.sample", "SampleConfig")
 STAGES["ablation"] = ("does negative data help? train and evaluate every baseline and variant over seeds "
                       "(base, sft-pos, sft-mix, neg-then-pos, ul, dpo, redi, nat, kd, nat+nce)",
                       "train.ablation", "AblationConfig")
 
+SAMPLE_SHORTCUTS = {"model": "sample.model", "questions": "sample.questions", "fields": "sample.fields",
+                    "n": "sample.n", "temperature": "sample.temperature", "backend": "sample.backend",
+                    "base_url": "sample.base_url", "output": "engine.output_dir"}
 EVAL_SHORTCUTS = {"model": "eval.model", "test": "eval.test", "ranker": "eval.ranker", "n": "eval.n",
                   "fields": "eval.fields", "output": "engine.output_dir"}
 
@@ -176,6 +181,20 @@ def _add_stage(sub, name: str) -> None:
                    help="print the resolved value of a config key (e.g. engine.output_dir) and exit")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides, e.g. optim.lr=1e-4 data.max_tokens=2048")
+    if name == "sample":  # the common case without a config file
+        p.add_argument("--model", metavar="M", help="the teacher (sample.model): a model dir, cached hub id or "
+                       "stage output (hf); the served model's name (openai)")
+        p.add_argument("--questions", metavar="PATH", help="questions (sample.questions): every format eval's "
+                       "--test takes; a gold answer, where there is one, is carried to the output")
+        p.add_argument("--fields", metavar="MAP", help="the questions file's field names (sample.fields)")
+        p.add_argument("--n", "--num-samples", dest="n", type=int, metavar="N",
+                       help="rationales per question (sample.n, default 8); under torchrun spell it --num-samples")
+        p.add_argument("--temperature", type=float, help="sampling temperature (sample.temperature, default 0.5)")
+        p.add_argument("--backend", choices=["auto", "hf", "openai"], help="sample.backend (default auto: openai "
+                       "when --base-url is given, else hf)")
+        p.add_argument("--base-url", metavar="URL", help="an OpenAI-compatible server, e.g. http://node:8000/v1 "
+                       "(sample.base_url); its key is read from $OPENAI_API_KEY (sample.api_key_env)")
+        p.add_argument("--output", metavar="DIR", help="output directory (engine.output_dir)")
     if name == "eval":  # the common case without a config file
         p.add_argument("--model", metavar="DIR", help="model to evaluate (eval.model): a model dir, a hub id in "
                        "the local HF cache, or a stage output (adapter/, model/ or NAT)")
@@ -296,6 +315,9 @@ def _run(args: argparse.Namespace) -> int:
 
         _, module, cls_name = STAGES[args.command]
         overrides = list(args.overrides)
+        if args.command == "sample":
+            overrides = [f"{key}={getattr(args, flag)}" for flag, key in SAMPLE_SHORTCUTS.items()
+                         if getattr(args, flag) is not None] + overrides
         if args.command == "eval":
             if args.model and not args.output and not args.config:
                 from train.models.hub import is_hub_id

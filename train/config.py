@@ -598,6 +598,62 @@ class EvalConfig:
     engine: EvalEngine = dataclasses.field(default_factory=EvalEngine)
 
 
+@dataclasses.dataclass
+class SampleSection:
+    # hf: a model dir, cached hub id or stage output; openai: the model name the server serves
+    model: str = ""  # the teacher to sample from
+    questions: str = ""  # questions: every format eval's test reader takes (jsonl/json/parquet/datasets dir/TDG dir)
+    fields: str = ""  # the questions file's field names, OURS=THEIRS: question=prompt,gold=final_answer
+    n: int = 8  # rationales per question (the paper's data: 8)
+    temperature: float = 0.5  # sampling temperature
+    top_p: float = 1.0  # nucleus sampling threshold
+    max_new_tokens: int = 512  # generation cutoff per rationale
+    backend: Literal["auto", "hf", "openai"] = "auto"  # auto: openai when sample.base_url is set, else hf
+    base_url: str = ""  # openai: the server, e.g. http://node:8000/v1 (empty: the client's default, api.openai.com)
+    api_key_env: str = "OPENAI_API_KEY"  # openai: the environment variable holding the key (never the key itself)
+    concurrency: int = 8  # openai: requests in flight
+    max_retries: int = 5  # openai: retries of a request after 429/5xx/timeout/malformed before giving up
+    timeout: float = 120.0  # openai: seconds one request may take
+    backoff: float = 1.0  # openai: first retry delay in seconds, doubled per retry (with jitter)
+    batch_questions: int = 8  # questions per batch (hf: per generate call; openai: per fsync of the output)
+    max_batch_tokens: int = 0  # hf: KV cache tokens per generate call; 0: half the free device memory
+    max_questions: int = 0  # > 0: only the first N questions
+    seed: int = 0  # sampling seed (per question: reruns draw the same samples where the backend honours it)
+    prompt_template: str = ""  # empty: the model's recorded prompt (hf), else the default template
+    prompt_format: Literal["", "plain", "chat"] = ""  # empty: the model's recorded format (hf), else plain
+    system_prompt: str = ""  # chat: the system message
+
+    def validate(self) -> None:
+        if not self.model or not self.questions:
+            raise ConfigError("sample.model and sample.questions: required")
+        if self.n < 1 or self.temperature <= 0 or not 0 < self.top_p <= 1 or self.batch_questions < 1:
+            raise ConfigError("sample: n >= 1, temperature > 0, 0 < top_p <= 1, batch_questions >= 1 required")
+        if self.concurrency < 1 or self.max_retries < 0 or self.timeout <= 0 or self.backoff < 0:
+            raise ConfigError("sample: concurrency >= 1, max_retries >= 0, timeout > 0, backoff >= 0 required")
+        if self.prompt_template:
+            check_template(self.prompt_template, "sample.prompt_template")
+
+
+@dataclasses.dataclass
+class SampleEngine:
+    output_dir: str = ""  # rationales.jsonl (prepare's flat layout), DONE.json; part-rank<r>.jsonl.part while running
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # hf: auto is bf16 on GPU, fp32 on CPU
+    dist_timeout_minutes: float = 60  # how long a collective waits before failing
+    progress: bool = True  # rank 0: a tqdm bar on a terminal (questions/s, ETA), a plain line every 30 s in a log
+
+    def validate(self) -> None:
+        if not self.output_dir:
+            raise ConfigError("engine.output_dir: required")
+
+
+@dataclasses.dataclass
+class SampleConfig:
+    """`tdg sample`: n rationales per question from a teacher, right and wrong, in the layout prepare reads."""
+
+    sample: SampleSection = dataclasses.field(default_factory=SampleSection)
+    engine: SampleEngine = dataclasses.field(default_factory=SampleEngine)
+
+
 ABLATION_VARIANTS = ["base", "sft-pos", "sft-mix", "neg-then-pos", "ul", "dpo", "redi", "nat", "kd", "nat+nce"]
 
 

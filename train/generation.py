@@ -123,7 +123,7 @@ def rows_per_call(budget_tokens: int, prompt_tokens: int, max_new_tokens: int) -
 @torch.no_grad()
 def generate_rationales(model, tok, questions: list[str], prompt, n: int, temperature: float, top_p: float,
                         max_new_tokens: int, seed: int, device: torch.device,
-                        budget_tokens: int = 1 << 62) -> Generated:
+                        budget_tokens: int = 1 << 62, greedy: bool = True) -> Generated:
     """One greedy rationale and n sampled ones per question, prompted through `prompt` (a Prompt), in as many generate
     calls as the KV-cache budget needs: the greedy rows and the question x n sampled rows are each cut into
     chunks of `rows_per_call` sequences (greedy results do not depend on the chunking)."""
@@ -143,11 +143,13 @@ def generate_rationales(model, tok, questions: list[str], prompt, n: int, temper
         longest = max(o.shape[1] for o in outs)  # calls stop at their own longest generation
         return torch.cat([F.pad(o, (0, longest - o.shape[1]), value=pad) for o in outs])
 
-    greedy = chunked(ids, mask, do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None)
+    greedy_text = [""] * len(questions)  # greedy=False (tdg sample): sampled rationales only
+    if greedy:
+        greedy_ids = chunked(ids, mask, do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None)
+        greedy_text = tok.batch_decode(greedy_ids, skip_special_tokens=True)
     torch.manual_seed(seed)
     sampled = chunked(ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), do_sample=True,
                       temperature=temperature, top_p=top_p, top_k=0)
-    greedy_text = tok.batch_decode(greedy, skip_special_tokens=True)
     sampled_text = tok.batch_decode(sampled, skip_special_tokens=True)
     ended = (sampled == tok.eos_token_id).any(-1).tolist()
     return Generated(greedy_text, [sampled_text[i * n:(i + 1) * n] for i in range(len(questions))],

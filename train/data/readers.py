@@ -214,7 +214,7 @@ def _parse_line(rec: object, subject: str, where: Where) -> Question:
     )
 
 
-def _parse_test_line(rec: object, subject: str, where: Where) -> Question:
+def _parse_test_line(rec: object, subject: str, where: Where, need_gold: bool = True) -> Question:
     """A test question: MATH style (problem + solution, subject or type, level), question + answer
     (answer may be a worked solution: its last boxed expression is the gold), or a TDG line."""
     if not isinstance(rec, dict):
@@ -227,25 +227,30 @@ def _parse_test_line(rec: object, subject: str, where: Where) -> Question:
     else:
         raise InputError(where[0], where[1], "test line needs 'problem' (MATH style) or 'question'", "missing_field")
     gold_key = next((k for k in gold_keys if k in rec), None)
-    if gold_key is None:
+    if gold_key is None and need_gold:
         raise InputError(where[0], where[1], f"missing field {gold_keys[0]!r} (or {gold_keys[1]!r})", "missing_field")
-    gold = _need(rec, gold_key, (str, int, float), where)
+    gold = _need(rec, gold_key, (str, int, float), where) if gold_key is not None else ""
     subj = rec.get("subject", rec.get("type", subject))
     if not isinstance(subj, str):
         raise InputError(where[0], where[1], f"field 'subject' must be str, got {type(subj).__name__}", "wrong_type")
     question = bare_question(question)
-    return Question(question_id(question), subj, question, _gold(str(gold), where), f"{where[0]}:{where[1]}",
+    return Question(question_id(question), subj, question, _gold(str(gold), where) if gold_key else "",
+                    f"{where[0]}:{where[1]}",
                     level=str(rec.get("level", "")))
 
 
-def read_test_questions(path: str | Path, fields: dict[str, str] | None = None) -> list[Question]:
+def read_test_questions(path: str | Path, fields: dict[str, str] | None = None, need_gold: bool = True
+                        ) -> list[Question]:
     """Every question of a test file or directory (first occurrence of each), in file order.
-    A directory's subdirectory names are subjects (the TDG layout); bad lines raise InputError."""
+    A directory's subdirectory names are subjects (the TDG layout); bad lines raise InputError.
+    need_gold=False (tdg sample): a question without a gold answer has gold ''."""
+    import functools
+
     root = Path(path)
     seen: dict[str, Question] = {}
     for f in find_inputs(root):
         subject = subject_from_dir(f.parent.name) if root.is_dir() and f != root else "default"
-        for q in _read_file(f, subject, _parse_test_line, fields):
+        for q in _read_file(f, subject, functools.partial(_parse_test_line, need_gold=need_gold), fields):
             if isinstance(q, InputError):
                 raise q
             seen.setdefault(q.qid, q)

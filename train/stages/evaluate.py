@@ -88,7 +88,8 @@ def eval_prompt(cfg: EvalConfig, ranker_spec: dict | None) -> Prompt:
                           "the model's")
     if ranker_spec is not None and Prompt.from_record(ranker_spec) != prompt:
         theirs = Prompt.from_record(ranker_spec)
-        raise ConfigError("; ".join(f"eval.ranker: {cfg.eval.ranker} was trained with {k} {getattr(theirs, k)!r} but "
+        raise ConfigError("; ".join(f"eval.ranker: {cfg.eval.ranker} was trained with {k.replace('_', ' ')} "
+                                    f"{getattr(theirs, k)!r} but "
                                     f"the model is prompted with {getattr(prompt, k)!r}"
                                     for k in prompt.differences(theirs))
                           + "; train the ranker with the model's data.prompt_template, prompt_format and system_prompt")

@@ -1,0 +1,104 @@
+"""`tdg sample`: questions -> a teacher's rationales (in-process HF, or an OpenAI-compatible server with faults)
+-> `tdg prepare` -> `tdg neg`."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import run_stage, stage_env
+from openai_server import OpenAIServer
+
+from train.data.readers import read_test_questions
+
+
+def _questions(synthetic_raw: Path, out: Path, k: int) -> list:
+    """k MATH-style test questions (problem + solution), from the synthetic test split."""
+    qs = read_test_questions(synthetic_raw / "test")[:k]
+    out.write_text("".join(json.dumps({"problem": q.question, "solution": f"\\boxed{{{q.gold}}}", "type": q.subject})
+                           + "\n" for q in qs))
+    return qs
+
+
+def _lines(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "rationales.jsonl").read_text().splitlines()]
+
+
+def _one_per_question_and_sample(recs: list[dict], qids: list[str], n: int) -> None:
+    keys = Counter((r["qid"], r["id"]) for r in recs)
+    assert set(keys.values()) == {1} and len(keys) == len(qids) * n
+    assert Counter(r["qid"] for r in recs) == {q: n for q in qids}
+
+
+@pytest.mark.slow
+def test_sample_prepare_neg_end_to_end_and_resume(tmp_path, synthetic_raw, base_model_dir):
+    qs = _questions(synthetic_raw, tmp_path / "q.jsonl", 5)
+    out = tmp_path / "samples"
+    args = ["--model", str(base_model_dir), "--questions", str(tmp_path / "q.jsonl"), "--num-samples", "3",
+            "--output", str(out), "sample.max_new_tokens=24", "sample.batch_questions=2", "engine.progress=false"]
+    r = run_stage("sample", args, nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = _lines(out)
+    _one_per_question_and_sample(recs, [q.qid for q in qs], 3)
+    assert [r["question"] for r in recs[::3]] == [q.question for q in qs]  # question order
+    assert all(r["gold"] == q.gold for r, q in zip(recs[::3], qs, strict=True))
+    done = json.loads((out / "DONE.json").read_text())
+    assert done["stage"] == "sample" and done["metrics"]["rationales"] == 15 and done["metrics"]["backend"] == "hf"
+    # a run killed mid-write: the torn question is asked again, nothing is duplicated
+    (out / "DONE.json").unlink()
+    (out / "rationales.jsonl").unlink()
+    part = out / "part-rank0.jsonl.part"
+    part.write_bytes(part.read_bytes()[:-40])
+    r = run_stage("sample", args, nproc=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "already done" in r.stdout
+    _one_per_question_and_sample(_lines(out), [q.qid for q in qs], 3)
+    # the loop: prepare grades the sampled rationales, neg trains on the wrong ones
+    r = run_stage("prepare", ["--input", str(out / "rationales.jsonl"), "--output", str(tmp_path / "prepared"),
+                              "--workers", "1", "--grader", "hendrycks", "--no-progress"], nproc=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    stats = json.loads((tmp_path / "prepared" / "stats.json").read_text())["subjects"]["ALL"]
+    assert stats["rationales"] == 15 and stats["negatives"] > 0
+    r = run_stage("neg", ["--config", "configs/tiny/neg.yaml", f"model.path={base_model_dir}",
+                          f"data.path={tmp_path / 'prepared'}", f"engine.output_dir={tmp_path / 'neg'}",
+                          "optim.max_steps=2", "engine.progress=false", "data.max_tokens=512"], nproc=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "neg" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_openai_backend_retries_faults_and_reports_what_it_gave_up_on(tmp_path, synthetic_raw, base_model_dir,
+                                                                       monkeypatch):
+    qs = _questions(synthetic_raw, tmp_path / "q.jsonl", 4)
+    out = tmp_path / "samples"
+    monkeypatch.setenv("TDG_TEST_KEY", "sk-test-secret-0123")
+    args = ["--backend", "openai", "--model", "tiny", "--questions", str(tmp_path / "q.jsonl"), "--num-samples", "2",
+            "--output", str(out), "sample.max_new_tokens=12", "sample.api_key_env=TDG_TEST_KEY",
+            "sample.timeout=1.5", "sample.backoff=0.05", "sample.max_retries=5", "sample.concurrency=2",
+            "engine.progress=false"]
+    with OpenAIServer(base_model_dir, stall_seconds=4.0) as server:
+        args += ["--base-url", server.url]
+        # one question the server always fails: given up on after the retries, named; the others are kept
+        server.always_fail = {qs[1].question}
+        r = run_stage("sample", args, nproc=1)
+        assert r.returncode == 2 and "gave up on 1 of 4 questions after 5 retries" in r.stderr
+        failures = json.loads((out / "failures.json").read_text())
+        assert list(failures) == [qs[1].qid] and "InternalServerError" in failures[qs[1].qid]
+        assert not (out / "DONE.json").exists()
+        # the rerun asks for that question only, through every kind of fault
+        server.always_fail = set()
+        server.faults = ["429", "500", "stall", "malformed"]
+        before = len(server.requests)
+        r = run_stage("sample", args, nproc=1)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert {b["prompt"] for b in server.requests[before:]} == {f"Problem:\n{qs[1].question}\nSolution:\n"}
+        assert not server.faults  # every fault was served
+    _one_per_question_and_sample(_lines(out), [q.qid for q in qs], 2)
+    assert json.loads((out / "DONE.json").read_text())["metrics"]["retries"] >= 4
+    assert server.auth == {"Bearer sk-test-secret-0123"}  # the key from the environment reached the server
+    for f in [out / "config.yaml", out / "DONE.json"]:  # and is written nowhere
+        assert "sk-test-secret" not in f.read_text()
+    assert "sk-test-secret" not in r.stdout + r.stderr
+    assert stage_env()["TDG_TEST_KEY"] == "sk-test-secret-0123"

@@ -1,0 +1,132 @@
+"""Where rationales are generated: Hugging Face `generate` in this process, or an OpenAI-compatible server.
+
+Both take the same questions and the same `Prompt` (template, format, system prompt), so a
+rationale sampled through a server is prompted exactly as one sampled in-process:
+
+- `hf`: the model (any stage output `train.generation.load_generator` takes: exported, LoRA,
+  full fine-tune, NAT teacher) on this rank's device; data-parallel under torchrun/srun.
+- `openai`: any OpenAI-compatible endpoint (vLLM's or SGLang's server, TGI, a commercial API)
+  through the official `openai` client. Plain prompts go to the completions endpoint as text;
+  chat prompts go to chat completions as messages, so the server applies its own chat template.
+  Requests run `concurrency` at a time; 429, 5xx, timeouts, dropped connections and malformed
+  responses are retried with exponential backoff, `max_retries` times, then given up and reported.
+  The API key is read from the environment variable `api_key_env`, never from a config file, and
+  is never printed.
+
+vLLM in-process is not implemented yet (issue 20): serve the model with `vllm serve` and use
+`openai` against it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from train.data.prompt import Prompt
+from train.errors import ConfigError
+
+
+@dataclass
+class Sampled:
+    """The n completions of one question (or why it was given up on)."""
+
+    texts: list[str] = field(default_factory=list)
+    finished: list[bool] = field(default_factory=list)  # ended by the model (EOS / finish_reason stop)
+    error: str = ""  # non-empty: every attempt failed; the last reason
+
+
+@dataclass
+class SamplingSettings:
+    n: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int
+
+
+class HFBackend:
+    """Hugging Face generate on one device; `sample` takes a batch of questions."""
+
+    def __init__(self, model: str, device, dtype, prompt: Prompt | None, budget_tokens: int = 0):
+        from train.data.prompt import recorded_prompt
+        from train.generation import generation_budget, load_generator
+
+        self.model, self.tok, self.what = load_generator(model, device, dtype)
+        self.prompt = prompt or recorded_prompt(model) or Prompt()
+        self.device = device
+        self.budget = generation_budget(budget_tokens, self.model.config, dtype, device)
+
+    def sample(self, questions: list[str], s: SamplingSettings) -> list[Sampled]:
+        from train.generation import generate_rationales
+
+        gen = generate_rationales(self.model, self.tok, questions, self.prompt, s.n, s.temperature, s.top_p,
+                                  s.max_new_tokens, s.seed, self.device, self.budget, greedy=False)
+        return [Sampled(texts, finished) for texts, finished in zip(gen.samples, gen.finished, strict=True)]
+
+
+class OpenAIBackend:
+    """An OpenAI-compatible server; `sample` sends one request per question, `concurrency` at a time."""
+
+    def __init__(self, base_url: str, model: str, prompt: Prompt, api_key_env: str = "OPENAI_API_KEY",
+                 concurrency: int = 8, max_retries: int = 5, timeout: float = 120.0, backoff: float = 1.0,
+                 log: Callable[[str], None] = print):
+        try:
+            import openai
+        except ImportError:
+            raise ConfigError("sample.backend=openai needs the openai client: pip install 'tdg-trainer[openai]'") \
+                from None
+        self.openai = openai
+        key = os.environ.get(api_key_env) or "EMPTY"  # local servers (vLLM, SGLang) take any key
+        # retries are ours (counted, reported, with our backoff), not the client's silent ones
+        self.client = openai.OpenAI(base_url=base_url or None, api_key=key, max_retries=0, timeout=timeout)
+        self.model, self.prompt, self.concurrency = model, prompt, concurrency
+        self.max_retries, self.backoff, self.log = max_retries, backoff, log
+        self.retries = 0  # attempts that failed and were retried, over the run
+        self._lock = threading.Lock()
+
+    def sample(self, questions: list[str], s: SamplingSettings, seeds: list[int] | None = None) -> list[Sampled]:
+        seeds = seeds or [s.seed] * len(questions)
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(lambda qs: self._one(qs[0], s, qs[1]), zip(questions, seeds, strict=True)))
+
+    def _request(self, question: str, s: SamplingSettings, seed: int) -> Sampled:
+        common = {"model": self.model, "n": s.n, "temperature": s.temperature, "top_p": s.top_p,
+                  "max_tokens": s.max_new_tokens, "seed": seed}
+        from train.data.prompt import render_prompt
+
+        user = render_prompt(self.prompt.prompt_template, question)
+        if self.prompt.prompt_format == "chat":
+            messages = ([{"role": "system", "content": self.prompt.system_prompt}] if self.prompt.system_prompt
+                        else []) + [{"role": "user", "content": user}]
+            r = self.client.chat.completions.create(messages=messages, **common)
+            texts = [c.message.content for c in r.choices]
+        else:
+            r = self.client.completions.create(prompt=user, **common)
+            texts = [c.text for c in r.choices]
+        if len(r.choices) != s.n or any(not isinstance(t, str) for t in texts):
+            raise ValueError(f"the server returned {len(r.choices)} completions, {s.n} asked for")
+        return Sampled(texts, [c.finish_reason == "stop" for c in r.choices])
+
+    def _one(self, question: str, s: SamplingSettings, seed: int) -> Sampled:
+        o = self.openai
+        retryable = (o.RateLimitError, o.InternalServerError, o.APITimeoutError, o.APIConnectionError,
+                     o.APIResponseValidationError, ValueError)  # ValueError: malformed JSON or too few choices
+        for attempt in range(self.max_retries + 1):
+            try:
+                return self._request(question, s, seed)
+            except retryable as e:
+                reason = f"{type(e).__name__}: {str(e)[:200]}"
+            except o.APIStatusError as e:  # other 4xx: the request itself is wrong, retrying cannot help
+                return Sampled(error=f"{type(e).__name__} (HTTP {e.status_code}): {str(e)[:200]}")
+            if attempt < self.max_retries:
+                with self._lock:
+                    self.retries += 1
+                delay = self.backoff * 2**attempt * (0.5 + random.random())
+                self.log(f"[sample] retry {attempt + 1}/{self.max_retries} in {delay:.1f} s after {reason}")
+                time.sleep(delay)
+        return Sampled(error=reason)
