@@ -70,9 +70,11 @@ class OpenAIServer:
         n, new = int(body.get("n", 1)), int(body.get("max_tokens", 16))
         torch.manual_seed(int(body.get("seed") or 0))
         with torch.no_grad(), self.gen_lock:  # one generation at a time; requests still arrive
-            out = self.model.generate(torch.tensor([ids]), do_sample=True, temperature=float(body["temperature"]),
-                                      top_p=float(body.get("top_p", 1.0)), top_k=0, max_new_tokens=new,
-                                      num_return_sequences=n, pad_token_id=self.tok.pad_token_id)[:, len(ids):]
+            temperature = float(body["temperature"])
+            how = dict(do_sample=True, temperature=temperature, top_p=float(body.get("top_p", 1.0)), top_k=0) \
+                if temperature > 0 else dict(do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None)
+            out = self.model.generate(torch.tensor([ids]), **how, max_new_tokens=new, num_return_sequences=n,
+                                      pad_token_id=self.tok.pad_token_id)[:, len(ids):]
         choices = []
         for i, row in enumerate(out.tolist()):
             ended = self.tok.eos_token_id in row

@@ -75,8 +75,9 @@ def test_openai_backend_retries_faults_and_reports_what_it_gave_up_on(tmp_path, 
     out = tmp_path / "samples"
     monkeypatch.setenv("TDG_TEST_KEY", "sk-test-secret-0123")
     args = ["--backend", "openai", "--model", "tiny", "--questions", str(tmp_path / "q.jsonl"), "--num-samples", "2",
-            "--output", str(out), "sample.max_new_tokens=12", "sample.api_key_env=TDG_TEST_KEY",
-            "sample.timeout=1.5", "sample.backoff=0.05", "sample.max_retries=5", "sample.concurrency=2",
+            "--output", str(out), "sample.max_new_tokens=12", "sample.server.api_key_env=TDG_TEST_KEY",
+            "sample.server.timeout=1.5", "sample.server.backoff=0.05", "sample.server.max_retries=5",
+            "sample.server.concurrency=2",
             "engine.progress=false"]
     with OpenAIServer(base_model_dir, stall_seconds=4.0) as server:
         args += ["--base-url", server.url]
@@ -102,3 +103,27 @@ def test_openai_backend_retries_faults_and_reports_what_it_gave_up_on(tmp_path, 
         assert "sk-test-secret" not in f.read_text()
     assert "sk-test-secret" not in r.stdout + r.stderr
     assert stage_env()["TDG_TEST_KEY"] == "sk-test-secret-0123"
+
+
+@pytest.mark.slow
+def test_eval_through_a_server_gives_the_in_process_greedy_rationales(tmp_path, synthetic_raw, base_model_dir):
+    _questions(synthetic_raw, tmp_path / "q.jsonl", 4)
+    common = ["--test", str(tmp_path / "q.jsonl"), "--num-samples", "2", "eval.max_new_tokens=8",
+              "eval.batch_questions=1", "engine.progress=false"]
+    r = run_stage("eval", ["--model", str(base_model_dir), "--output", str(tmp_path / "hf"), *common], nproc=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with OpenAIServer(base_model_dir) as server:
+        server.faults = ["500"]
+        r = run_stage("eval", ["--model", "tiny", "--output", str(tmp_path / "served"), *common,
+                               f"eval.server.base_url={server.url}", "eval.server.backoff=0.05"], nproc=1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {b["temperature"] for b in server.requests} == {0.0, 0.5}  # the greedy request and the sampled one
+
+    def preds(name):
+        return [json.loads(x) for x in (tmp_path / name / "predictions.jsonl").read_text().splitlines()]
+
+    hf, served = preds("hf"), preds("served")
+    assert [p["greedy"]["text"] for p in served] == [p["greedy"]["text"] for p in hf]
+    assert [p["prompt"] for p in served] == [p["prompt"] for p in hf]
+    assert all(len(p["samples"]) == 2 for p in served)
+    assert json.loads((tmp_path / "served" / "DONE.json").read_text())["config"]["eval"]["backend"] == "auto"

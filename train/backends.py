@@ -27,8 +27,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from train.config import ServerSection
 from train.data.prompt import Prompt
 from train.errors import ConfigError
+from train.generation import Generated
 
 
 @dataclass
@@ -50,44 +52,63 @@ class SamplingSettings:
 
 
 class HFBackend:
-    """Hugging Face generate on one device; `sample` takes a batch of questions."""
+    """Hugging Face generate on one device; `generate`/`sample` take a batch of questions."""
 
-    def __init__(self, model: str, device, dtype, prompt: Prompt | None, budget_tokens: int = 0):
+    def __init__(self, model: str, device, dtype, prompt: Prompt | None, budget_tokens: int = 0,
+                 attn_implementation: str = "sdpa"):
         from train.data.prompt import recorded_prompt
         from train.generation import generation_budget, load_generator
 
-        self.model, self.tok, self.what = load_generator(model, device, dtype)
+        self.model, self.tokenizer, self.what = load_generator(model, device, dtype, attn_implementation)
         self.prompt = prompt or recorded_prompt(model) or Prompt()
-        self.device = device
+        self.device, self.dtype = device, dtype
         self.budget = generation_budget(budget_tokens, self.model.config, dtype, device)
 
-    def sample(self, questions: list[str], s: SamplingSettings) -> list[Sampled]:
+    def generate(self, questions: list[str], s: SamplingSettings, greedy: bool = True) -> Generated:
         from train.generation import generate_rationales
 
-        gen = generate_rationales(self.model, self.tok, questions, self.prompt, s.n, s.temperature, s.top_p,
-                                  s.max_new_tokens, s.seed, self.device, self.budget, greedy=False)
+        return generate_rationales(self.model, self.tokenizer, questions, self.prompt, s.n, s.temperature, s.top_p,
+                                   s.max_new_tokens, s.seed, self.device, self.budget, greedy=greedy)
+
+    def sample(self, questions: list[str], s: SamplingSettings, seeds: list[int] | None = None) -> list[Sampled]:
+        gen = self.generate(questions, s, greedy=False)
         return [Sampled(texts, finished) for texts, finished in zip(gen.samples, gen.finished, strict=True)]
 
 
 class OpenAIBackend:
     """An OpenAI-compatible server; `sample` sends one request per question, `concurrency` at a time."""
 
-    def __init__(self, base_url: str, model: str, prompt: Prompt, api_key_env: str = "OPENAI_API_KEY",
-                 concurrency: int = 8, max_retries: int = 5, timeout: float = 120.0, backoff: float = 1.0,
-                 log: Callable[[str], None] = print):
+    def __init__(self, server: ServerSection, model: str, prompt: Prompt, log: Callable[[str], None] = print):
         try:
             import openai
         except ImportError:
             raise ConfigError("sample.backend=openai needs the openai client: pip install 'tdg-trainer[openai]'") \
                 from None
         self.openai = openai
-        key = os.environ.get(api_key_env) or "EMPTY"  # local servers (vLLM, SGLang) take any key
+        key = os.environ.get(server.api_key_env) or "EMPTY"  # local servers (vLLM, SGLang) take any key
         # retries are ours (counted, reported, with our backoff), not the client's silent ones
-        self.client = openai.OpenAI(base_url=base_url or None, api_key=key, max_retries=0, timeout=timeout)
-        self.model, self.prompt, self.concurrency = model, prompt, concurrency
-        self.max_retries, self.backoff, self.log = max_retries, backoff, log
+        self.client = openai.OpenAI(base_url=server.base_url or None, api_key=key, max_retries=0,
+                                    timeout=server.timeout)
+        self.model, self.prompt, self.concurrency = model, prompt, server.concurrency
+        self.max_retries, self.backoff, self.log = server.max_retries, server.backoff, log
         self.retries = 0  # attempts that failed and were retried, over the run
         self._lock = threading.Lock()
+
+    tokenizer = None  # the server's own
+
+    @property
+    def what(self) -> str:
+        return f"{self.model} at {self.client.base_url}"
+
+    def generate(self, questions: list[str], s: SamplingSettings, greedy: bool = True) -> Generated:
+        """Eval's requests: the greedy rationale (temperature 0, one completion) and n sampled ones."""
+        seeds = [s.seed + k for k in range(len(questions))]
+        sampled = self.sample(questions, s, seeds)
+        first = self.sample(questions, SamplingSettings(1, 0.0, 1.0, s.max_new_tokens, s.seed), seeds) if greedy \
+            else [Sampled([""], [True]) for _ in questions]
+        failed = [g.error or x.error for g, x in zip(first, sampled, strict=True)]
+        return Generated([g.texts[0] if g.texts else "" for g in first], [x.texts for x in sampled],
+                         [x.finished for x in sampled], failed)
 
     def sample(self, questions: list[str], s: SamplingSettings, seeds: list[int] | None = None) -> list[Sampled]:
         seeds = seeds or [s.seed] * len(questions)

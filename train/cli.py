@@ -119,7 +119,7 @@ STAGES["ablation"] = ("does negative data help? train and evaluate every baselin
 
 SAMPLE_SHORTCUTS = {"model": "sample.model", "questions": "sample.questions", "fields": "sample.fields",
                     "n": "sample.n", "temperature": "sample.temperature", "backend": "sample.backend",
-                    "base_url": "sample.base_url", "output": "engine.output_dir"}
+                    "base_url": "sample.server.base_url", "output": "engine.output_dir"}
 EVAL_SHORTCUTS = {"model": "eval.model", "test": "eval.test", "ranker": "eval.ranker", "n": "eval.n",
                   "fields": "eval.fields", "output": "engine.output_dir"}
 
@@ -193,7 +193,7 @@ def _add_stage(sub, name: str) -> None:
         p.add_argument("--backend", choices=["auto", "hf", "openai"], help="sample.backend (default auto: openai "
                        "when --base-url is given, else hf)")
         p.add_argument("--base-url", metavar="URL", help="an OpenAI-compatible server, e.g. http://node:8000/v1 "
-                       "(sample.base_url); its key is read from $OPENAI_API_KEY (sample.api_key_env)")
+                       "(sample.server.base_url); its key is read from $OPENAI_API_KEY (sample.server.api_key_env)")
         p.add_argument("--output", metavar="DIR", help="output directory (engine.output_dir)")
     if name == "eval":  # the common case without a config file
         p.add_argument("--model", metavar="DIR", help="model to evaluate (eval.model): a model dir, a hub id in "

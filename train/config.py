@@ -542,6 +542,22 @@ class RankerConfig(TrainStageConfig):
 
 
 @dataclasses.dataclass
+class ServerSection:
+    """An OpenAI-compatible server (vLLM's, SGLang, TGI, a commercial API) that generates for sample or eval."""
+
+    base_url: str = ""  # e.g. http://node:8000/v1 (empty with backend openai: the client's default, api.openai.com)
+    api_key_env: str = "OPENAI_API_KEY"  # the environment variable holding the key (never the key itself)
+    concurrency: int = 8  # requests in flight
+    max_retries: int = 5  # retries of a request after 429/5xx/timeout/malformed before giving up on it
+    timeout: float = 120.0  # seconds one request may take
+    backoff: float = 1.0  # first retry delay in seconds, doubled per retry (with jitter)
+
+    def validate(self) -> None:
+        if self.concurrency < 1 or self.max_retries < 0 or self.timeout <= 0 or self.backoff < 0:
+            raise ConfigError("server: concurrency >= 1, max_retries >= 0, timeout > 0, backoff >= 0 required")
+
+
+@dataclasses.dataclass
 class EvalSection:
     model: str = ""  # model to evaluate: a model dir or cached hub id, or a stage output (adapter/, model/, NAT)
     test: str = ""  # test questions: MATH-style or question/answer jsonl/json/parquet/datasets dir, or a TDG dir
@@ -561,6 +577,11 @@ class EvalSection:
     max_questions: int = 0  # > 0: only the first N test questions
     seed: int = 0  # sampling seed (per question: reruns and resumes draw the same samples)
     prompt_template: str = ""  # empty: the template the model was trained with (its config.yaml or tdg.json)
+    # a served model (backend openai) records no prompt: say how it was trained (hf: taken from the model)
+    prompt_format: Literal["", "plain", "chat"] = ""  # empty: the model's recorded format, else plain
+    system_prompt: str = ""  # chat: the system message (empty: the model's recorded one)
+    backend: Literal["auto", "hf", "openai"] = "auto"  # auto: openai when eval.server.base_url is set, else hf
+    server: ServerSection = dataclasses.field(default_factory=ServerSection)  # backend openai: where and how
 
     def validate(self) -> None:
         if not self.model or not self.test:
@@ -608,13 +629,8 @@ class SampleSection:
     temperature: float = 0.5  # sampling temperature
     top_p: float = 1.0  # nucleus sampling threshold
     max_new_tokens: int = 512  # generation cutoff per rationale
-    backend: Literal["auto", "hf", "openai"] = "auto"  # auto: openai when sample.base_url is set, else hf
-    base_url: str = ""  # openai: the server, e.g. http://node:8000/v1 (empty: the client's default, api.openai.com)
-    api_key_env: str = "OPENAI_API_KEY"  # openai: the environment variable holding the key (never the key itself)
-    concurrency: int = 8  # openai: requests in flight
-    max_retries: int = 5  # openai: retries of a request after 429/5xx/timeout/malformed before giving up
-    timeout: float = 120.0  # openai: seconds one request may take
-    backoff: float = 1.0  # openai: first retry delay in seconds, doubled per retry (with jitter)
+    backend: Literal["auto", "hf", "openai"] = "auto"  # auto: openai when sample.server.base_url is set, else hf
+    server: ServerSection = dataclasses.field(default_factory=ServerSection)  # backend openai: where and how
     batch_questions: int = 8  # questions per batch (hf: per generate call; openai: per fsync of the output)
     max_batch_tokens: int = 0  # hf: KV cache tokens per generate call; 0: half the free device memory
     max_questions: int = 0  # > 0: only the first N questions
@@ -628,8 +644,6 @@ class SampleSection:
             raise ConfigError("sample.model and sample.questions: required")
         if self.n < 1 or self.temperature <= 0 or not 0 < self.top_p <= 1 or self.batch_questions < 1:
             raise ConfigError("sample: n >= 1, temperature > 0, 0 < top_p <= 1, batch_questions >= 1 required")
-        if self.concurrency < 1 or self.max_retries < 0 or self.timeout <= 0 or self.backoff < 0:
-            raise ConfigError("sample: concurrency >= 1, max_retries >= 0, timeout > 0, backoff >= 0 required")
         if self.prompt_template:
             check_template(self.prompt_template, "sample.prompt_template")
 

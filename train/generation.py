@@ -8,7 +8,7 @@ trained. Prompts are left-padded for `generate`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -90,6 +90,7 @@ class Generated:
     greedy: list[str]  # one per question
     samples: list[list[str]]  # n per question
     finished: list[list[bool]]  # per sample: it ended with EOS (False: cut by max_new_tokens)
+    failed: list[str] = field(default_factory=list)  # per question, from a server: why it has no answer ("" if ok)
 
 
 def kv_cache_bytes_per_token(config, dtype: torch.dtype) -> int:

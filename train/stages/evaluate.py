@@ -34,13 +34,13 @@ import torch
 from train.config import EvalConfig, save_config
 from train.data.answers import last_boxed
 from train.data.grading import grade_inline
-from train.data.prompt import DEFAULT_TEMPLATE, Prompt, recorded_prompt
+from train.data.prompt import DEFAULT_TEMPLATE, Prompt, recorded_prompt, render_prompt
 from train.data.readers import Question, parse_fields, read_test_questions
 from train.engine import distributed as dist_
 from train.engine import output_lock, precision
 from train.engine.loggers import check_available
 from train.engine.signals import EXIT_CHECKPOINTED, StopRequest
-from train.errors import ConfigError
+from train.errors import ConfigError, TdgError
 from train.manifest import check_stage_output, dir_digest, file_digest, write_done
 from train.models.hub import resolve_model_ref
 from train.progress import progress
@@ -80,12 +80,14 @@ def _batch_seed(seed: int, qids: list[str]) -> int:
 def eval_prompt(cfg: EvalConfig, ranker_spec: dict | None) -> Prompt:
     """The prompt of this eval: the one the model was trained with (template, format and system prompt; or
     eval.prompt_template for a model that records none), which the ranker must share. Mismatches are refused."""
-    recorded = recorded_prompt(cfg.eval.model)
-    prompt = recorded or Prompt(cfg.eval.prompt_template or DEFAULT_TEMPLATE)
-    if recorded is not None and cfg.eval.prompt_template and recorded.prompt_template != cfg.eval.prompt_template:
-        raise ConfigError(f"eval.prompt_template is {cfg.eval.prompt_template!r} but the model {cfg.eval.model} was "
-                          f"trained with {recorded.prompt_template!r}; leave eval.prompt_template empty to use "
-                          "the model's")
+    e = cfg.eval
+    recorded = recorded_prompt(e.model) if backend_name(cfg) == "hf" else None
+    prompt = recorded or Prompt(e.prompt_template or DEFAULT_TEMPLATE, e.prompt_format or "plain", e.system_prompt)
+    for key, given in (("prompt_template", e.prompt_template), ("prompt_format", e.prompt_format),
+                       ("system_prompt", e.system_prompt)):
+        if recorded is not None and given and getattr(recorded, key) != given:
+            raise ConfigError(f"eval.{key} is {given!r} but the model {e.model} was trained with "
+                              f"{getattr(recorded, key)!r}; leave eval.{key} empty to use the model's")
     if ranker_spec is not None and Prompt.from_record(ranker_spec) != prompt:
         theirs = Prompt.from_record(ranker_spec)
         raise ConfigError("; ".join(f"eval.ranker: {cfg.eval.ranker} was trained with {k.replace('_', ' ')} "
@@ -96,23 +98,37 @@ def eval_prompt(cfg: EvalConfig, ranker_spec: dict | None) -> Prompt:
     return prompt
 
 
-def evaluate_batch(model, tok, ranker, questions: list[Question], cfg: EvalConfig, prompt: Prompt,
-                   device: torch.device, budget_tokens: int) -> list[dict]:
-    from train.generation import generate_rationales
+def backend_name(cfg: EvalConfig) -> str:
+    if cfg.eval.backend != "auto":
+        return cfg.eval.backend
+    return "openai" if cfg.eval.server.base_url else "hf"
+
+
+def evaluate_batch(backend, ranker, questions: list[Question], cfg: EvalConfig, prompt: Prompt,
+                   device: torch.device) -> tuple[list[dict], dict[str, str]]:
+    """(a record per answered question, {question id: why not} for those a server never answered)."""
+    from train.backends import SamplingSettings
 
     e = cfg.eval
-    gen = generate_rationales(model, tok, [q.question for q in questions], prompt, e.n, e.temperature, e.top_p,
-                              e.max_new_tokens, _batch_seed(e.seed, [q.qid for q in questions]), device,
-                              budget_tokens)
-    records = []
-    for q, g, texts, finished in zip(questions, gen.greedy, gen.samples, gen.finished, strict=True):
+    settings = SamplingSettings(e.n, e.temperature, e.top_p, e.max_new_tokens,
+                                _batch_seed(e.seed, [q.qid for q in questions]))
+    gen = backend.generate([q.question for q in questions], settings)
+    failed = gen.failed or [""] * len(questions)
+    tok = backend.tokenizer
+    records, failures = [], {}
+    for q, g, texts, finished, why in zip(questions, gen.greedy, gen.samples, gen.finished, failed, strict=True):
+        if why:
+            failures[q.qid] = f"{q.source}: {why}"
+            continue
         answers = [last_boxed(t) for t in [g, *texts]]
         correct = grade_inline(q.gold, answers, e.grader, e.grade_timeout)
         scores = ranker.scores(q.question, texts, finished, device) if ranker is not None else None
         cands = [Candidate(a, c, s if scores else 0.0)
                  for a, c, s in zip(answers[1:], correct[1:], scores or [0.0] * len(texts), strict=True)]
         rec = {"qid": q.qid, "subject": q.subject, "level": q.level, "question": q.question, "gold": q.gold,
-               "prompt": prompt.text(tok, q.question),
+               # a served chat model's template is the server's: the user message is what we know
+               "prompt": prompt.text(tok, q.question) if tok is not None else render_prompt(prompt.prompt_template,
+                                                                                            q.question),
                "greedy": {"text": g, "answer": answers[0], "correct": correct[0]},
                "samples": [{"text": t, "finished": f, "answer": c.answer, "correct": c.correct,
                             "ranker": None if scores is None else c.score}
@@ -121,7 +137,7 @@ def evaluate_batch(model, tok, ranker, questions: list[Question], cfg: EvalConfi
         if scores is not None:
             rec["votes"].update({f"asc_{w}": vote(cands, w) for w in WEIGHTINGS if w != "count"})
         records.append(rec)
-    return records
+    return records, failures
 
 
 def summarize(records: list[dict]) -> dict:
@@ -168,7 +184,8 @@ def markdown_table(metrics: dict, n: int, weighting: str) -> str:
 
 
 def main(cfg: EvalConfig) -> int:
-    from train.generation import check_generator, generation_budget, kv_cache_bytes_per_token, load_generator
+    from train.backends import HFBackend, OpenAIBackend
+    from train.generation import check_generator, kv_cache_bytes_per_token
     from train.models.reward import load_ranker, read_ranker_spec
 
     out = Path(cfg.engine.output_dir)
@@ -178,8 +195,10 @@ def main(cfg: EvalConfig) -> int:
     questions = read_test_questions(cfg.eval.test, parse_fields(cfg.eval.fields, "eval.fields"))
     if cfg.eval.max_questions > 0:
         questions = questions[:cfg.eval.max_questions]
-    cfg.eval.model = resolve_model_ref(cfg.eval.model, "eval.model")
-    check_generator(cfg.eval.model)
+    name = backend_name(cfg)
+    if name == "hf":
+        cfg.eval.model = resolve_model_ref(cfg.eval.model, "eval.model")
+        check_generator(cfg.eval.model)
     check_available(cfg.engine.report_to)
     if cfg.eval.ranker:
         check_stage_output(cfg.eval.ranker, "eval.ranker", ("ranker",))
@@ -199,25 +218,33 @@ def main(cfg: EvalConfig) -> int:
     busiest = math.ceil(len(remaining) / world)
     rounds = math.ceil(busiest / bq)  # the busiest rank's batches: every rank takes part in each round
     dtype = precision.dtype(cfg.engine.precision, device.type == "cpu")
-    model, tok, what = load_generator(cfg.eval.model, device, dtype, cfg.engine.attn_implementation)
+    if name == "hf":
+        backend = HFBackend(cfg.eval.model, device, dtype, prompt, cfg.eval.max_batch_tokens,
+                            cfg.engine.attn_implementation)
+    else:
+        backend = OpenAIBackend(cfg.eval.server, cfg.eval.model, prompt)
     ranker = load_ranker(cfg.eval.ranker, device, dtype) if cfg.eval.ranker else None
-    budget = generation_budget(cfg.eval.max_batch_tokens, model.config, dtype, device)
     if dist_.is_main():
-        per_token = kv_cache_bytes_per_token(model.config, dtype)
-        print(f"[eval] generation budget {budget:,} tokens per call ({budget * per_token / 2**30:.1f} GiB of KV cache "
-              f"at {per_token / 2**20:.3f} MiB per token; eval.max_batch_tokens={cfg.eval.max_batch_tokens})",
-              flush=True)
-        print(f"[eval] {what}; {len(questions)} questions ({len(done)} already done), {cfg.eval.n} samples each, "
-              f"{world} rank(s)" + (f"; ranker {cfg.eval.ranker}" if ranker is not None else "; no ranker")
+        if name == "hf":
+            per_token, budget = kv_cache_bytes_per_token(backend.model.config, dtype), backend.budget
+            print(f"[eval] generation budget {budget:,} tokens per call ({budget * per_token / 2**30:.1f} GiB of KV "
+                  f"cache at {per_token / 2**20:.3f} MiB per token; eval.max_batch_tokens="
+                  f"{cfg.eval.max_batch_tokens})", flush=True)
+        print(f"[eval] {backend.what} ({name}); {len(questions)} questions ({len(done)} already done), "
+              f"{cfg.eval.n} samples each, {world} rank(s)"
+              + (f"; ranker {cfg.eval.ranker}" if ranker is not None else "; no ranker")
               + f"; prompt template {prompt.prompt_template!r} ({prompt.prompt_format})", flush=True)
     bar = progress(len(todo), "eval (rank 0)", "question", enabled=dist_.is_main() and cfg.engine.progress)
     mine = out / f"predictions-rank{rank}.jsonl"
     drop_torn_tail(mine)
+    failures: dict[str, str] = {}
     with StopRequest() as stop, open(mine, "a", encoding="utf-8") as f:
         for k in range(rounds):
             batch = todo[k * bq:(k + 1) * bq]
             if batch:
-                for rec in evaluate_batch(model, tok, ranker, batch, cfg, prompt, device, budget):
+                recs, gave_up = evaluate_batch(backend, ranker, batch, cfg, prompt, device)
+                failures.update(gave_up)
+                for rec in recs:
                     f.write(json.dumps(rec) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
@@ -228,8 +255,15 @@ def main(cfg: EvalConfig) -> int:
                       f"questions (saved); exit {EXIT_CHECKPOINTED}, resubmit to continue", flush=True)
                 return EXIT_CHECKPOINTED
     bar.close()
-    dist_.barrier()
+    failures = {k: v for part in dist_.all_gather_object(failures) for k, v in part.items()}
+    if failures:  # every rank raises: none waits in a collective for another
+        if dist_.is_main():
+            (out / "failures.json").write_text(json.dumps(failures, indent=1))
+        raise TdgError(f"{out}: the server never answered {len(failures)} of {len(questions)} questions after "
+                       f"{cfg.eval.server.max_retries} retries each (first: {next(iter(failures.values()))}); every "
+                       f"one is in {out / 'failures.json'}; the rest is saved, and a rerun asks for these only")
     if dist_.is_main():
+        (out / "failures.json").unlink(missing_ok=True)
         _finish(cfg, out, questions, t0)
     dist_.barrier()
     return 0

@@ -9,7 +9,7 @@ Resumable like eval: each rank appends a question's n rationales as one write, f
 `part-rank<r>.jsonl.part` after each batch, so a killed run loses at most the questions in flight;
 a rerun skips every question with its n rationales on file and splits the rest over the ranks it
 has. SIGUSR1/SIGTERM (the Slurm launcher's stop) is agreed on after a batch: exit 75, requeue.
-Questions the server never answered (after `sample.max_retries` retries) are listed in
+Questions the server never answered (after `sample.server.max_retries` retries) are listed in
 `failures.json` and the run exits with an error and no DONE.json: rerunning retries them.
 """
 
@@ -41,7 +41,7 @@ OUTPUT = "rationales.jsonl"
 def backend_name(cfg: SampleConfig) -> str:
     if cfg.sample.backend != "auto":
         return cfg.sample.backend
-    return "openai" if cfg.sample.base_url else "hf"
+    return "openai" if cfg.sample.server.base_url else "hf"
 
 
 def sample_prompt(cfg: SampleConfig, name: str) -> Prompt:
@@ -133,9 +133,8 @@ def main(cfg: SampleConfig) -> int:
                             s.max_batch_tokens)
         what = backend.what
     else:
-        backend = OpenAIBackend(s.base_url, s.model, prompt, s.api_key_env, s.concurrency, s.max_retries, s.timeout,
-                                s.backoff)
-        what = f"{s.model} at {s.base_url or 'the OpenAI API'}"
+        backend = OpenAIBackend(s.server, s.model, prompt)
+        what = f"{s.model} at {s.server.base_url or 'the OpenAI API'}"
     if dist_.is_main():
         print(f"[sample] {what} ({name}); {len(questions)} questions ({len(done)} already done), {s.n} rationales "
               f"each at T {s.temperature}, {world} rank(s); prompt {prompt.prompt_template!r} "
@@ -172,7 +171,7 @@ def main(cfg: SampleConfig) -> int:
     if failures:  # every rank raises: none waits in a collective for another
         if dist_.is_main():
             (out / "failures.json").write_text(json.dumps(failures, indent=1))
-        raise TdgError(f"{out}: gave up on {len(failures)} of {len(questions)} questions after {s.max_retries} "
+        raise TdgError(f"{out}: gave up on {len(failures)} of {len(questions)} questions after {s.server.max_retries} "
                        f"retries each (first: {next(iter(failures.values()))}); every one is in "
                        f"{out / 'failures.json'}; the others are saved, and a rerun asks again for these only")
     if dist_.is_main():
