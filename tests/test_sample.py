@@ -127,3 +127,35 @@ def test_eval_through_a_server_gives_the_in_process_greedy_rationales(tmp_path, 
     assert [p["prompt"] for p in served] == [p["prompt"] for p in hf]
     assert all(len(p["samples"]) == 2 for p in served)
     assert json.loads((tmp_path / "served" / "DONE.json").read_text())["config"]["eval"]["backend"] == "auto"
+
+
+def test_vllm_backend_names_what_it_needs(tmp_path, base_model_dir):
+    import importlib.util
+
+    from train.backends import VLLMBackend
+    from train.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="serves model directories only"):
+        VLLMBackend(str(tmp_path), None)  # e.g. a LoRA stage output: export it first
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(ConfigError, match=r"pip install 'tdg-trainer\[vllm\]'"):
+            VLLMBackend(str(base_model_dir), None)
+
+
+def _vllm_here() -> bool:
+    from train.backends import vllm_usable
+
+    return vllm_usable()
+
+
+@pytest.mark.skipif(not _vllm_here(), reason="needs vLLM and a CUDA GPU (neither on this machine)")
+def test_vllm_greedy_equals_the_hf_greedy(base_model_dir):
+    import torch
+
+    from train.backends import HFBackend, SamplingSettings, VLLMBackend
+
+    questions = ["What is 2+3?", "Sam has 4 beads and finds 5 more. How many beads?"]
+    s = SamplingSettings(4, 0.5, 1.0, 12, 0)
+    hf = HFBackend(str(base_model_dir), torch.device("cuda"), torch.float32, None).generate(questions, s)
+    vl = VLLMBackend(str(base_model_dir), None).generate(questions, s)
+    assert vl.greedy == hf.greedy and [len(x) for x in vl.samples] == [4, 4]

@@ -13,8 +13,11 @@ rationale sampled through a server is prompted exactly as one sampled in-process
   The API key is read from the environment variable `api_key_env`, never from a config file, and
   is never printed.
 
-vLLM in-process is not implemented yet (issue 20): serve the model with `vllm serve` and use
-`openai` against it.
+- `vllm`: vLLM in this process, for a plain model directory (an export, a merged student):
+  n completions per prompt in one request, tensor-parallel over `vllm.tensor_parallel_size`
+  GPUs. The prompts are our token ids, so they are exactly the `hf` prompts. NOT YET RUN on a
+  GPU (none was available to this project's sessions); `auto` picks it only when vLLM imports
+  and CUDA is present.
 """
 
 from __future__ import annotations
@@ -73,6 +76,81 @@ class HFBackend:
     def sample(self, questions: list[str], s: SamplingSettings, seeds: list[int] | None = None) -> list[Sampled]:
         gen = self.generate(questions, s, greedy=False)
         return [Sampled(texts, finished) for texts, finished in zip(gen.samples, gen.finished, strict=True)]
+
+
+class VLLMBackend:
+    """vLLM on this node's GPUs (tensor-parallel); prompts as token ids from our own Prompt."""
+
+    def __init__(self, model: str, prompt: Prompt | None, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.9, seed: int = 0):
+        from pathlib import Path
+
+        from train.data.prompt import recorded_prompt
+        from train.data.tokenizer import load_tokenizer
+
+        if not (Path(model) / "config.json").is_file():
+            raise ConfigError(f"backend vllm serves model directories only, and {model} is not one (a LoRA, full "
+                              "fine-tune or NAT stage output): export it with `tdg export`, or use backend hf")
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise ConfigError("backend vllm needs vLLM on a GPU node: pip install 'tdg-trainer[vllm]'") from None
+        self.tokenizer = load_tokenizer(model)
+        self.prompt = prompt or recorded_prompt(model) or Prompt()
+        self.llm = LLM(model=model, tensor_parallel_size=tensor_parallel_size, seed=seed,
+                       gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=False)
+        self.what = f"{model} (vLLM, tensor-parallel {tensor_parallel_size})"
+
+    def _run(self, questions: list[str], n: int, temperature: float, s: SamplingSettings) -> list[Sampled]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        from train.data.dataset import prompt_ids
+
+        params = SamplingParams(n=n, temperature=temperature, top_p=s.top_p if temperature > 0 else 1.0,
+                                max_tokens=s.max_new_tokens, seed=s.seed)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids)
+                                  for ids in prompt_ids(self.tokenizer, questions, self.prompt)], params,
+                                 use_tqdm=False)
+        return [Sampled([c.text for c in o.outputs], [c.finish_reason == "stop" for c in o.outputs]) for o in outs]
+
+    def generate(self, questions: list[str], s: SamplingSettings, greedy: bool = True) -> Generated:
+        sampled = self._run(questions, s.n, s.temperature, s)
+        first = self._run(questions, 1, 0.0, s) if greedy else [Sampled([""], [True]) for _ in questions]
+        return Generated([g.texts[0] for g in first], [x.texts for x in sampled], [x.finished for x in sampled])
+
+    def sample(self, questions: list[str], s: SamplingSettings, seeds: list[int] | None = None) -> list[Sampled]:
+        return self._run(questions, s.n, s.temperature, s)
+
+
+def choose_backend(backend: str, base_url: str, model: str) -> str:
+    """`auto`: a server when one is given, else vLLM when it can serve this model here, else Hugging Face."""
+    from pathlib import Path
+
+    if backend != "auto":
+        return backend
+    if base_url:
+        return "openai"
+    return "vllm" if vllm_usable() and (Path(model) / "config.json").is_file() else "hf"
+
+
+def make_backend(name: str, model: str, prompt: Prompt, device, dtype, server: ServerSection, vllm,
+                 max_batch_tokens: int = 0, attn_implementation: str = "sdpa", seed: int = 0):
+    """The backend `name` (from choose_backend) for sample or eval, with the settings of their sections."""
+    if name == "openai":
+        return OpenAIBackend(server, model, prompt)
+    if name == "vllm":
+        return VLLMBackend(model, prompt, vllm.tensor_parallel_size, vllm.gpu_memory_utilization, seed)
+    return HFBackend(model, device, dtype, prompt, max_batch_tokens, attn_implementation)
+
+
+def vllm_usable() -> bool:
+    """vLLM imports and a CUDA GPU is here (what backend auto needs to choose it)."""
+    import importlib.util
+
+    import torch
+
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
 
 
 class OpenAIBackend:

@@ -190,8 +190,8 @@ def _add_stage(sub, name: str) -> None:
         p.add_argument("--n", "--num-samples", dest="n", type=int, metavar="N",
                        help="rationales per question (sample.n, default 8); under torchrun spell it --num-samples")
         p.add_argument("--temperature", type=float, help="sampling temperature (sample.temperature, default 0.5)")
-        p.add_argument("--backend", choices=["auto", "hf", "openai"], help="sample.backend (default auto: openai "
-                       "when --base-url is given, else hf)")
+        p.add_argument("--backend", choices=["auto", "hf", "vllm", "openai"], help="sample.backend (default auto: "
+                       "openai when --base-url is given, else vllm when it imports and a GPU is here, else hf)")
         p.add_argument("--base-url", metavar="URL", help="an OpenAI-compatible server, e.g. http://node:8000/v1 "
                        "(sample.server.base_url); its key is read from $OPENAI_API_KEY (sample.server.api_key_env)")
         p.add_argument("--output", metavar="DIR", help="output directory (engine.output_dir)")

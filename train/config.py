@@ -558,6 +558,18 @@ class ServerSection:
 
 
 @dataclasses.dataclass
+class VllmSection:
+    """vLLM in-process (backend vllm; a plain model dir: an export or merged student)."""
+
+    tensor_parallel_size: int = 1  # GPUs one model is split over (a teacher larger than one GPU)
+    gpu_memory_utilization: float = 0.9  # share of each GPU's memory vLLM may take (weights + KV cache)
+
+    def validate(self) -> None:
+        if self.tensor_parallel_size < 1 or not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError("vllm: tensor_parallel_size >= 1 and 0 < gpu_memory_utilization <= 1 required")
+
+
+@dataclasses.dataclass
 class EvalSection:
     model: str = ""  # model to evaluate: a model dir or cached hub id, or a stage output (adapter/, model/, NAT)
     test: str = ""  # test questions: MATH-style or question/answer jsonl/json/parquet/datasets dir, or a TDG dir
@@ -580,8 +592,11 @@ class EvalSection:
     # a served model (backend openai) records no prompt: say how it was trained (hf: taken from the model)
     prompt_format: Literal["", "plain", "chat"] = ""  # empty: the model's recorded format, else plain
     system_prompt: str = ""  # chat: the system message (empty: the model's recorded one)
-    backend: Literal["auto", "hf", "openai"] = "auto"  # auto: openai when eval.server.base_url is set, else hf
+    # auto: openai when eval.server.base_url is set, else vllm when it imports and a GPU is here (a model dir),
+    # else hf (any stage output: LoRA, NAT teacher)
+    backend: Literal["auto", "hf", "vllm", "openai"] = "auto"  # generation backend (see train/backends.py)
     server: ServerSection = dataclasses.field(default_factory=ServerSection)  # backend openai: where and how
+    vllm: VllmSection = dataclasses.field(default_factory=VllmSection)  # backend vllm: GPUs per model
 
     def validate(self) -> None:
         if not self.model or not self.test:
@@ -629,8 +644,11 @@ class SampleSection:
     temperature: float = 0.5  # sampling temperature
     top_p: float = 1.0  # nucleus sampling threshold
     max_new_tokens: int = 512  # generation cutoff per rationale
-    backend: Literal["auto", "hf", "openai"] = "auto"  # auto: openai when sample.server.base_url is set, else hf
+    # auto: openai when sample.server.base_url is set, else vllm when it imports and a GPU is here (a model
+    # dir), else hf (any stage output: LoRA, NAT teacher)
+    backend: Literal["auto", "hf", "vllm", "openai"] = "auto"  # generation backend (see train/backends.py)
     server: ServerSection = dataclasses.field(default_factory=ServerSection)  # backend openai: where and how
+    vllm: VllmSection = dataclasses.field(default_factory=VllmSection)  # backend vllm: GPUs per model
     batch_questions: int = 8  # questions per batch (hf: per generate call; openai: per fsync of the output)
     max_batch_tokens: int = 0  # hf: KV cache tokens per generate call; 0: half the free device memory
     max_questions: int = 0  # > 0: only the first N questions

@@ -81,7 +81,7 @@ def eval_prompt(cfg: EvalConfig, ranker_spec: dict | None) -> Prompt:
     """The prompt of this eval: the one the model was trained with (template, format and system prompt; or
     eval.prompt_template for a model that records none), which the ranker must share. Mismatches are refused."""
     e = cfg.eval
-    recorded = recorded_prompt(e.model) if backend_name(cfg) == "hf" else None
+    recorded = recorded_prompt(e.model) if not served(cfg) else None
     prompt = recorded or Prompt(e.prompt_template or DEFAULT_TEMPLATE, e.prompt_format or "plain", e.system_prompt)
     for key, given in (("prompt_template", e.prompt_template), ("prompt_format", e.prompt_format),
                        ("system_prompt", e.system_prompt)):
@@ -98,10 +98,9 @@ def eval_prompt(cfg: EvalConfig, ranker_spec: dict | None) -> Prompt:
     return prompt
 
 
-def backend_name(cfg: EvalConfig) -> str:
-    if cfg.eval.backend != "auto":
-        return cfg.eval.backend
-    return "openai" if cfg.eval.server.base_url else "hf"
+def served(cfg: EvalConfig) -> bool:
+    """The model is a name on a server (backend openai), not something on this machine."""
+    return cfg.eval.backend == "openai" or (cfg.eval.backend == "auto" and bool(cfg.eval.server.base_url))
 
 
 def evaluate_batch(backend, ranker, questions: list[Question], cfg: EvalConfig, prompt: Prompt,
@@ -184,7 +183,7 @@ def markdown_table(metrics: dict, n: int, weighting: str) -> str:
 
 
 def main(cfg: EvalConfig) -> int:
-    from train.backends import HFBackend, OpenAIBackend
+    from train.backends import choose_backend, make_backend
     from train.generation import check_generator, kv_cache_bytes_per_token
     from train.models.reward import load_ranker, read_ranker_spec
 
@@ -195,10 +194,10 @@ def main(cfg: EvalConfig) -> int:
     questions = read_test_questions(cfg.eval.test, parse_fields(cfg.eval.fields, "eval.fields"))
     if cfg.eval.max_questions > 0:
         questions = questions[:cfg.eval.max_questions]
-    name = backend_name(cfg)
-    if name == "hf":
+    if not served(cfg):
         cfg.eval.model = resolve_model_ref(cfg.eval.model, "eval.model")
         check_generator(cfg.eval.model)
+    name = choose_backend(cfg.eval.backend, cfg.eval.server.base_url, cfg.eval.model)
     check_available(cfg.engine.report_to)
     if cfg.eval.ranker:
         check_stage_output(cfg.eval.ranker, "eval.ranker", ("ranker",))
@@ -218,11 +217,8 @@ def main(cfg: EvalConfig) -> int:
     busiest = math.ceil(len(remaining) / world)
     rounds = math.ceil(busiest / bq)  # the busiest rank's batches: every rank takes part in each round
     dtype = precision.dtype(cfg.engine.precision, device.type == "cpu")
-    if name == "hf":
-        backend = HFBackend(cfg.eval.model, device, dtype, prompt, cfg.eval.max_batch_tokens,
-                            cfg.engine.attn_implementation)
-    else:
-        backend = OpenAIBackend(cfg.eval.server, cfg.eval.model, prompt)
+    backend = make_backend(name, cfg.eval.model, prompt, device, dtype, cfg.eval.server, cfg.eval.vllm,
+                           cfg.eval.max_batch_tokens, cfg.engine.attn_implementation, cfg.eval.seed)
     ranker = load_ranker(cfg.eval.ranker, device, dtype) if cfg.eval.ranker else None
     if dist_.is_main():
         if name == "hf":

@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from train.backends import HFBackend, OpenAIBackend, Sampled, SamplingSettings
+from train.backends import Sampled, SamplingSettings, choose_backend, make_backend
 from train.config import SampleConfig, save_config
 from train.data.prompt import Prompt, recorded_prompt
 from train.data.readers import Question, parse_fields, read_test_questions
@@ -38,16 +38,10 @@ from train.stages.common import already_done
 OUTPUT = "rationales.jsonl"
 
 
-def backend_name(cfg: SampleConfig) -> str:
-    if cfg.sample.backend != "auto":
-        return cfg.sample.backend
-    return "openai" if cfg.sample.server.base_url else "hf"
-
-
 def sample_prompt(cfg: SampleConfig, name: str) -> Prompt:
     """The model's recorded prompt (hf, a model trained here), with sample.prompt_* taking precedence."""
     s = cfg.sample
-    base = (recorded_prompt(s.model) if name == "hf" else None) or Prompt()
+    base = (recorded_prompt(s.model) if name != "openai" else None) or Prompt()
     return Prompt(s.prompt_template or base.prompt_template, s.prompt_format or base.prompt_format,
                   s.system_prompt or base.system_prompt)
 
@@ -104,15 +98,15 @@ def main(cfg: SampleConfig) -> int:
     if already_done("sample", out):
         return 0
     s = cfg.sample
-    name = backend_name(cfg)
     questions = read_test_questions(s.questions, parse_fields(s.fields, "sample.fields"), need_gold=False)
     if s.max_questions > 0:
         questions = questions[:s.max_questions]
-    if name == "hf":
+    if s.backend != "openai" and not (s.backend == "auto" and s.server.base_url):
         s.model = resolve_model_ref(s.model, "sample.model")
         from train.generation import check_generator
 
         check_generator(s.model)
+    name = choose_backend(s.backend, s.server.base_url, s.model)
     prompt = sample_prompt(cfg, name)
     device = dist_.setup(cfg.engine.dist_timeout_minutes)
     output_lock.hold(out, "sample")
@@ -128,16 +122,11 @@ def main(cfg: SampleConfig) -> int:
     todo = [q for q in questions if q.qid not in done][rank::world]
     rounds = math.ceil(math.ceil((len(questions) - len(done)) / world) / s.batch_questions)
     settings = SamplingSettings(s.n, s.temperature, s.top_p, s.max_new_tokens, s.seed)
-    if name == "hf":
-        backend = HFBackend(s.model, device, precision.dtype(cfg.engine.precision, device.type == "cpu"), prompt,
-                            s.max_batch_tokens)
-        what = backend.what
-    else:
-        backend = OpenAIBackend(s.server, s.model, prompt)
-        what = f"{s.model} at {s.server.base_url or 'the OpenAI API'}"
+    backend = make_backend(name, s.model, prompt, device, precision.dtype(cfg.engine.precision, device.type == "cpu"),
+                           s.server, s.vllm, s.max_batch_tokens, seed=s.seed)
     if dist_.is_main():
-        print(f"[sample] {what} ({name}); {len(questions)} questions ({len(done)} already done), {s.n} rationales "
-              f"each at T {s.temperature}, {world} rank(s); prompt {prompt.prompt_template!r} "
+        print(f"[sample] {backend.what} ({name}); {len(questions)} questions ({len(done)} already done), "
+              f"{s.n} rationales each at T {s.temperature}, {world} rank(s); prompt {prompt.prompt_template!r} "
               f"({prompt.prompt_format})", flush=True)
     failures: dict[str, str] = {}
     bar = progress(len(todo), "sample (rank 0)", "question", enabled=dist_.is_main() and cfg.engine.progress)
