@@ -22,13 +22,15 @@ rationale sampled through a server is prompted exactly as one sampled in-process
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from train.config import ServerSection
 from train.data.prompt import Prompt
@@ -74,7 +76,8 @@ class HFBackend:
                                    s.max_new_tokens, s.seed, self.device, self.budget, greedy=greedy)
 
     def sample(self, questions: list[str], s: SamplingSettings, seeds: list[int] | None = None) -> list[Sampled]:
-        gen = self.generate(questions, s, greedy=False)
+        """One generate call for the batch: it draws from one seed, the first question's."""
+        gen = self.generate(questions, replace(s, seed=seeds[0]) if seeds else s, greedy=False)
         return [Sampled(texts, finished) for texts, finished in zip(gen.samples, gen.finished, strict=True)]
 
 
@@ -123,15 +126,38 @@ class VLLMBackend:
         return self._run(questions, s.n, s.temperature, s)
 
 
+def is_served(backend: str, base_url: str) -> bool:
+    """The model is a name on a server (backend openai, or auto with a server URL), not a path on this machine."""
+    return backend == "openai" or (backend == "auto" and bool(base_url))
+
+
 def choose_backend(backend: str, base_url: str, model: str) -> str:
     """`auto`: a server when one is given, else vLLM when it can serve this model here, else Hugging Face."""
     from pathlib import Path
 
+    if is_served(backend, base_url):
+        return "openai"
     if backend != "auto":
         return backend
-    if base_url:
-        return "openai"
     return "vllm" if vllm_usable() and (Path(model) / "config.json").is_file() else "hf"
+
+
+def raise_if_gave_up(failures: dict[str, str], out: Path, total: int, max_retries: int) -> None:
+    """Collective: every rank's failed questions; if any, rank 0 lists them in out/failures.json and every rank
+    raises (none is left waiting in a collective), else a failures.json of an earlier run is removed."""
+    from train.engine import distributed as dist_
+    from train.errors import TdgError
+
+    failures = {k: v for part in dist_.all_gather_object(failures) for k, v in part.items()}
+    listed = out / "failures.json"
+    if failures:
+        if dist_.is_main():
+            listed.write_text(json.dumps(failures, indent=1))
+        raise TdgError(f"{out}: gave up on {len(failures)} of {total} questions after {max_retries} retries each "
+                       f"(first: {next(iter(failures.values()))}); every one is in {listed}; the others are "
+                       "saved, and a rerun asks again for these only")
+    if dist_.is_main():
+        listed.unlink(missing_ok=True)
 
 
 def make_backend(name: str, model: str, prompt: Prompt, device, dtype, server: ServerSection, vllm,

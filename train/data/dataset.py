@@ -48,23 +48,31 @@ def _bos(tokenizer, prompt: Prompt) -> list[int]:
     return [tokenizer.bos_token_id] if prompt.uses_bos() and tokenizer.bos_token_id is not None else []
 
 
+def _prompt_texts(tokenizer, questions: Sequence[str], prompt: Prompt) -> dict[str, str]:
+    """Each distinct question's prompt text, rendered once (a question has many rationales)."""
+    return {q: prompt.text(tokenizer, q) for q in dict.fromkeys(questions)}
+
+
+def _ids_of(tokenizer, questions: Sequence[str], prompt: Prompt, texts: dict[str, str]) -> list[list[int]]:
+    ids = tokenizer(list(texts.values()), add_special_tokens=False)["input_ids"]
+    by_question = dict(zip(texts, ids, strict=True))
+    bos = _bos(tokenizer, prompt)
+    return [bos + by_question[q] for q in questions]
+
+
 def prompt_ids(tokenizer, questions: Sequence[str], prompt: Prompt | str = DEFAULT_TEMPLATE) -> list[list[int]]:
     """Token ids of each question's prompt (BOS + rendered template, or the rendered chat template): what
     training and generation both feed."""
     prompt = as_prompt(prompt)
-    bos = _bos(tokenizer, prompt)
-    unique = list(dict.fromkeys(questions))  # a question has many rationales: tokenize its prompt once
-    ids = tokenizer([prompt.text(tokenizer, q) for q in unique], add_special_tokens=False)["input_ids"]
-    by_question = dict(zip(unique, ids, strict=True))
-    return [bos + by_question[q] for q in questions]
+    return _ids_of(tokenizer, questions, prompt, _prompt_texts(tokenizer, questions, prompt))
 
 
 def encode(tokenizer, questions: Sequence[str], rationales: Sequence[str],
            prompt: Prompt | str = DEFAULT_TEMPLATE) -> tuple[list[list[int]], list[list[int]]]:
     """(prompt ids, rationale ids) per sample, the rationale tokenized in context after its prompt."""
     prompt = as_prompt(prompt)
-    prompts = prompt_ids(tokenizer, questions, prompt)
-    texts = {q: prompt.text(tokenizer, q) for q in dict.fromkeys(questions)}
+    texts = _prompt_texts(tokenizer, questions, prompt)
+    prompts = _ids_of(tokenizer, questions, prompt, texts)
     whole = tokenizer([texts[q] + r for q, r in zip(questions, rationales, strict=True)],
                       add_special_tokens=False)["input_ids"]
     bos = len(_bos(tokenizer, prompt))

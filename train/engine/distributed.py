@@ -79,6 +79,14 @@ def world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def equal_share(batches: list) -> list[tuple[object, bool]]:
+    """This rank's share (every W-th) of `batches` as (batch, counted), padded with (batches[0], False) so that
+    every rank makes the same number of forward calls: ZeRO-3 gathers the weights in each, a collective."""
+    mine = batches[rank()::world()]
+    calls = -(-len(batches) // world())
+    return [(mine[k], True) if k < len(mine) else (batches[0], False) for k in range(calls)]
+
+
 def is_main() -> bool:
     return rank() == 0
 

@@ -179,13 +179,11 @@ def heldout_loss(task: TrainTask, module: torch.nn.Module, heldout: np.ndarray, 
     repeat batch 0 and are dropped."""
     batches = TokenBudgetBatcher(lengths, cfg.data.max_tokens, shuffle=False, packing=cfg.data.packing,
                                  group_size=int(heldout.sum()), index=np.flatnonzero(heldout)).batches(0)
-    world, rank = dist_.world(), dist_.rank()
-    mine = batches[rank::world]
     sums: dict[str, float] = {}
-    for k in range(-(-len(batches) // world)):
-        batch = {key: v.to(device) for key, v in collate_fn(mine[k] if k < len(mine) else batches[0]).items()}
+    for b, counted in dist_.equal_share(batches):
+        batch = {key: v.to(device) for key, v in collate_fn(b).items()}
         loss_sum, terms = task.loss_fn(module, batch)
-        if k < len(mine):
+        if counted:
             for name, value in {"loss": loss_sum, **terms}.items():
                 sums[name] = sums.get(name, 0.0) + float(value)
     total: dict[str, float] = {}

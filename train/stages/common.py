@@ -56,6 +56,20 @@ def heldout_mask(name: str, table, data: TokenizedSet, fraction: float, seed: in
     return mask
 
 
+def open_output(name: str, cfg, out: Path) -> torch.device:
+    """For the stages that are not a training loop (eval, sample): set up distributed, hold the output dir, and
+    write the resolved config.yaml (rank 0) before any rank goes on."""
+    from train.config import save_config
+
+    device = dist_.setup(cfg.engine.dist_timeout_minutes)
+    output_lock.hold(out, name)
+    if dist_.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    dist_.barrier()
+    return device
+
+
 def model_dtype(cfg: TrainStageConfig) -> torch.dtype:
     """The dtype every parameter of a training stage's model has (train.engine.precision)."""
     return precision.dtype(cfg.engine.precision, dist_.on_cpu())

@@ -31,20 +31,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train.config import EvalConfig, save_config
+from train.backends import is_served
+from train.config import EvalConfig
 from train.data.answers import last_boxed
 from train.data.grading import grade_inline
 from train.data.prompt import DEFAULT_TEMPLATE, Prompt, recorded_prompt, render_prompt
 from train.data.readers import Question, parse_fields, read_test_questions
 from train.engine import distributed as dist_
-from train.engine import output_lock, precision
+from train.engine import precision
 from train.engine.loggers import check_available
 from train.engine.signals import EXIT_CHECKPOINTED, StopRequest
-from train.errors import ConfigError, TdgError
+from train.errors import ConfigError
 from train.manifest import check_stage_output, dir_digest, file_digest, write_done
 from train.models.hub import resolve_model_ref
 from train.progress import progress
-from train.stages.common import already_done
+from train.stages.common import already_done, open_output
 from train.voting import WEIGHTINGS, Candidate, any_correct, vote
 
 PREDICTIONS = "predictions.jsonl"
@@ -81,7 +82,7 @@ def eval_prompt(cfg: EvalConfig, ranker_spec: dict | None) -> Prompt:
     """The prompt of this eval: the one the model was trained with (template, format and system prompt; or
     eval.prompt_template for a model that records none), which the ranker must share. Mismatches are refused."""
     e = cfg.eval
-    recorded = recorded_prompt(e.model) if not served(cfg) else None
+    recorded = None if is_served(e.backend, e.server.base_url) else recorded_prompt(e.model)
     prompt = recorded or Prompt(e.prompt_template or DEFAULT_TEMPLATE, e.prompt_format or "plain", e.system_prompt)
     for key, given in (("prompt_template", e.prompt_template), ("prompt_format", e.prompt_format),
                        ("system_prompt", e.system_prompt)):
@@ -96,11 +97,6 @@ def eval_prompt(cfg: EvalConfig, ranker_spec: dict | None) -> Prompt:
                                     for k in prompt.differences(theirs))
                           + "; train the ranker with the model's data.prompt_template, prompt_format and system_prompt")
     return prompt
-
-
-def served(cfg: EvalConfig) -> bool:
-    """The model is a name on a server (backend openai), not something on this machine."""
-    return cfg.eval.backend == "openai" or (cfg.eval.backend == "auto" and bool(cfg.eval.server.base_url))
 
 
 def evaluate_batch(backend, ranker, questions: list[Question], cfg: EvalConfig, prompt: Prompt,
@@ -183,7 +179,7 @@ def markdown_table(metrics: dict, n: int, weighting: str) -> str:
 
 
 def main(cfg: EvalConfig) -> int:
-    from train.backends import choose_backend, make_backend
+    from train.backends import choose_backend, make_backend, raise_if_gave_up
     from train.generation import check_generator, kv_cache_bytes_per_token
     from train.models.reward import load_ranker, read_ranker_spec
 
@@ -194,7 +190,7 @@ def main(cfg: EvalConfig) -> int:
     questions = read_test_questions(cfg.eval.test, parse_fields(cfg.eval.fields, "eval.fields"))
     if cfg.eval.max_questions > 0:
         questions = questions[:cfg.eval.max_questions]
-    if not served(cfg):
+    if not is_served(cfg.eval.backend, cfg.eval.server.base_url):
         cfg.eval.model = resolve_model_ref(cfg.eval.model, "eval.model")
         check_generator(cfg.eval.model)
     name = choose_backend(cfg.eval.backend, cfg.eval.server.base_url, cfg.eval.model)
@@ -202,14 +198,9 @@ def main(cfg: EvalConfig) -> int:
     if cfg.eval.ranker:
         check_stage_output(cfg.eval.ranker, "eval.ranker", ("ranker",))
     prompt = eval_prompt(cfg, read_ranker_spec(cfg.eval.ranker) if cfg.eval.ranker else None)
-    device = dist_.setup(cfg.engine.dist_timeout_minutes)
-    output_lock.hold(out, "eval")
+    device = open_output("eval", cfg, out)
     world, rank = dist_.world(), dist_.rank()
     t0 = time.time()
-    if dist_.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    dist_.barrier()
     done = read_predictions(out)
     remaining = [q for q in questions if q.qid not in done]
     todo = remaining[rank::world]
@@ -251,15 +242,8 @@ def main(cfg: EvalConfig) -> int:
                       f"questions (saved); exit {EXIT_CHECKPOINTED}, resubmit to continue", flush=True)
                 return EXIT_CHECKPOINTED
     bar.close()
-    failures = {k: v for part in dist_.all_gather_object(failures) for k, v in part.items()}
-    if failures:  # every rank raises: none waits in a collective for another
-        if dist_.is_main():
-            (out / "failures.json").write_text(json.dumps(failures, indent=1))
-        raise TdgError(f"{out}: the server never answered {len(failures)} of {len(questions)} questions after "
-                       f"{cfg.eval.server.max_retries} retries each (first: {next(iter(failures.values()))}); every "
-                       f"one is in {out / 'failures.json'}; the rest is saved, and a rerun asks for these only")
+    raise_if_gave_up(failures, out, len(questions), cfg.eval.server.max_retries)
     if dist_.is_main():
-        (out / "failures.json").unlink(missing_ok=True)
         _finish(cfg, out, questions, t0)
     dist_.barrier()
     return 0

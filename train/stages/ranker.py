@@ -71,16 +71,12 @@ def heldout_metrics(module: torch.nn.Module, pairs: PairSet, max_tokens: int, pa
     if len(pairs) == 0:
         return {}
     batches = TokenBudgetBatcher(pairs.lengths, max_tokens, shuffle=False, group_size=len(pairs)).batches(0)
-    world, rank = dist_.world(), dist_.rank()
-    mine = batches[rank::world]
-    calls = -(-len(batches) // world)
     sums = torch.zeros(6, device=device)  # correct, loss, pairs, sum s(pos), sum s(neg), squared errors
-    for k in range(calls):
-        b = mine[k] if k < len(mine) else batches[0]
+    for b, counted in dist_.equal_share(batches):
         batch = {key: v.to(device) for key, v in pairs.batch(b, pad_id).items()}
         rewards = module(**batch)
         loss, terms = loss_fn(rewards)
-        if k < len(mine):
+        if counted:
             s = torch.sigmoid(rewards.float())
             half = len(b)
             brier = ((1 - s[:half]) ** 2).sum() + (s[half:] ** 2).sum()

@@ -19,21 +19,23 @@ import json
 import math
 import os
 import time
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from train.backends import Sampled, SamplingSettings, choose_backend, make_backend
-from train.config import SampleConfig, save_config
+from train.backends import Sampled, SamplingSettings, choose_backend, is_served, make_backend, raise_if_gave_up
+from train.config import SampleConfig
 from train.data.prompt import Prompt, recorded_prompt
 from train.data.readers import Question, parse_fields, read_test_questions
 from train.engine import distributed as dist_
-from train.engine import output_lock, precision
+from train.engine import precision
 from train.engine.signals import EXIT_CHECKPOINTED, StopRequest
 from train.errors import TdgError
 from train.manifest import dir_digest, file_digest, write_done
 from train.models.hub import resolve_model_ref
 from train.progress import progress
-from train.stages.common import already_done
+from train.stages.common import already_done, open_output
 
 OUTPUT = "rationales.jsonl"
 
@@ -46,16 +48,26 @@ def sample_prompt(cfg: SampleConfig, name: str) -> Prompt:
                   s.system_prompt or base.system_prompt)
 
 
-def finished_questions(out: Path, n: int) -> set[str]:
-    """Questions with all n rationales on file (a torn last line, from a killed run, does not count)."""
-    count: dict[str, int] = {}
+def _qid(line: str) -> str | None:
+    """The question of one part-file line; None for a line torn by a killed run."""
+    try:
+        return json.loads(line)["qid"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+def part_lines(out: Path) -> Iterator[tuple[str, str]]:
+    """(question id, line) of every whole line of every rank's part file."""
     for f in sorted(out.glob("part-rank*.jsonl.part")):
         for line in f.read_text(encoding="utf-8").splitlines():
-            try:
-                qid = json.loads(line)["qid"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-            count[qid] = count.get(qid, 0) + 1
+            qid = _qid(line)
+            if qid is not None:
+                yield qid, line
+
+
+def finished_questions(out: Path, n: int) -> set[str]:
+    """Questions with all n rationales on file (a torn last line, from a killed run, does not count)."""
+    count = Counter(qid for qid, _ in part_lines(out))
     return {q for q, c in count.items() if c >= n}
 
 
@@ -65,16 +77,8 @@ def keep_complete(path: Path, n: int) -> None:
     if not path.is_file():
         return
     lines = path.read_text(encoding="utf-8").splitlines()
-    qids = []
-    for line in lines:
-        try:
-            qids.append(json.loads(line)["qid"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            qids.append(None)
-    count: dict[str, int] = {}
-    for q in qids:
-        if q is not None:
-            count[q] = count.get(q, 0) + 1
+    qids = [_qid(line) for line in lines]
+    count = Counter(q for q in qids if q is not None)
     kept = [line for line, q in zip(lines, qids, strict=True) if q is not None and count[q] >= n]
     if len(kept) != len(lines):
         tmp = path.with_name(path.name + ".tmp")
@@ -101,21 +105,16 @@ def main(cfg: SampleConfig) -> int:
     questions = read_test_questions(s.questions, parse_fields(s.fields, "sample.fields"), need_gold=False)
     if s.max_questions > 0:
         questions = questions[:s.max_questions]
-    if s.backend != "openai" and not (s.backend == "auto" and s.server.base_url):
+    if not is_served(s.backend, s.server.base_url):
         s.model = resolve_model_ref(s.model, "sample.model")
         from train.generation import check_generator
 
         check_generator(s.model)
     name = choose_backend(s.backend, s.server.base_url, s.model)
     prompt = sample_prompt(cfg, name)
-    device = dist_.setup(cfg.engine.dist_timeout_minutes)
-    output_lock.hold(out, "sample")
+    device = open_output("sample", cfg, out)
     world, rank = dist_.world(), dist_.rank()
     t0 = time.time()
-    if dist_.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    dist_.barrier()
     keep_complete(out / f"part-rank{rank}.jsonl.part", s.n)
     dist_.barrier()  # every rank's file cleaned before any rank reads them all
     done = finished_questions(out, s.n)
@@ -136,11 +135,7 @@ def main(cfg: SampleConfig) -> int:
             batch = todo[k * s.batch_questions:(k + 1) * s.batch_questions]
             if batch:
                 texts = [q.question for q in batch]
-                if name == "hf":
-                    settings.seed = _seed(s.seed, batch[0].qid)
-                    got = backend.sample(texts, settings)
-                else:
-                    got = backend.sample(texts, settings, [_seed(s.seed, q.qid) for q in batch])
+                got = backend.sample(texts, settings, [_seed(s.seed, q.qid) for q in batch])
                 for q, g in zip(batch, got, strict=True):
                     if g.error:
                         failures[q.qid] = f"{q.source}: {g.error}"
@@ -156,13 +151,7 @@ def main(cfg: SampleConfig) -> int:
                 return EXIT_CHECKPOINTED
     bar.close()
     retries = sum(dist_.all_gather_object(getattr(backend, "retries", 0)))
-    failures = {k: v for part in dist_.all_gather_object(failures) for k, v in part.items()}
-    if failures:  # every rank raises: none waits in a collective for another
-        if dist_.is_main():
-            (out / "failures.json").write_text(json.dumps(failures, indent=1))
-        raise TdgError(f"{out}: gave up on {len(failures)} of {len(questions)} questions after {s.server.max_retries} "
-                       f"retries each (first: {next(iter(failures.values()))}); every one is in "
-                       f"{out / 'failures.json'}; the others are saved, and a rerun asks again for these only")
+    raise_if_gave_up(failures, out, len(questions), s.server.max_retries)
     if dist_.is_main():
         _finish(cfg, out, questions, retries, name, t0)
     dist_.barrier()
@@ -171,13 +160,8 @@ def main(cfg: SampleConfig) -> int:
 
 def _finish(cfg: SampleConfig, out: Path, questions: list[Question], retries: int, backend: str, t0: float) -> None:
     by_qid: dict[str, list[str]] = {}
-    for f in sorted(out.glob("part-rank*.jsonl.part")):
-        for line in f.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            by_qid.setdefault(rec["qid"], []).append(line)
+    for qid, line in part_lines(out):
+        by_qid.setdefault(qid, []).append(line)
     lines = []
     for q in questions:
         got = by_qid.get(q.qid, [])[:cfg.sample.n]
@@ -188,7 +172,6 @@ def _finish(cfg: SampleConfig, out: Path, questions: list[Question], retries: in
     tmp = out / f".{OUTPUT}.tmp"
     tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     os.replace(tmp, out / OUTPUT)
-    (out / "failures.json").unlink(missing_ok=True)
     unfinished = sum(not json.loads(line)["finished"] for line in lines)
     src = Path(cfg.sample.questions)
     metrics = {"questions": len(questions), "rationales": len(lines), "backend": backend, "retries": retries,
