@@ -7,6 +7,7 @@ environment. A plain `python -m train ...` with none of them runs as a world of 
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import warnings
@@ -64,11 +65,20 @@ def setup(timeout_minutes: float = 60) -> torch.device:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl", verbose=False,
                                    timeout=datetime.timedelta(minutes=timeout_minutes))
+        atexit.register(_shutdown)  # on every way out: return, error exit, uncaught exception
     if on_cpu():
         return torch.device("cpu")
     local = int(os.environ["LOCAL_RANK"])
     torch.cuda.set_device(local)
     return torch.device("cuda", local)
+
+
+def _shutdown() -> None:
+    """Destroy the process group while the interpreter is whole. Left to exit, gloo's worker threads
+    can still hold tensors whose release needs the GIL during finalisation: the process then aborts
+    (SIGABRT, "terminate called without an active exception") after its work is done."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank() -> int:
