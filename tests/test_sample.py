@@ -159,3 +159,20 @@ def test_vllm_greedy_equals_the_hf_greedy(base_model_dir):
     hf = HFBackend(str(base_model_dir), torch.device("cuda"), torch.float32, None).generate(questions, s)
     vl = VLLMBackend(str(base_model_dir), None).generate(questions, s)
     assert vl.greedy == hf.greedy and [len(x) for x in vl.samples] == [4, 4]
+
+
+def test_vllm_ranks_each_take_their_own_gpus():
+    """Data-parallel vLLM: each local rank's engine sees its own tensor_parallel_size GPUs, never GPU 0 for all."""
+    from train.backends import vllm_gpus
+    from train.errors import ConfigError
+
+    torchrun = {"LOCAL_WORLD_SIZE": "4"}
+    assert [vllm_gpus(1, {**torchrun, "LOCAL_RANK": str(r)}, 4) for r in range(4)] == ["0", "1", "2", "3"]
+    assert [vllm_gpus(2, {"LOCAL_WORLD_SIZE": "4", "LOCAL_RANK": str(r)}, 8) for r in range(4)] == \
+        ["0,1", "2,3", "4,5", "6,7"]
+    # a restricted node: the visible ids, not 0..n-1
+    assert vllm_gpus(2, {"LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "4,5,6,7"}) == "6,7"
+    # srun binding GPUs per task: the task's own GPUs are kept
+    assert vllm_gpus(1, {"SLURM_NTASKS_PER_NODE": "8", "LOCAL_RANK": "5", "CUDA_VISIBLE_DEVICES": "5"}) == "5"
+    with pytest.raises(ConfigError, match=r"4 ranks on this node x vllm.tensor_parallel_size=2 need 8 GPUs, and 4"):
+        vllm_gpus(2, {**torchrun, "LOCAL_RANK": "3"}, 4)

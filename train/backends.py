@@ -15,7 +15,8 @@ rationale sampled through a server is prompted exactly as one sampled in-process
 
 - `vllm`: vLLM in this process, for a plain model directory (an export, a merged student):
   n completions per prompt in one request, tensor-parallel over `vllm.tensor_parallel_size`
-  GPUs. The prompts are our token ids, so they are exactly the `hf` prompts. NOT YET RUN on a
+  GPUs, data-parallel under torchrun/srun with each rank's engine on its own GPUs (`vllm_gpus`).
+  The prompts are our token ids, so they are exactly the `hf` prompts. NOT YET RUN on a
   GPU (none was available to this project's sessions); `auto` picks it only when vLLM imports
   and CUDA is present.
 """
@@ -100,6 +101,8 @@ class VLLMBackend:
             raise ConfigError("backend vllm needs vLLM on a GPU node: pip install 'tdg-trainer[vllm]'") from None
         self.tokenizer = load_tokenizer(model)
         self.prompt = prompt or recorded_prompt(model) or Prompt()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # data-parallel: this rank's engine on this rank's GPUs
+            os.environ["CUDA_VISIBLE_DEVICES"] = vllm_gpus(tensor_parallel_size)
         self.llm = LLM(model=model, tensor_parallel_size=tensor_parallel_size, seed=seed,
                        gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=False)
         self.what = f"{model} (vLLM, tensor-parallel {tensor_parallel_size})"
@@ -124,6 +127,34 @@ class VLLMBackend:
 
     def sample(self, questions: list[str], s: SamplingSettings, seeds: list[int] | None = None) -> list[Sampled]:
         return self._run(questions, s.n, s.temperature, s)
+
+
+def vllm_gpus(tensor_parallel_size: int, env: dict[str, str] | None = None, device_count: int | None = None) -> str:
+    """CUDA_VISIBLE_DEVICES for this rank's vLLM engine when several ranks share a node (torchrun, srun).
+
+    vLLM places its engine on the first visible GPUs, so without this every rank would load onto GPU 0.
+    Local rank r takes GPUs [r*tp, (r+1)*tp) of those visible. A task that already sees exactly tp GPUs
+    (srun binding GPUs per task) keeps them."""
+    env = os.environ if env is None else env
+    if "CUDA_VISIBLE_DEVICES" in env:
+        visible = [d for d in env["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    else:
+        if device_count is None:
+            import torch
+
+            device_count = torch.cuda.device_count()
+        visible = [str(i) for i in range(device_count)]
+    tp = tensor_parallel_size
+    if len(visible) == tp:
+        return ",".join(visible)
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    local_world = int(env.get("LOCAL_WORLD_SIZE") or env.get("SLURM_NTASKS_PER_NODE") or local_rank + 1)
+    if local_world * tp > len(visible):
+        raise ConfigError(f"backend vllm: {local_world} ranks on this node x vllm.tensor_parallel_size={tp} need "
+                          f"{local_world * tp} GPUs, and {len(visible)} are visible ({','.join(visible) or 'none'}): "
+                          "launch one rank per tensor_parallel_size GPUs (e.g. torchrun --nproc_per_node "
+                          f"{max(len(visible) // tp, 1)})")
+    return ",".join(visible[local_rank * tp:(local_rank + 1) * tp])
 
 
 def is_served(backend: str, base_url: str) -> bool:
