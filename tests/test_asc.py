@@ -85,6 +85,26 @@ def test_saved_ranker_reloads_with_the_accuracy_it_reported(ranker_dir, labelled
     assert abs(acc - reported) <= 1.0 / len(heldout) + 1e-6
 
 
+def test_a_base_missing_weights_is_refused_under_the_score_head(tmp_path, base_model_dir, capfd):
+    """The head swap is loaded quietly (its expected lm_head/score report is noise at every eval), so a body
+    weight missing from the checkpoint, which transformers would initialise at random, must be an error."""
+    from safetensors.torch import save_file
+
+    from train.config import ModelConfig
+    from train.errors import ConfigError
+    from train.models.loading import load_base_model
+
+    model = load_base_model(ModelConfig(path=str(base_model_dir)), torch.float32, scalar_head=True)
+    assert model.score.out_features == 1 and "LOAD REPORT" not in capfd.readouterr().err
+    damaged = tmp_path / "damaged"
+    shutil.copytree(base_model_dir, damaged)
+    weights = load_file(damaged / "model.safetensors")
+    lost = next(k for k in weights if "layers.1.mlp.up_proj" in k)
+    save_file({k: v for k, v in weights.items() if k != lost}, damaged / "model.safetensors", {"format": "pt"})
+    with pytest.raises(ConfigError, match="up_proj"):
+        load_base_model(ModelConfig(path=str(damaged)), torch.float32, scalar_head=True)
+
+
 def test_questions_with_one_kind_only_are_skipped_and_counted(labelled_prepared, base_model_dir):
     table = read_prepared(labelled_prepared)
     data = tokenize(table, load_tokenizer(base_model_dir), 128)

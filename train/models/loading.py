@@ -67,13 +67,32 @@ def load_base_model(mcfg: ModelConfig, dtype: torch.dtype, ds_config: dict | Non
     cls, extra = (AutoModelForSequenceClassification, {"num_labels": 1}) if scalar_head else (AutoModelForCausalLM, {})
     if device is not None and _DS_HOOK is None:
         extra["device_map"] = {"": device}
-    model = cls.from_pretrained(
-        mcfg.path, **extra, local_files_only=True, dtype=dtype,
-        attn_implementation=mcfg.attn_implementation, trust_remote_code=mcfg.trust_remote_code)
+    kwargs = {**extra, "local_files_only": True, "dtype": dtype, "attn_implementation": mcfg.attn_implementation,
+              "trust_remote_code": mcfg.trust_remote_code}
+    model = _with_new_score_head(cls, mcfg.path, kwargs) if scalar_head else cls.from_pretrained(mcfg.path, **kwargs)
     model.config.use_cache = False
     if mcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    return model
+
+
+def _with_new_score_head(cls, path: str, kwargs: dict):
+    """A causal LM's body under a new one-output head. transformers reports the swap (lm_head unused, score
+    newly initialised) as a warning table on every load, the eval's included, where the trained head is
+    loaded next; that expected report is kept quiet and anything else missing is an error."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = cls.from_pretrained(path, **kwargs, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = [k for k in info["missing_keys"] if not k.startswith("score.")]
+    if missing or info.get("mismatched_keys"):
+        raise ConfigError(f"{path}: weights missing or of the wrong shape under a score head: "
+                          f"{', '.join(missing[:5] or [str(k) for k in info['mismatched_keys'][:5]])}")
     return model
 
 
