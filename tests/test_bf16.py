@@ -48,7 +48,7 @@ def bf16_runs(request, tmp_path_factory, prepared_dir, base_model_dir, zero3_par
                             f"score.nat_dir={out['nat']}", "engine.precision=bf16", "engine.progress=false",
                             f"engine.ds_config={'none' if zero == 'zero2' else zero3_partitioned}",
                             f"engine.output_dir={out['score']}"]))
-    train("distill", "distill", f"distill.scores={out['score']}")
+    train("distill", "distill", f"distill.scores={out['score']}", "data.heldout_fraction=0.2")
     train("distill", "distill-online", "distill.mode=online", f"distill.nat_dir={out['nat']}")
     train("ranker", "ranker", "ranker.heldout_fraction=0.2")
     train("dpo", "dpo")
@@ -63,6 +63,21 @@ def test_every_training_stage_trains_in_bf16_and_its_loss_goes_down(bf16_runs, n
     assert m["precision"] == "bf16" and m["world_size"] == 2 and m["global_step"] == STEPS
     assert math.isfinite(m["first_loss"]) and math.isfinite(m["final_loss"])
     assert m["final_loss"] < m["first_loss"], (zero, name, m["first_loss"], m["final_loss"])
+
+
+def test_heldout_loss_in_bf16_is_evaluated_on_every_rank_and_logged(bf16_runs):
+    """distill's held-out CE and KD under bf16 (ZeRO-2 and ZeRO-3: equal forward calls on both ranks),
+    finite, in DONE.json and in TensorBoard at the same steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, out = bf16_runs
+    done = json.loads((out["distill"] / "DONE.json").read_text())["metrics"]
+    history = done["eval_history"]
+    assert history and all(math.isfinite(e[k]) and e[k] > 0 for e in history for k in ("heldout_ce", "heldout_kd"))
+    events = EventAccumulator(str(out["distill"] / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("distill/heldout_ce")] == [e["step"] for e in history]
+    assert events.Scalars("distill/heldout_kd")[-1].value == pytest.approx(history[-1]["heldout_kd"], rel=1e-6)
 
 
 def test_dpo_in_bf16_starts_at_the_reference_and_saves_fp32(bf16_runs):
