@@ -48,6 +48,34 @@ def test_chat_prompts_are_the_templates_text_with_one_bos_and_the_rationale_afte
     assert plain_ids != ids and plain_ids[0] == tok.bos_token_id
 
 
+# Mistral-7B-Instruct's template in substance: BOS, [INST] user [/INST], no system role (it raises)
+MISTRAL_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+                    "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% elif m['role'] == 'assistant' %}"
+                    "{{ m['content'] + eos_token }}{% else %}{{ raise_exception('Only user and assistant roles "
+                    "are supported!') }}{% endif %}{% endfor %}")
+
+
+def test_chat_with_the_real_32k_tokenizer_and_a_template_that_refuses_a_system_prompt(llama32k_dir, tmp_path):
+    """Mistral's 32k sentencepiece vocabulary under its [INST] template: the prompt ids are the template's own
+    tokenization (one BOS), the rationale's ids decode back to it exactly, and a system prompt the template
+    refuses is a ConfigError naming data.system_prompt, not a jinja traceback."""
+    tok = load_tokenizer(llama32k_dir)
+    tok.chat_template = MISTRAL_TEMPLATE
+    tok.save_pretrained(tmp_path)
+    tok = load_tokenizer(tmp_path)
+    chat = Prompt("Problem:\n{question}\nSolution:\n", "chat")
+    question = "Let $f(x) = 3x^2 - 5$. What is $f(f(1))$?"
+    rationale = "We have $f(1) = -2$, so $f(f(1)) = f(-2) = 3 \\cdot 4 - 5 = \\boxed{7}$."
+    (ids,) = prompt_ids(tok, [question], chat)
+    expected = tok.apply_chat_template([{"role": "user", "content": chat.prompt_template.format(question=question)}],
+                                       tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert ids == list(expected) and ids.count(tok.bos_token_id) == 1 and tok.vocab_size == 32000
+    prompts, targets = encode(tok, [question], [rationale], chat)
+    assert prompts == [ids] and tok.decode(targets[0]) == rationale
+    with pytest.raises(ConfigError, match="leave data.system_prompt empty"):
+        Prompt("{question}", "chat", "Be brief.").text(tok, question)
+
+
 def test_chat_needs_a_template_and_a_system_prompt_needs_chat(tokenizer_dir):
     with pytest.raises(ConfigError, match="has no chat template"):
         CHAT.text(load_tokenizer(tokenizer_dir), "q")
