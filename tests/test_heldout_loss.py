@@ -78,3 +78,27 @@ def test_every_epoch_is_evaluated_on_two_zero3_ranks(tmp_path, prepared_dir, bas
     acc = EventAccumulator(str(out / "tb"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("neg/heldout_loss")] == [e["step"] for e in history]
+
+
+@pytest.mark.slow
+def test_a_resumed_run_keeps_the_evaluations_of_the_run_before_it(tmp_path, prepared_dir, base_model_dir):
+    """Preempted after epoch 1's evaluation, resumed to the end: DONE.json's eval_history has both epochs, the
+    first from the checkpoint the resume started from, as the uninterrupted run had them."""
+    import shutil
+
+    args = ("engine.save_every=1", "engine.keep_last=1000")
+    out, _ = _neg(tmp_path, prepared_dir, base_model_dir, "neg", *args)
+    whole = json.loads((out / "DONE.json").read_text())["metrics"]["eval_history"]
+    assert [e["epoch"] for e in whole] == [1, 2]
+    # the state a preemption one step after epoch 1's evaluation leaves: later checkpoints and DONE.json gone
+    resume_at = whole[0]["step"] + 1
+    for tag in (out / "checkpoints").glob("step*"):
+        if int(tag.name.removeprefix("step")) > resume_at:
+            shutil.rmtree(tag)
+    (out / "DONE.json").unlink()
+    _, r = _neg(tmp_path, prepared_dir, base_model_dir, "neg", *args)
+    assert f"resumed from {out / 'checkpoints' / f'step{resume_at}'}" in r.stdout
+    resumed = json.loads((out / "DONE.json").read_text())["metrics"]["eval_history"]
+    assert [(e["step"], e["epoch"]) for e in resumed] == [(e["step"], e["epoch"]) for e in whole]
+    assert resumed[0]["heldout_loss"] == whole[0]["heldout_loss"]
+    assert resumed[1]["heldout_loss"] == pytest.approx(whole[1]["heldout_loss"], rel=1e-4)

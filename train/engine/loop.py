@@ -304,14 +304,16 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
         every_file = {k: v for part in dist_.all_gather_object(files) for k, v in part.items()}
         if dist_.is_main():
             try:
-                ckpt.mark_complete(root, pos, every_file, recipe)
+                ckpt.mark_complete(root, pos, every_file, recipe, eval_history)
                 ckpt.prune(root, cfg.engine.keep_last)
             except OSError as e:
                 problem = write_failure(root / pos.tag, e)
         dist_.raise_if_any(problem)
 
     last_eval: dict[str, float] = {}
-    eval_history: list[dict] = []  # every evaluation of this run (not of runs before a resume), for DONE.json
+    # every evaluation up to now, those of the runs before a resume included (kept in the checkpoint), for DONE.json
+    eval_history: list[dict] = [] if resume is None else \
+        (ckpt.read_record(root / resume.tag) or {}).get("eval_history", [])
     evaluated_at = -1
 
     def evaluate() -> None:
