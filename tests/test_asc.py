@@ -1,6 +1,7 @@
 """ASC: the ranker learns to put positives above negatives; eval generates, grades, votes, resumes."""
 
 import json
+import math
 import random
 import shutil
 
@@ -174,6 +175,29 @@ def test_eval_writes_predictions_metrics_and_table(eval_out):
     table = (eval_out / "metrics.md").read_text()
     assert "| **all** | 6 |" in table and "ASC@3 (score)" in table
     assert (eval_out / "DONE.json").is_file() and (eval_out / "tb").is_dir()
+
+
+@pytest.mark.bf16
+def test_eval_in_bf16_on_two_ranks_scores_as_the_fp32_ranker_does(tmp_path, base_model_dir, math_test_file,
+                                                                    ranker_dir):
+    """eval.precision bf16 (generation, KV budget and ranker in bf16, as on GPUs): every question once, and each
+    candidate's bf16 ranker score within 0.1 of the fp32 ranker's on the same text (bf16 keeps ~3 digits)."""
+    from train.models.reward import load_ranker
+
+    out = tmp_path / "bf16"
+    r = run_stage("eval", ["--model", str(base_model_dir), "--test", str(math_test_file), "--ranker", str(ranker_dir),
+                           "--num-samples", "3", "--output", str(out), "eval.max_new_tokens=12",
+                           "eval.batch_questions=2", "engine.precision=bf16", "engine.progress=false"], nproc=2)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    recs = _records(out / "predictions.jsonl")
+    assert sorted(x["qid"] for x in recs) == sorted({x["qid"] for x in recs}) and len(recs) == 6
+    fp32 = load_ranker(ranker_dir, torch.device("cpu"))
+    gaps = []
+    for x in recs:
+        texts, finished = [s["text"] for s in x["samples"]], [s["finished"] for s in x["samples"]]
+        ref = fp32.scores(x["question"], texts, finished, torch.device("cpu"))
+        gaps += [abs(s["ranker"] - v) for s, v in zip(x["samples"], ref, strict=True)]
+    assert all(math.isfinite(g) for g in gaps) and max(gaps) < 0.1, max(gaps)
 
 
 def test_eval_resume_skips_finished_questions(eval_out, tmp_path, base_model_dir, math_test_file, ranker_dir):
