@@ -120,10 +120,17 @@ def stage_cmd(stage: str, overrides: list[str], nproc: int = 2) -> list[str]:
 
     if nproc == 1:
         return [sys.executable, "-m", "train", stage, *overrides]
+    return torchrun_cmd(nproc, "-m", "train", stage, *overrides)
+
+
+def torchrun_cmd(nproc: int, *program: str) -> list[str]:
+    """torchrun on this machine with `nproc` processes and a free rendezvous port, running `program`."""
+    import sys
+
     from train.engine.distributed import free_port
 
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-            "127.0.0.1", "--master_port", str(free_port()), "-m", "train", stage, *overrides]
+            "127.0.0.1", "--master_port", str(free_port()), *program]
 
 
 def run_stage(stage: str, overrides: list[str], nproc: int = 2, timeout: int = 600):

@@ -135,10 +135,10 @@ def math_test_file(tmp_path_factory):
     return write_lines(tmp_path_factory.mktemp("test") / "test.jsonl", rows)
 
 
-def _eval(model, test, ranker, out, nproc=1):
+def _eval(model, test, ranker, out, nproc=1, *extra):
     return run_stage("eval", ["--model", str(model), "--test", str(test), "--ranker", str(ranker), "--num-samples", "3",
                               "--output", str(out), "eval.max_new_tokens=12", "eval.batch_questions=2",
-                              "engine.progress=false"], nproc=nproc)
+                              "engine.progress=false", *extra], nproc=nproc)
 
 
 def _records(path):
@@ -185,9 +185,7 @@ def test_eval_in_bf16_on_two_ranks_scores_as_the_fp32_ranker_does(tmp_path, base
     from train.models.reward import load_ranker
 
     out = tmp_path / "bf16"
-    r = run_stage("eval", ["--model", str(base_model_dir), "--test", str(math_test_file), "--ranker", str(ranker_dir),
-                           "--num-samples", "3", "--output", str(out), "eval.max_new_tokens=12",
-                           "eval.batch_questions=2", "engine.precision=bf16", "engine.progress=false"], nproc=2)
+    r = _eval(base_model_dir, math_test_file, ranker_dir, out, 2, "engine.precision=bf16")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     recs = _records(out / "predictions.jsonl")
     assert sorted(x["qid"] for x in recs) == sorted({x["qid"] for x in recs}) and len(recs) == 6

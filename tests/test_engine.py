@@ -12,10 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, run_stage, stage_cmd, stage_env
+from tests.conftest import REPO, run_stage, stage_cmd, stage_env, torchrun_cmd
 from train.data.dataset import collate, read_prepared, tokenize
 from train.data.tokenizer import load_tokenizer
-from train.engine.distributed import free_port
 
 pytestmark = pytest.mark.slow
 STEPS = 12
@@ -309,11 +308,8 @@ if distributed.rank() == 0:
 dist.barrier()
 print("rank", distributed.rank(), "passed the barrier", flush=True)
 """)
-    from train.engine.distributed import free_port
-
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                             "127.0.0.1", "--master_port", str(free_port()), str(script)], env=stage_env(),
-                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    result = subprocess.run(torchrun_cmd(2, str(script)), env=stage_env(), capture_output=True, text=True,
+                            timeout=120, cwd=REPO)
     assert (result.returncode == 0) == ok, result.stdout[-2000:] + result.stderr[-2000:]
     assert (result.stdout.count("passed the barrier") == 2) == ok
 
@@ -335,8 +331,6 @@ def test_ranks_exit_cleanly_after_gloo_collectives(tmp_path):
     script = tmp_path / "collectives.py"
     script.write_text(EXITS_AFTER_COLLECTIVES)
     for _ in range(3):
-        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_addr",
-                            "127.0.0.1", "--master_port", str(free_port()), str(script)],
-                           env={**stage_env(), "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-                           timeout=300, cwd=REPO)
+        r = subprocess.run(torchrun_cmd(4, str(script)), env=stage_env(),
+                           capture_output=True, text=True, timeout=300, cwd=REPO)
         assert r.returncode == 0 and "terminate called" not in r.stderr, r.stderr[-3000:]

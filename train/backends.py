@@ -87,10 +87,9 @@ class VLLMBackend:
 
     def __init__(self, model: str, prompt: Prompt | None, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.9, seed: int = 0):
-        from pathlib import Path
-
         from train.data.prompt import recorded_prompt
         from train.data.tokenizer import load_tokenizer
+        from train.engine import distributed as dist_
 
         if not (Path(model) / "config.json").is_file():
             raise ConfigError(f"backend vllm serves model directories only, and {model} is not one (a LoRA, full "
@@ -101,7 +100,7 @@ class VLLMBackend:
             raise ConfigError("backend vllm needs vLLM on a GPU node: pip install 'tdg-trainer[vllm]'") from None
         self.tokenizer = load_tokenizer(model)
         self.prompt = prompt or recorded_prompt(model) or Prompt()
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # data-parallel: this rank's engine on this rank's GPUs
+        if dist_.world() > 1:  # data-parallel: this rank's engine on this rank's GPUs
             os.environ["CUDA_VISIBLE_DEVICES"] = vllm_gpus(tensor_parallel_size)
         self.llm = LLM(model=model, tensor_parallel_size=tensor_parallel_size, seed=seed,
                        gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=False)
@@ -164,8 +163,6 @@ def is_served(backend: str, base_url: str) -> bool:
 
 def choose_backend(backend: str, base_url: str, model: str) -> str:
     """`auto`: a server when one is given, else vLLM when it can serve this model here, else Hugging Face."""
-    from pathlib import Path
-
     if is_served(backend, base_url):
         return "openai"
     if backend != "auto":
