@@ -5,6 +5,7 @@ import math
 import random
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -196,6 +197,22 @@ def test_eval_in_bf16_on_two_ranks_scores_as_the_fp32_ranker_does(tmp_path, base
         ref = fp32.scores(x["question"], texts, finished, torch.device("cpu"))
         gaps += [abs(s["ranker"] - v) for s, v in zip(x["samples"], ref, strict=True)]
     assert all(math.isfinite(g) for g in gaps) and max(gaps) < 0.1, max(gaps)
+
+
+def test_eval_greedy_only_gives_the_same_greedy_answers_and_no_votes(eval_out, tmp_path, base_model_dir,
+                                                                      math_test_file, ranker_dir):
+    """eval.n=0 (the demo's base and sft-pos): the greedy rationales of a full eval, no samples, no votes, and the
+    unfinished share of the greedy rationales."""
+    out = tmp_path / "greedy"
+    result = _eval(base_model_dir, math_test_file, ranker_dir, out, 1, "eval.n=0")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    recs, full = _records(out / "predictions.jsonl"), {r["qid"]: r for r in _records(eval_out / "predictions.jsonl")}
+    assert len(recs) == 6 and all(r["samples"] == [] and r["votes"] == {} for r in recs)
+    assert [r["greedy"] for r in recs] == [full[r["qid"]]["greedy"] for r in recs]
+    overall = json.loads((out / "metrics.json").read_text())["overall"]
+    assert set(overall) == {"questions", "greedy", "unfinished"}
+    assert overall["unfinished"] == pytest.approx(100 * np.mean([not r["greedy"]["finished"] for r in recs]))
+    assert "| **all** | 6 |" in (out / "metrics.md").read_text() and "greedy rationales hit" in result.stdout
 
 
 def test_eval_resume_skips_finished_questions(eval_out, tmp_path, base_model_dir, math_test_file, ranker_dir):

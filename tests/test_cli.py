@@ -51,15 +51,22 @@ def test_stage_help_lists_and_explains_every_config_key(stage):
 def test_demo_runs_every_stage_end_to_end(tmp_path):
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "train", "demo", "--output", str(out), "--questions", "60",
-           "--test-questions", "15", "--pretrain-questions", "300", "--workers", "1",
+           "--test-questions", "15", "--valid-questions", "20", "--pretrain-questions", "300", "--workers", "1",
            "--ablation", "--ablation-seeds", "1", "--ablation-steps", "2", "--ablation-questions", "3"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=stage_env(), cwd=REPO, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for stage in ("prepared", "pretrain", "neg", "nat", "score", "distill", "ranker", "eval"):
+    for stage in ("prepared", "pretrain", "sft-pos", "neg", "nat", "score", "distill", "ranker", "eval-test/base",
+                  "eval-test/sft-pos", "eval-test/nat+nce"):
         assert (out / stage / "DONE.json").is_file(), stage
-    # it ends with the student's accuracy table: greedy, self-consistency and ASC on the test split
-    assert "| **all** | 15 |" in result.stdout and "ASC@" in result.stdout
-    assert json.loads((out / "eval" / "metrics.json").read_text())["overall"]["questions"] == 15
+    # the teacher's regime table, then the student beside the base and sft-pos, with CIs and paired differences
+    assert "q no pos" in result.stdout and "level Level 5" in result.stdout
+    assert "| variant | greedy | Δ greedy vs sft-pos | SC@8 |" in result.stdout
+    for variant in ("base", "sft-pos", "nat+nce"):
+        assert f"| {variant} |" in result.stdout
+    assert json.loads((out / "eval-test" / "nat+nce" / "metrics.json").read_text())["overall"]["questions"] == 15
+    results = json.loads((out / "results.json").read_text())
+    assert "sc" not in results["base"] and "sc" in results["nat+nce"]  # base and sft-pos: greedy only
+    assert results["nat+nce"]["greedy"]["questions"] == 15
     assert (out / "nat" / "nat.json").is_file() and list((out / "nat" / "tb").glob("events*"))
     assert (out / "export" / "config.json").is_file() and (out / "export" / "README.md").is_file()
     assert json.loads((out / "neg" / "DONE.json").read_text())["metrics"]["world_size"] == 2
@@ -69,5 +76,5 @@ def test_demo_runs_every_stage_end_to_end(tmp_path):
     for variant in ("base", "sft-pos", "sft-mix", "neg-then-pos", "ul", "dpo", "redi", "nat", "kd", "nat+nce"):
         assert f"| {variant} |" in table and f"| {variant} |" in result.stdout
     assert (out / "ablation" / "ablation.png").read_bytes()[:4] == b"\x89PNG"
-    # a rerun resumes: 7 demo stages + 11 ablation trainings + 10 ablation evals, all found finished
-    assert again.returncode == 0 and again.stdout.count("already has DONE.json") == 28
+    # a rerun resumes: 10 demo stages (3 evals) + 11 ablation trainings + 10 ablation evals, all found finished
+    assert again.returncode == 0 and again.stdout.count("already has DONE.json") == 31

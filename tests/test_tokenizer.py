@@ -19,7 +19,7 @@ def test_round_trip_and_special_tokens(tokenizer_dir, synthetic_raw):
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     assert tok.is_fast and len(tok) == 400
     assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 2, 3)
-    rec = json.loads(next((synthetic_raw / "test").rglob("*.jsonl")).read_text().splitlines()[0])
+    rec = json.loads(next((synthetic_raw / "train").rglob("*.jsonl")).read_text().splitlines()[0])
     for text in [rec["question"], rec["generated_answer"][0], "unseen: ü ∑ 12345 \\boxed{7}\n\ttab"]:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert tok.decode(ids) == text

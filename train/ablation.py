@@ -15,9 +15,10 @@ Each seed re-runs every training stage with engine.seed = data.seed = seed (neg 
 the teacher is part of the method), then evaluates each variant with stage eval (greedy, SC, ASC;
 the ranker, trained once, is shared). Stage outputs live in OUT/seed<s>/, so a rerun resumes.
 Stages run on this node's GPUs when torch sees any (`ablation.nproc` processes), else on CPU.
-Results: results.json (per variant and metric: every seed's value, mean, std, a 95% bootstrap CI over
-questions, and the paired difference from sft-pos with its CI), results.md (the table) and
-ablation.png (bar chart with the CIs as error bars).
+Results: results.json (per variant and metric: every seed's value, mean, std (n - 1), a 95% CI from a
+hierarchical bootstrap over seeds then questions, the CI over questions alone, and the paired difference
+from sft-pos with its CI), results.md (the table, with the share of samples cut by eval.max_new_tokens)
+and ablation.png (bar chart with the CIs as error bars).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from train.config import AblationConfig
 from train.errors import ConfigError
 from train.export import export
 from train.launch import launch_stage
-from train.stats import bootstrap_ci
+from train.stats import bootstrap_ci, hierarchical_bootstrap_ci, seed_std
 
 NEEDS = {"neg": {"neg-then-pos", "nat", "kd", "nat+nce"}, "nat": {"nat", "kd", "nat+nce"}, "score": {"kd", "nat+nce"}}
 
@@ -131,7 +132,11 @@ def _merged(adapter_stage: Path, target: Path) -> Path:
 
 
 METRICS = {"greedy": lambda r: float(r["greedy"]["correct"]), "sc": lambda r: float(r["votes"]["sc"]),
-           "asc_score": lambda r: float(r["votes"]["asc_score"]), "pass_at_n": lambda r: float(r["votes"]["pass_at_n"])}
+           "asc_score": lambda r: float(r["votes"]["asc_score"]), "pass_at_n": lambda r: float(r["votes"]["pass_at_n"]),
+           # share of the rationales cut by eval.max_new_tokens (a length limit, not a wrong answer): the sampled
+           # ones, or the greedy one with eval.n=0
+           "unfinished": lambda r: float(np.mean([not s.get("finished", True)
+                                                  for s in r.get("samples") or [r["greedy"]]]))}
 BASELINE = "sft-pos"
 
 
@@ -142,33 +147,44 @@ def per_question(eval_dir: Path) -> dict[str, dict[str, float]]:
     out = {}
     for line in (eval_dir / PREDICTIONS).read_text(encoding="utf-8").splitlines():
         r = json.loads(line)
-        out[r["qid"]] = {k: f(r) for k, f in METRICS.items() if k == "greedy" or k in r["votes"]}
+        out[r["qid"]] = {k: f(r) for k, f in METRICS.items() if k in ("greedy", "unfinished") or k in r["votes"]}
     return out
 
 
-def aggregate(out: Path, seeds: list[int], variants: list[str], n_boot: int = 2000) -> dict:
-    """Per variant and metric, in %: each seed's accuracy, their mean and std, and a 95% bootstrap CI of the
-    mean over questions (each question's score averaged over seeds first, so the CI pools seeds and
-    questions but resamples only questions, which seeds share). With sft-pos among the variants, every
-    other variant also gets `diff`: its paired difference from sft-pos with a paired bootstrap CI."""
-    scores = {v: [per_question(out / f"seed{s}" / "eval" / v) for s in seeds] for v in variants}
+def compare(evals: dict[str, list[Path]], baseline: str = BASELINE, n_boot: int = 2000) -> dict:
+    """Per variant and metric, in %, from each variant's eval dirs (one per training seed, the same questions):
+    each seed's accuracy, their mean and sample std (n - 1), a 95% CI from a hierarchical bootstrap (seeds, then
+    questions: the spread a user rerunning on another machine should expect) and, for reference, the CI over
+    questions alone (seeds averaged). With `baseline` among the variants, every other variant also gets `diff`:
+    its paired difference from the baseline (same seeds and questions resampled) with its CI."""
+    scores = {v: [per_question(d) for d in dirs] for v, dirs in evals.items()}
+    variants = list(evals)
+    if len({len(runs) for runs in scores.values()}) != 1:
+        raise ValueError(f"every variant needs the same number of seeds: {({v: len(r) for v, r in scores.items()})}")
     qids = sorted(set.intersection(*(set(d) for runs in scores.values() for d in runs)))
-    keys = [k for k in METRICS if k in scores[variants[0]][0][qids[0]]]
+    # a variant evaluated greedy only (eval.n=0) has no SC, ASC or pass@n
+    keys = {v: [k for k in METRICS if all(k in run[qids[0]] for run in scores[v])] for v in variants}
     # [seeds, questions] in % per variant and metric
-    m = {(v, k): 100 * np.array([[run[q][k] for q in qids] for run in scores[v]]) for v in variants for k in keys}
+    m = {(v, k): 100 * np.array([[run[q][k] for q in qids] for run in scores[v]]) for v in variants for k in keys[v]}
     results: dict[str, dict] = {}
     for v in variants:
         results[v] = {}
-        for key in keys:
+        for key in keys[v]:
             x = m[v, key]
-            lo, hi = bootstrap_ci(x.mean(0), n_boot)
-            entry = {"values": x.mean(1).tolist(), "mean": float(x.mean()), "std": float(x.mean(1).std()),
-                     "ci": [lo, hi], "questions": len(qids)}
-            if BASELINE in scores and v != BASELINE:
-                d = (x - m[BASELINE, key]).mean(0)
-                entry["diff"] = {"mean": float(d.mean()), "ci": list(bootstrap_ci(d, n_boot))}
+            entry = {"values": x.mean(1).tolist(), "mean": float(x.mean()), "std": seed_std(x),
+                     "ci": list(hierarchical_bootstrap_ci(x, n_boot)),
+                     "ci_questions": list(bootstrap_ci(x.mean(0), n_boot)), "questions": len(qids),
+                     "seeds": len(x)}
+            if (baseline, key) in m and v != baseline and key != "unfinished":
+                d = x - m[baseline, key]
+                entry["diff"] = {"mean": float(d.mean()), "ci": list(hierarchical_bootstrap_ci(d, n_boot))}
             results[v][key] = entry
     return results
+
+
+def aggregate(out: Path, seeds: list[int], variants: list[str], n_boot: int = 2000) -> dict:
+    """`compare` over an ablation's output dir: OUT/seed<s>/eval/<variant> for each seed and variant."""
+    return compare({v: [out / f"seed{s}" / "eval" / v for s in seeds] for v in variants}, BASELINE, n_boot)
 
 
 def _columns(has_ranker: bool) -> list[tuple[str, str]]:
@@ -180,27 +196,34 @@ def _title(title: str, n: int) -> str:
     return title.replace("n", str(n)) if title == "pass@n" else (f"{title}@{n}" if title in ("SC", "ASC") else title)
 
 
-def results_table(results: dict, n: int, has_ranker: bool, seeds: int, minutes: float) -> str:
-    """Mean [95% CI] per metric and, but for pass@n, the paired difference from sft-pos [95% CI]."""
-    cols = _columns(has_ranker)
-    head, rule = ["variant"], []
+def results_table(results: dict, n: int, has_ranker: bool, seeds: int, minutes: float | None = None,
+                  split: str = "test") -> str:
+    """Mean [95% CI] per metric, the paired difference from sft-pos [95% CI] (but for pass@n), and the share of
+    sampled rationales cut by eval.max_new_tokens."""
+    cols = [(key, title) for key, title in _columns(has_ranker) if any(key in m for m in results.values())]
+    head = ["variant"]
     for key, title in cols:
         head.append(_title(title, n))
         if key != "pass_at_n":
             head.append(f"Δ {_title(title, n)} vs {BASELINE}")
+    unfinished = all("unfinished" in metrics for metrics in results.values())
+    head += ["unfinished %"] if unfinished else []
     rule = "|" + " --- |" * len(head)
     questions = next(iter(next(iter(results.values())).values()))["questions"]
-    lines = [f"Accuracy in % on {questions} test questions x {seeds} seed(s): mean [95% CI], and the paired "
-             f"difference from {BASELINE} [95% CI] (bootstrap over questions, seeds averaged); "
-             f"{minutes:.1f} min in all.", "", "| " + " | ".join(head) + " |", rule]
+    how = ("hierarchical bootstrap: training seeds, then questions" if seeds > 1
+           else "bootstrap over questions; one training seed, so no seed variance")
+    took = f"; {minutes:.1f} min in all" if minutes is not None else ""
+    lines = [f"Accuracy in % on {questions} {split} questions x {seeds} seed(s): mean [95% CI], and the paired "
+             f"difference from {BASELINE} [95% CI] ({how}){took}.", "", "| " + " | ".join(head) + " |", rule]
     for v, metrics in results.items():
         cells = [v]
         for key, _ in cols:
-            m = metrics[key]
-            cells.append(f"{m['mean']:.1f} [{m['ci'][0]:.1f}, {m['ci'][1]:.1f}]")
+            m = metrics.get(key)  # None: this variant was evaluated greedy only
+            cells.append(f"{m['mean']:.1f} [{m['ci'][0]:.1f}, {m['ci'][1]:.1f}]" if m else "-")
             if key != "pass_at_n":
-                d = m.get("diff")
+                d = m.get("diff") if m else None
                 cells.append(f"{d['mean']:+.1f} [{d['ci'][0]:+.1f}, {d['ci'][1]:+.1f}]" if d else "")
+        cells += [f"{metrics['unfinished']['mean']:.1f}"] if unfinished else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -223,7 +246,7 @@ def bar_chart(results: dict, path: Path, has_ranker: bool) -> None:
                capsize=3, label=title)
     ax.set_xticks(x, variants)
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("Negative-data ablation (mean, 95% bootstrap CI over questions)")
+    ax.set_title("Negative-data ablation (mean, 95% CI: seeds, then questions)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -120,9 +120,10 @@ class VLLMBackend:
         return [Sampled([c.text for c in o.outputs], [c.finish_reason == "stop" for c in o.outputs]) for o in outs]
 
     def generate(self, questions: list[str], s: SamplingSettings, greedy: bool = True) -> Generated:
-        sampled = self._run(questions, s.n, s.temperature, s)
+        sampled = self._run(questions, s.n, s.temperature, s) if s.n else [Sampled() for _ in questions]
         first = self._run(questions, 1, 0.0, s) if greedy else [Sampled([""], [True]) for _ in questions]
-        return Generated([g.texts[0] for g in first], [x.texts for x in sampled], [x.finished for x in sampled])
+        return Generated([g.texts[0] for g in first], [x.texts for x in sampled], [x.finished for x in sampled],
+                         greedy_finished=[g.finished[0] for g in first])
 
     def sample(self, questions: list[str], s: SamplingSettings, seeds: list[int] | None = None) -> list[Sampled]:
         return self._run(questions, s.n, s.temperature, s)
@@ -235,12 +236,13 @@ class OpenAIBackend:
     def generate(self, questions: list[str], s: SamplingSettings, greedy: bool = True) -> Generated:
         """Eval's requests: the greedy rationale (temperature 0, one completion) and n sampled ones."""
         seeds = [s.seed + k for k in range(len(questions))]
-        sampled = self.sample(questions, s, seeds)
+        sampled = self.sample(questions, s, seeds) if s.n else [Sampled() for _ in questions]
         first = self.sample(questions, SamplingSettings(1, 0.0, 1.0, s.max_new_tokens, s.seed), seeds) if greedy \
             else [Sampled([""], [True]) for _ in questions]
         failed = [g.error or x.error for g, x in zip(first, sampled, strict=True)]
         return Generated([g.texts[0] if g.texts else "" for g in first], [x.texts for x in sampled],
-                         [x.finished for x in sampled], failed)
+                         [x.finished for x in sampled], failed,
+                         greedy_finished=[g.finished[0] if g.finished else True for g in first])
 
     def sample(self, questions: list[str], s: SamplingSettings, seeds: list[int] | None = None) -> list[Sampled]:
         seeds = seeds or [s.seed] * len(questions)

@@ -11,6 +11,7 @@ import os
 import sys
 
 from train.data.prompt import DEFAULT_TEMPLATE
+from train.demo_options import DemoOptions
 from train.engine.signals import EXIT_CHECKPOINTED
 from train.errors import StageStopped, TdgError
 from train.plan import PLANNED_STAGES
@@ -64,10 +65,13 @@ def _add_prepare(sub) -> None:
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo", help="run the pipeline on the embedded synthetic data (CPU, minutes)",
-        description="Generate the embedded synthetic arithmetic data set, train its tokenizer, prepare it, build "
-                    "a tiny Llama (pre-trained on gold solutions), then run every stage with torchrun (DeepSpeed "
-                    "ZeRO-3 on CPU): neg, nat, score, distill, export of the student, ranker, and eval of the "
-                    "student on the held-out test split (greedy, self-consistency and ASC accuracy). "
+        description="Generate the embedded synthetic arithmetic data set (a teacher that is often wrong, most of "
+                    "all on long chains, as GPT-3.5 on MATH), train its tokenizer, prepare it (printing the regime "
+                    "table), build a tiny Llama pre-trained on gold solutions of the short chains only, then run "
+                    "every stage with torchrun (DeepSpeed on CPU): sft-pos (the plain distillation baseline), neg, "
+                    "nat, score, distill, export of the student, ranker, and eval on the held-out test split: the "
+                    "base and sft-pos greedy, the student greedy, self-consistency and ASC. Prints the three "
+                    "side by side with 95% CIs and paired differences from sft-pos. "
                     "Every step is skipped when its output is complete, so rerunning resumes.",
     )
     p.add_argument("--output", default="demo_out", metavar="DIR", help="where every stage writes (default demo_out)")
@@ -75,15 +79,24 @@ def _add_demo(sub) -> None:
     p.add_argument("--test-questions", type=int, default=1500,
                    help="held-out test questions to generate (1500: a 95%% CI of about +-1.8 points near 82%% "
                         "accuracy, +-2.3 near 60%%; the README's ablation used 2400 for +-2 everywhere)")
-    p.add_argument("--pretrain-questions", type=int, default=47000,
+    p.add_argument("--pretrain-questions", type=int, default=DemoOptions.pretrain_questions,
                    help="fresh questions whose gold solutions pre-train the tiny base model")
+    p.add_argument("--pretrain-levels", default=",".join(map(str, DemoOptions.pretrain_levels)), metavar="L,L",
+                   help="the levels (operations - 1) of those questions: the base learns the short chains only, "
+                        "and the teacher's rationales show it the long ones (bench/demo_learning_curve.py)")
+    p.add_argument("--pretrain-epochs", type=int, default=DemoOptions.pretrain_epochs,
+                   help="passes over the pre-training solutions")
+    p.add_argument("--valid-questions", type=int, default=DemoOptions.valid_questions,
+                   help="validation questions (their own seed, disjoint from every other split): hyperparameters "
+                        "are chosen on them, never on the test split")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="grading worker processes")
     p.add_argument("--vocab-size", type=int, default=512, help="sentencepiece vocabulary size")
     p.add_argument("--nproc", type=int, default=2, help="processes per training stage (torchrun)")
     p.add_argument("--ablation", action="store_true",
                    help="afterwards, run the negative-data ablation (tdg ablation) on the demo's data and print "
-                        "its mean ± std table; writes DIR/ablation/results.md and ablation.png")
+                        "its table (95%% CIs over seeds and questions, paired differences from sft-pos); writes "
+                        "DIR/ablation/results.md and ablation.png")
     p.add_argument("--ablation-seeds", type=int, default=3, metavar="N", help="seeds of the ablation (default 3)")
     p.add_argument("--ablation-steps", type=int, default=0, metavar="N",
                    help="cap every ablation training stage at N optimizer steps (0: the configs' full epochs)")
@@ -275,6 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        levels = ()
+    if not levels or not all(1 <= x <= 5 for x in levels):
+        raise TdgError(f"--pretrain-levels: comma-separated levels from 1 to 5 (e.g. 1,2), got {text!r}")
+    return levels
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "prepare":
         from train.data.prepare import PrepareOptions, format_stats, prepare
@@ -289,10 +312,12 @@ def _run(args: argparse.Namespace) -> int:
         print(format_stats(stats))
         return 0
     if args.command == "demo":
-        from train.stages.demo import DemoOptions, run_demo
+        from train.stages.demo import run_demo
 
         run_demo(DemoOptions(output=args.output, questions=args.questions, test_questions=args.test_questions,
                              pretrain_questions=args.pretrain_questions,
+                             pretrain_levels=_levels(args.pretrain_levels), pretrain_epochs=args.pretrain_epochs,
+                             valid_questions=args.valid_questions,
                              seed=args.seed, workers=args.workers, vocab_size=args.vocab_size, nproc=args.nproc,
                              ablation=args.ablation, ablation_seeds=args.ablation_seeds,
                              ablation_steps=args.ablation_steps, ablation_questions=args.ablation_questions))

@@ -292,7 +292,8 @@ class OptimConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     warmup_steps: int = 200  # linear warmup, in optimizer steps (the paper: 200)
-    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = 0.0  # the decay ends at lr * min_lr_ratio
+    decay: Literal["cosine", "linear"] = "cosine"  # after warmup: cosine, or linear (REDI's and TRL's default)
     epochs: int = 1  # passes over the data (the paper: 20)
     max_steps: int = 0  # > 0 stops after this many optimizer steps (over all epochs)
     grad_clip: float = 1.0  # clip the global gradient norm to this
@@ -391,6 +392,7 @@ class DpoSection:
     beta: float = 0.1  # strength of the implicit KL to the reference (TRL's default)
     pairs_per_question: int = 0  # cap on (pos, neg) pairs per question; 0: max(#pos, #neg), every rationale used
     seed: int = 0  # seeds the pairing
+    disable_dropout: bool = True  # every dropout off (TRL's DPOTrainer default): policy and reference see one model
 
     def validate(self) -> None:
         if self.beta <= 0 or self.pairs_per_question < 0:
@@ -415,10 +417,16 @@ class DpoConfig(TrainStageConfig):
 @dataclasses.dataclass
 class RediSection:
     alpha: float = 0.8  # weight of the negative term, < 1 for stability (the REDI paper's recommended 0.8)
+    unit: Literal["pair", "sample"] = "pair"  # pair: (pos, neg) pairs, averaged (the authors); sample: each alone
+    pairs_per_question: int = 1  # unit pair: pairs drawn per question (the paper: 1); 0: max(#pos, #neg)
+    seed: int = 0  # unit pair: seeds which rationales are paired
 
     def validate(self) -> None:
         if not 0 <= self.alpha <= 1:
             raise ConfigError(f"redi.alpha: between 0 and 1 (the paper recommends 0.8), got {self.alpha}")
+        if self.pairs_per_question < 0:
+            raise ConfigError(f"redi.pairs_per_question: >= 0 (0: every rationale paired), got "
+                              f"{self.pairs_per_question}")
 
 
 @dataclasses.dataclass
@@ -426,6 +434,14 @@ class RediConfig(TrainStageConfig):
     """Stage `redi`: a LoRA trained with the REDI objective on positives and negatives (reference-free)."""
 
     redi: RediSection = dataclasses.field(default_factory=RediSection)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.redi.unit == "pair":
+            self.require_padded_batches("redi.unit=pair compares whole sequences of a pair")
+            if self.data.heldout_fraction > 0:
+                raise ConfigError("data.heldout_fraction: not available with redi.unit=pair (it trains on pairs); "
+                                  "use redi.unit=sample")
 
 
 @dataclasses.dataclass
@@ -575,7 +591,7 @@ class EvalSection:
     test: str = ""  # test questions: MATH-style or question/answer jsonl/json/parquet/datasets dir, or a TDG dir
     fields: str = ""  # the test file's field names, OURS=THEIRS: question=prompt,gold=final_answer
     ranker: str = ""  # output dir of stage ranker; empty: no ASC (greedy and self-consistency only)
-    n: int = 16  # sampled rationales per question (the paper: 16)
+    n: int = 16  # sampled rationales per question (the paper: 16); 0: greedy only (no SC, ASC or pass@n)
     temperature: float = 0.5  # sampling temperature (the paper sampled at 0.5)
     top_p: float = 1.0  # nucleus sampling threshold
     max_new_tokens: int = 256  # generation cutoff per rationale
@@ -601,8 +617,9 @@ class EvalSection:
     def validate(self) -> None:
         if not self.model or not self.test:
             raise ConfigError("eval.model and eval.test: required")
-        if self.n < 1 or self.temperature <= 0 or not 0 < self.top_p <= 1 or self.batch_questions < 1:
-            raise ConfigError("eval: n >= 1, temperature > 0, 0 < top_p <= 1, batch_questions >= 1 required")
+        if self.n < 0 or self.temperature <= 0 or not 0 < self.top_p <= 1 or self.batch_questions < 1:
+            raise ConfigError("eval: n >= 0 (0: greedy only), temperature > 0, 0 < top_p <= 1, batch_questions >= 1 "
+                              "required")
         if self.prompt_template:
             check_template(self.prompt_template, "eval.prompt_template")
         if self.max_batch_tokens < 0:

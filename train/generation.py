@@ -91,6 +91,7 @@ class Generated:
     samples: list[list[str]]  # n per question
     finished: list[list[bool]]  # per sample: it ended with EOS (False: cut by max_new_tokens)
     failed: list[str] = field(default_factory=list)  # per question, from a server: why it has no answer ("" if ok)
+    greedy_finished: list[bool] = field(default_factory=list)  # per question: the greedy rationale ended (EOS)
 
 
 def kv_cache_bytes_per_token(config, dtype: torch.dtype) -> int:
@@ -144,14 +145,17 @@ def generate_rationales(model, tok, questions: list[str], prompt, n: int, temper
         longest = max(o.shape[1] for o in outs)  # calls stop at their own longest generation
         return torch.cat([F.pad(o, (0, longest - o.shape[1]), value=pad) for o in outs])
 
-    greedy_text = [""] * len(questions)  # greedy=False (tdg sample): sampled rationales only
+    greedy_text, greedy_ended = [""] * len(questions), [True] * len(questions)  # greedy=False: tdg sample
     if greedy:
         greedy_ids = chunked(ids, mask, do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None)
         greedy_text = tok.batch_decode(greedy_ids, skip_special_tokens=True)
+        greedy_ended = (greedy_ids == tok.eos_token_id).any(-1).tolist()
+    if n == 0:  # greedy only (eval.n=0)
+        return Generated(greedy_text, [[] for _ in questions], [[] for _ in questions], greedy_finished=greedy_ended)
     torch.manual_seed(seed)
     sampled = chunked(ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), do_sample=True,
                       temperature=temperature, top_p=top_p, top_k=0)
     sampled_text = tok.batch_decode(sampled, skip_special_tokens=True)
     ended = (sampled == tok.eos_token_id).any(-1).tolist()
     return Generated(greedy_text, [sampled_text[i * n:(i + 1) * n] for i in range(len(questions))],
-                     [ended[i * n:(i + 1) * n] for i in range(len(questions))])
+                     [ended[i * n:(i + 1) * n] for i in range(len(questions))], greedy_finished=greedy_ended)

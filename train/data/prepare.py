@@ -130,7 +130,44 @@ def compute_stats(rows: list[dict], lengths: np.ndarray, length_unit: str) -> di
                                                         dtype=np.int64), tokens)
                         for label in ("pos", "neg")},
         }
-    return {"subjects": table, "length_unit": length_unit}
+    return {"subjects": table, "regime": {"subject": regime_by(rows, "subject"), "level": regime_by(rows, "level")},
+            "length_unit": length_unit}
+
+
+def regime_by(rows: list[dict], field: str) -> dict:
+    """The data's regime per value of `field` (and ALL): how often the teacher is right, and how many
+    questions have no positive (only negatives to learn from) or no negative (nothing to contrast)."""
+    groups: dict[str, dict[str, set]] = defaultdict(lambda: defaultdict(set))
+    counts: Counter = Counter()
+    positives: Counter = Counter()
+    for r in rows:
+        for key in (r[field] or "(none)", "ALL"):
+            groups[key][r["qid"]].add(r["label"])
+            counts[key] += 1
+            positives[key] += r["label"] == "pos"
+    out = {}
+    for key in [*sorted(k for k in groups if k != "ALL"), "ALL"]:
+        qs = groups[key].values()
+        out[key] = {"questions": len(qs), "rationales": counts[key],
+                    "pos_share": round(positives[key] / counts[key], 4),
+                    "q_no_pos_share": round(sum("pos" not in s for s in qs) / len(qs), 4),
+                    "q_no_neg_share": round(sum("neg" not in s for s in qs) / len(qs), 4)}
+    return out
+
+
+def format_regime(stats: dict) -> str:
+    """The regime table: positive share and questions without a positive / negative, per subject and level."""
+    regime = stats.get("regime")
+    if not regime:
+        return "(no regime table: prepared by an older version; prepare again with --overwrite)"
+    rows = [(f"{kind} {k}", v) for kind in ("subject", "level") for k, v in regime[kind].items()
+            if k not in ("ALL", "(none)")]
+    rows.append(("ALL", regime["subject"]["ALL"]))
+    w0 = max(len(name) for name, _ in rows)
+    lines = [f"{'regime':<{w0}} {'questions':>9} {'rationales':>10} {'positive':>9} {'q no pos':>9} {'q no neg':>9}"]
+    lines += [f"{name:<{w0}} {v['questions']:>9} {v['rationales']:>10} {100 * v['pos_share']:>8.1f}% "
+              f"{100 * v['q_no_pos_share']:>8.1f}% {100 * v['q_no_neg_share']:>8.1f}%" for name, v in rows]
+    return "\n".join(lines)
 
 
 def format_stats(stats: dict) -> str:
@@ -158,6 +195,9 @@ def format_stats(stats: dict) -> str:
                                                                       for q in LENGTH_QUANTILES)
                                  + f" {summary['max']:>6} " + " ".join(f"{100 * summary['keeps'][str(m)]:>6.1f}%"
                                                                        for m in MAX_LEN_CHOICES))
+    if "regime" in stats:
+        lines += ["", "the teacher's regime: positive share, and questions without a positive or without a negative",
+                  format_regime(stats)]
     if stats.get("skipped"):
         lines.append("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(stats["skipped"].items())))
     dup = stats.get("duplicates") or {}

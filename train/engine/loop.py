@@ -237,7 +237,8 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
     trainable = [p for _, p in named_trainable]
     check_one_dtype(named_trainable, precision.DTYPES[prec])
     n_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable)
-    schedule = lambda step: warmup_cosine(step, cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio)  # noqa: E731
+    schedule = lambda step: warmup_cosine(step, cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio,  # noqa: E731
+                                           cfg.optim.decay)
     client_opt = None
     if "optimizer" not in ds_cfg:
         client_opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
@@ -338,6 +339,7 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
     losses: list[float] = []  # per optimizer step, for the start/end summary in DONE.json
     step_seconds: list[float] = []  # wall time of each optimizer step (benchmarks compare the median)
     step_rates: list[float] = []  # tokens/s of each optimizer step, all ranks together
+    term_history: dict[str, list[float]] = {}  # every loss term's per-step mean (DONE.json: first and final)
     t_start, tokens_seen = time.time(), 0
     exit_code = 0
     engine.train()
@@ -370,6 +372,8 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
                     torch.distributed.all_reduce(reduced)
                 means = {k: float(v) / global_units for k, v in zip(names, reduced.tolist(), strict=True)}
                 losses.append(means["loss"])
+                for k, v in means.items():
+                    term_history.setdefault(k, []).append(v)
                 dt = max(time.time() - t0, 1e-9)
                 step_seconds.append(dt)
                 step_rates.append(step_tokens / dt)
@@ -419,7 +423,9 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
                **({"changed_on_resume": changed} if changed else {}),
                **_throughput(step_seconds, step_rates, fpt, peak * world),
                **{k.rsplit("/", 1)[-1]: v for k, v in last_eval.items()},
-               **({"eval_history": eval_history} if eval_history else {})}
+               **({"eval_history": eval_history} if eval_history else {}),
+               "terms": {k: {"first": float(np.mean(v[:window])), "final": float(np.mean(v[-window:]))}
+                         for k, v in term_history.items() if k != "loss"}}
     masters = precision.fp32_masters(named_trainable)  # every rank: assembling them is a collective
     with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
         if dist_.is_main():

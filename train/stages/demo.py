@@ -1,50 +1,38 @@
-"""`tdg demo`: the whole pipeline on the embedded default data, on CPU, in minutes.
+"""`tdg demo`: the whole pipeline on the embedded default data, on CPU, in the paper's regime.
 
 Steps (each skipped when its output is already complete, so a rerun resumes):
-  1. synthetic data (train + held-out test) in the TDG layout   -> OUT/raw
-  2. a sentencepiece tokenizer trained on the train text         -> OUT/tokenizer
-  3. prepare: grade every rationale, write the prepared data set -> OUT/prepared
-  4. a tiny Llama (grouped-query attention) from configs/tiny,
-     pre-trained (stage sft, full) on gold solutions of fresh questions -> OUT/pretrain/model
-  5. stage neg, then stage nat: 2 processes, DeepSpeed ZeRO-3    -> OUT/neg, OUT/nat
-  6. stage score (teacher sharded, ZeRO-3), stage distill (NCE)   -> OUT/score, OUT/distill
-  7. export: the student merged into a Hugging Face model dir    -> OUT/export
-  8. stage ranker (ASC reward model on the base), stage eval of the exported student on the
-     held-out test split: greedy, self-consistency and ASC accuracy -> OUT/ranker, OUT/eval
+  1. synthetic data -> OUT/raw: train (8 teacher rationales per question, a teacher that is often wrong,
+     most of all on long chains), test, valid (its own seed) and the base's pre-training text, no question
+     in two splits (train.data.synthetic)
+  2. a sentencepiece tokenizer trained on the train and pre-training text        -> OUT/tokenizer
+  3. prepare: grade every rationale, print the regime table, write the data set  -> OUT/prepared
+  4. a tiny Llama (grouped-query attention) from configs/tiny, pre-trained (stage sft, full) on gold
+     solutions of separate questions worded otherwise than the task: the skills, not the task -> OUT/pretrain
+  5. sft-pos: LoRA on the teacher's positives, the baseline the method must beat  -> OUT/sft-pos
+  6. stage neg, then stage nat: 2 processes, DeepSpeed ZeRO-3                      -> OUT/neg, OUT/nat
+  7. stage score (teacher sharded, ZeRO-3), stage distill (NCE)                     -> OUT/score, OUT/distill
+  8. export: the student merged into a Hugging Face model dir                      -> OUT/export
+  9. stage ranker (ASC reward model on the base), then stage eval on the held-out test split: the base and
+     sft-pos greedy, the NCE student greedy, SC and ASC -> OUT/eval-test/{base,sft-pos,nat+nce}; the three
+     side by side with CIs and paired differences from sft-pos (train.ablation.compare) -> OUT/results.json
 Training stages run as separate `torchrun` launches, exactly as a user would start them.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-from train.data.prepare import PrepareOptions, format_stats, prepare
-from train.data.synthetic import generate, write_gold_solutions
+from train.data.prepare import PrepareOptions, format_regime, format_stats, prepare
+from train.data.synthetic import generate
 from train.data.tokenizer import train_tokenizer
+from train.demo_options import DemoOptions
 from train.export import export
 from train.launch import launch_stage
 from train.manifest import read_done, write_done
 from train.models.loading import build_tiny_model
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "tiny"
-
-
-@dataclass
-class DemoOptions:
-    output: str = "demo_out"
-    questions: int = 600
-    pretrain_questions: int = 47000
-    test_questions: int = 1500
-    seed: int = 0
-    workers: int = 2
-    vocab_size: int = 512
-    nproc: int = 2  # processes per training stage
-    ablation: bool = False  # then run `tdg ablation` on the demo's data
-    ablation_seeds: int = 3
-    ablation_steps: int = 0  # > 0: optim.max_steps for every ablation training stage
-    ablation_questions: int = 0  # > 0: eval.max_questions for the ablation
 
 
 def _log(msg: str) -> None:
@@ -57,16 +45,21 @@ def raw_texts(raw: Path):
         for line in f.read_text(encoding="utf-8").splitlines():
             rec = json.loads(line)
             yield rec["question"]
-            yield from (rec["answer"], *rec["generated_answer"]) if "answer" in rec else (rec["rationale"],)
+            yield from (rec["answer"], *rec.get("generated_answer", ())) if "answer" in rec else (rec["rationale"],)
 
 
-def run_demo(opts: DemoOptions) -> dict:
-    out = Path(opts.output)
+def prepare_base(opts: DemoOptions, out: Path) -> dict:
+    """Steps 1-4: the data splits, the tokenizer, prepare and the pre-trained base (each skipped when done);
+    returns prepare's stats of the teacher rationales."""
     raw = out / "raw"
     if read_done(raw) is None:
-        _log(f"generating {opts.questions} train + {opts.test_questions} test questions -> {raw}")
-        generate(raw, n_train=opts.questions, n_test=opts.test_questions, seed=opts.seed)
-        write_gold_solutions(raw / "pretrain" / "gold.jsonl", opts.pretrain_questions, seed=opts.seed)
+        _log(f"generating {opts.questions} train, {opts.test_questions} test, {opts.valid_questions} validation "
+             f"and {opts.pretrain_questions} pre-training questions (levels "
+             f"{','.join(map(str, opts.pretrain_levels))}) -> {raw}")
+        generate(raw, n_train=opts.questions, n_test=opts.test_questions, seed=opts.seed,
+                 n_valid=opts.valid_questions, n_pretrain=opts.pretrain_questions,
+                 pretrain_levels=tuple(opts.pretrain_levels), pretrain_style=opts.pretrain_style,
+                 pretrain_wording=opts.pretrain_wording)
         write_done(raw, config=vars(opts), inputs={}, metrics={}, stage="demo-data")
     tok_dir = out / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
@@ -85,8 +78,35 @@ def run_demo(opts: DemoOptions) -> dict:
         _log(f"building a tiny Llama from {CONFIGS / 'model.json'} -> {base_init}")
         build_tiny_model(CONFIGS / "model.json", tok_dir, base_init, seed=opts.seed)
     _run_stage("pretrain", opts, [f"model.path={base_init}", f"data.path={pre_data}",
-                                  f"engine.output_dir={out / 'pretrain'}"], stage="sft")
+                                  f"optim.epochs={opts.pretrain_epochs}", f"engine.output_dir={out / 'pretrain'}"],
+               stage="sft")
+    return stats
+
+
+def train_sft_pos(opts: DemoOptions, out: Path) -> Path:
+    """sft-pos: a LoRA on the teacher's positives, the plain distillation baseline the method must beat."""
+    _run_stage("sft", opts, [f"model.path={out / 'pretrain' / 'model'}", f"data.path={out / 'prepared'}",
+                             "sft.labels=[pos]", f"engine.output_dir={out / 'sft-pos'}"])
+    return out / "sft-pos"
+
+
+def evaluate(opts: DemoOptions, out: Path, name: str, model: Path, split: str, ranker: Path | None = None,
+             overrides: tuple[str, ...] = ()) -> Path:
+    """Stage eval of `model` on the `split` questions (test or valid) -> OUT/eval-SPLIT/NAME."""
+    target = out / f"eval-{split}" / name
+    _run_stage("eval", opts, [f"eval.model={model}", f"eval.test={out / 'raw' / split}", f"eval.ranker={ranker or ''}",
+                              *overrides, f"engine.output_dir={target}"])
+    return target
+
+
+def run_demo(opts: DemoOptions) -> dict:
+    from train.ablation import compare, results_table
+
+    out = Path(opts.output)
+    stats = prepare_base(opts, out)
     base = out / "pretrain" / "model"
+    prepared = out / "prepared"
+    sft_pos = train_sft_pos(opts, out)
     paths = [f"model.path={base}", f"data.path={prepared}"]
     _run_stage("neg", opts, [*paths, f"engine.output_dir={out / 'neg'}"])
     _run_stage("nat", opts, [*paths, f"engine.output_dir={out / 'nat'}", f"nat.neg_adapter={out / 'neg'}"])
@@ -96,9 +116,12 @@ def run_demo(opts: DemoOptions) -> dict:
     if not (out / "export" / "config.json").is_file():
         _log(export(out / "distill", out / "export"))
     _run_stage("ranker", opts, [*paths, f"engine.output_dir={out / 'ranker'}"])
-    _run_stage("eval", opts, [f"eval.model={out / 'export'}", f"eval.test={raw / 'test'}",
-                              f"eval.ranker={out / 'ranker'}", f"engine.output_dir={out / 'eval'}"])
-    for stage in ("pretrain", "neg", "nat", "distill", "ranker"):
+    # base and sft-pos greedy only (a ninth of the generation): what the headroom check needs
+    evals = {name: [evaluate(opts, out, name, model, "test", overrides=("eval.n=0",))]
+             for name, model in (("base", base), ("sft-pos", sft_pos))}
+    evals["nat+nce"] = [evaluate(opts, out, "nat+nce", out / "export", "test", out / "ranker")]
+    results = compare(evals)
+    for stage in ("pretrain", "sft-pos", "neg", "nat", "distill", "ranker"):
         m = read_done(out / stage)["metrics"]
         _log(f"{stage}: {m['global_step']} steps on {m['world_size']} ranks in {m['seconds']} s, "
              f"loss {m['first_loss']:.3f} -> {m['final_loss']:.3f}")
@@ -108,13 +131,26 @@ def run_demo(opts: DemoOptions) -> dict:
     _log(f"ranker: held-out pairwise accuracy {r['heldout_acc']:.3f} on {r['heldout_pairs']} pairs; mean score "
          f"{r['heldout_s_pos']:.2f} on positives, {r['heldout_s_neg']:.2f} on negatives, "
          f"Brier {r['heldout_brier']:.3f}")
+    _log("the teacher's rationales (prepare's regime table; the GPT-3.5 MATH set: 36.3% positive, 36.3% of "
+         "questions without a positive, 14.6% without a negative):")
+    print(format_regime(stats), flush=True)
     _log(f"student: {out / 'export'} (loads with AutoModelForCausalLM.from_pretrained)")
-    _log(f"student on {opts.test_questions} held-out test questions ({out / 'eval' / 'metrics.md'}):")
-    print((out / "eval" / "metrics.md").read_text().split("\n", 4)[-1], flush=True)
+    _log(f"the student (nat+nce) beside the base and sft-pos on {opts.test_questions} held-out test questions "
+         f"({out / 'eval-test'}; nat+nce by subject and level: {out / 'eval-test' / 'nat+nce' / 'metrics.md'}):")
+    print(results_table(results, _eval_n(), True, 1), flush=True)
+    _log("one training seed: another machine's run differs like another seed does (its float rounding differs); "
+         "README: the range to expect, from the ablation's seeds")
+    (out / "results.json").write_text(json.dumps(results, indent=1))
     if opts.ablation:
         run_demo_ablation(opts, out)
     _log(f"done: {out}  (TensorBoard: tensorboard --logdir {out})")
     return stats
+
+
+def _eval_n() -> int:
+    import yaml
+
+    return int(yaml.safe_load((CONFIGS / "eval.yaml").read_text())["eval"]["n"])
 
 
 def run_demo_ablation(opts: DemoOptions, out: Path) -> dict:

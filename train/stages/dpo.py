@@ -12,8 +12,11 @@ adapter off in the same step: the reference is the weights the adapter sits on, 
 be stored, and under ZeRO-3 it costs no extra memory for a second model.
 
 Pairs: `train.data.pairs.pairs_from_prepared` (every rationale used; questions with one kind only skipped).
-Output: `adapter/` (a PEFT LoRA over model.path), as stage sft. Logged per step: the loss, the
-reward accuracy (share of pairs with a positive implicit-reward margin) and the mean margin.
+Dropout is off (`dpo.disable_dropout`, TRL's default): LoRA's dropout and the model's attention dropout.
+Output: `adapter/` (a PEFT LoRA over model.path), as stage sft. Logged per step (TensorBoard `dpo/*`; first and
+final values in DONE.json's `terms`): the loss, the reward accuracy (share of pairs with a positive
+implicit-reward margin), the mean margin, and the policy's mean per-token log-prob of the chosen and of the
+rejected rationales (`logp_chosen`, `logp_rejected`), so likelihood displacement is measured.
 """
 
 from __future__ import annotations
@@ -31,19 +34,26 @@ from train.stages.common import run_stage, token_logprobs
 from train.stages.sft import lora_model
 
 
-def sequence_logprobs(module: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """[B] sum of log p over each row's target tokens."""
-    lp, _ = token_logprobs(module, batch)
-    return lp.sum(-1)
+def sequence_logprobs(module: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B] sum of log p over each row's target tokens, [B] how many target tokens each row has)."""
+    lp, mask = token_logprobs(module, batch)
+    return lp.sum(-1), mask.sum(-1)
 
 
-def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict]:
-    """Sum over pairs of the DPO loss; policy and reference are [2B] log-probs, positives first."""
+def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float,
+             tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Sum over pairs of the DPO loss; policy and reference are [2B] log-probs, positives first. With `tokens`
+    ([2B] target tokens per row), also the policy's mean per-token log-prob of chosen and of rejected, summed
+    over pairs: when both fall, DPO is displacing the positives' likelihood too (the failure REDI describes)."""
     half = policy.shape[0] // 2
     logratio = policy - reference
     margin = logratio[:half] - logratio[half:]
     loss = -F.logsigmoid(beta * margin).sum()
-    return loss, {"reward_acc": (margin > 0).float().sum().detach(), "margin": (beta * margin).sum().detach()}
+    terms = {"reward_acc": (margin > 0).float().sum().detach(), "margin": (beta * margin).sum().detach()}
+    if tokens is not None:
+        per_token = (policy / tokens.clamp(min=1)).detach()
+        terms.update(logp_chosen=per_token[:half].sum(), logp_rejected=per_token[half:].sum())
+    return loss, terms
 
 
 def dpo_step_loss(model: torch.nn.Module, batch: dict, beta: float) -> tuple[torch.Tensor, dict]:
@@ -53,8 +63,22 @@ def dpo_step_loss(model: torch.nn.Module, batch: dict, beta: float) -> tuple[tor
 
     peft_model = model if isinstance(model, PeftModel) else model.module
     with torch.no_grad(), peft_model.disable_adapter():
-        reference = sequence_logprobs(peft_model, batch)
-    return dpo_loss(sequence_logprobs(model, batch), reference, beta)
+        reference, _ = sequence_logprobs(peft_model, batch)
+    policy, tokens = sequence_logprobs(model, batch)
+    return dpo_loss(policy, reference, beta, tokens)
+
+
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Set every dropout to p = 0, as TRL's DPOTrainer does (`disable_dropout=True`): with dropout on, the policy
+    and the reference (the same weights, adapter off) see different masks and the implicit reward is noisy.
+    Returns how many dropout modules were switched off."""
+    switched = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout) and m.p > 0:
+            m.p, switched = 0.0, switched + 1
+        if isinstance(getattr(m, "attention_dropout", None), float) and m.attention_dropout > 0:
+            m.attention_dropout, switched = 0.0, switched + 1  # attention modules keep a float, not a module
+    return switched
 
 
 def build(cfg: DpoConfig, ds_cfg: dict) -> TrainTask:
@@ -65,6 +89,10 @@ def build(cfg: DpoConfig, ds_cfg: dict) -> TrainTask:
               f"{stats['only_pos']} questions with only positives, {stats['only_neg']} with only negatives",
               flush=True)
     model, save = lora_model(cfg, ds_cfg, "dpo")
+    if cfg.dpo.disable_dropout:
+        switched = disable_dropout(model)
+        if dist_.is_main():
+            print(f"[dpo] dropout off ({switched} dropout modules; dpo.disable_dropout, as TRL)", flush=True)
 
     return TrainTask(name="dpo", model=model, data=pairs, pad_id=tok.pad_token_id, units=len,
                      loss_fn=lambda engine, batch: dpo_step_loss(engine, batch, cfg.dpo.beta),

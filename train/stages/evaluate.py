@@ -111,25 +111,27 @@ def evaluate_batch(backend, ranker, questions: list[Question], cfg: EvalConfig, 
     failed = gen.failed or [""] * len(questions)
     tok = backend.tokenizer
     records, failures = [], {}
-    for q, g, texts, finished, why in zip(questions, gen.greedy, gen.samples, gen.finished, failed, strict=True):
+    greedy_finished = gen.greedy_finished or [True] * len(questions)
+    for q, g, texts, finished, g_finished, why in zip(questions, gen.greedy, gen.samples, gen.finished,
+                                                      greedy_finished, failed, strict=True):
         if why:
             failures[q.qid] = f"{q.source}: {why}"
             continue
         answers = [last_boxed(t) for t in [g, *texts]]
         correct = grade_inline(q.gold, answers, e.grader, e.grade_timeout)
-        scores = ranker.scores(q.question, texts, finished, device) if ranker is not None else None
+        scores = ranker.scores(q.question, texts, finished, device) if ranker is not None and texts else None
         cands = [Candidate(a, c, s if scores else 0.0)
                  for a, c, s in zip(answers[1:], correct[1:], scores or [0.0] * len(texts), strict=True)]
         rec = {"qid": q.qid, "subject": q.subject, "level": q.level, "question": q.question, "gold": q.gold,
                # a served chat model's template is the server's: the user message is what we know
                "prompt": prompt.text(tok, q.question) if tok is not None else render_prompt(prompt.prompt_template,
                                                                                             q.question),
-               "greedy": {"text": g, "answer": answers[0], "correct": correct[0]},
+               "greedy": {"text": g, "answer": answers[0], "correct": correct[0], "finished": g_finished},
                "samples": [{"text": t, "finished": f, "answer": c.answer, "correct": c.correct,
                             "ranker": None if scores is None else c.score}
                            for t, f, c in zip(texts, finished, cands, strict=True)],
-               "votes": {"sc": vote(cands, "count"), "pass_at_n": any_correct(cands)}}
-        if scores is not None:
+               "votes": {"sc": vote(cands, "count"), "pass_at_n": any_correct(cands)} if texts else {}}
+        if scores is not None and texts:
             rec["votes"].update({f"asc_{w}": vote(cands, w) for w in WEIGHTINGS if w != "count"})
         records.append(rec)
     return records, failures
@@ -141,8 +143,10 @@ def summarize(records: list[dict]) -> dict:
         out = {"questions": len(recs), "greedy": 100 * float(np.mean([r["greedy"]["correct"] for r in recs]))}
         for key in recs[0]["votes"]:
             out[key] = 100 * float(np.mean([r["votes"][key] for r in recs]))
-        # samples that hit eval.max_new_tokens before EOS (cut, most often without a final answer)
-        out["unfinished"] = 100 * float(np.mean([not s.get("finished", True) for r in recs for s in r["samples"]]))
+        # rationales that hit eval.max_new_tokens before EOS (cut, most often without a final answer): the
+        # samples', or the greedy ones' when there are no samples (eval.n=0)
+        out["unfinished"] = 100 * float(np.mean([not s.get("finished", True) for r in recs for s in
+                                                 (r["samples"] or [r["greedy"]])]))
         return out
 
     groups: dict[str, dict[str, list[dict]]] = {"subject": {}, "level": {}}
@@ -156,6 +160,12 @@ def summarize(records: list[dict]) -> dict:
 
 
 def markdown_table(metrics: dict, n: int, weighting: str) -> str:
+    if n == 0:  # greedy only
+        lines = ["| group | questions | greedy | unfinished % |", "| --- | --- | --- | --- |"]
+        groups = [("**all**", metrics["overall"]), *((f"subject {k}", m) for k, m in metrics["by_subject"].items()),
+                  *((f"level {k}", m) for k, m in metrics["by_level"].items())]
+        lines += [f"| {name} | {m['questions']} | {m['greedy']:.1f} | {m['unfinished']:.1f} |" for name, m in groups]
+        return "\n".join(lines) + "\n"
     asc_key = f"asc_{weighting}" if weighting != "count" else "sc"
     has_asc = asc_key in metrics["overall"]
     head = f"| group | questions | greedy | SC@{n} |" + (f" ASC@{n} ({weighting}) |" if has_asc else "") + \
@@ -274,5 +284,6 @@ def _finish(cfg: EvalConfig, out: Path, questions: list[Question], t0: float) ->
                         **({"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
                            if torch.cuda.is_available() and torch.cuda.is_initialized() else {})})
     print(table, flush=True)
-    print(f"[eval] {metrics['overall']['unfinished']:.1f}% of the sampled rationales hit eval.max_new_tokens="
+    print(f"[eval] {metrics['overall']['unfinished']:.1f}% of the {'sampled' if cfg.eval.n else 'greedy'} "
+          f"rationales hit eval.max_new_tokens="
           f"{cfg.eval.max_new_tokens} before EOS (metrics.json: unfinished)", flush=True)

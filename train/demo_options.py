@@ -1,0 +1,29 @@
+"""`tdg demo`'s options, apart from the demo itself so that the command line can show their defaults without
+importing torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from train.data.synthetic import PRETRAIN_LEVELS, PRETRAIN_STYLE, PRETRAIN_WORDING
+
+
+@dataclass
+class DemoOptions:
+    output: str = "demo_out"
+    questions: int = 600
+    pretrain_questions: int = 47000
+    pretrain_levels: tuple[int, ...] = PRETRAIN_LEVELS  # the base learns these levels' gold solutions only
+    pretrain_epochs: int = 2
+    pretrain_style: str = PRETRAIN_STYLE  # chains (gold worked solutions) | drills (answers alone + bare arithmetic)
+    pretrain_wording: str = PRETRAIN_WORDING  # base (its own way of saying the operations) | task (the task's)
+    test_questions: int = 1500
+    valid_questions: int = 600  # the validation split (its own seed): hyperparameters are chosen on it
+    seed: int = 0
+    workers: int = 2
+    vocab_size: int = 512
+    nproc: int = 2  # processes per training stage
+    ablation: bool = False  # then run `tdg ablation` on the demo's data
+    ablation_seeds: int = 3
+    ablation_steps: int = 0  # > 0: optim.max_steps for every ablation training stage
+    ablation_questions: int = 0  # > 0: eval.max_questions for the ablation
