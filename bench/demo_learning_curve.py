@@ -3,8 +3,8 @@
 Chooses what the demo's tiny Llama is pre-trained on (issue 25: a base that has the skills but not the task).
 A candidate is `LEVELS/QUESTIONS/EPOCHS[/STYLE[/WORDING]]`: QUESTIONS fresh questions of those levels, for
 EPOCHS epochs, written as STYLE `chains` (their gold worked solutions) or `drills` (each answer alone, with no
-chain of thought, plus the drill of its bare arithmetic), in WORDING `base` (the operations said otherwise
-than the task says them) or `task` (the task's own sentences). Each candidate runs the demo's own steps in its
+chain of thought, plus the drill of its bare arithmetic), in WORDING `task` (the task's own sentences) or
+`other` (the same operations said in other sentences). Each candidate runs the demo's own steps in its
 own output dir, as `tdg demo` runs them: the demo's splits for the same seed, tokenizer, prepare,
 pre-training (stage sft, full, 2 processes), sft-pos (LoRA on the teacher's positives, configs/tiny/sft.yaml),
 then stage eval (greedy) of the base and of sft-pos on the VALIDATION split (its own seed; the test split is
@@ -13,7 +13,7 @@ never read), and their paired difference.
 Targets, fixed before any other variant was run: base below ~50% greedy; sft-pos at least 10 points above it
 with a paired CI that excludes 0; the whole demo within ~12 minutes on 2 cores.
 
-    python bench/demo_learning_curve.py --candidates 12345/47000/2/chains/base,12/47000/2/chains/task
+    python bench/demo_learning_curve.py --candidates 12/47000/2,12345/25000/1/drills,12345/47000/2/chains/other
 Prints a table and records one RESULTS.md row per candidate (baseline: the first candidate's base).
 """
 
@@ -34,11 +34,11 @@ from train.stages.demo import DemoOptions, evaluate, prepare_base, train_sft_pos
 
 
 def parse_candidate(text: str) -> tuple[tuple[int, ...], int, int, str, str]:
-    """'12/47000/2' -> ((1, 2), 47000, 2, 'chains', 'base'); then optionally the style and the wording
-    ('12345/25000/1/drills', '12345/30000/2/chains/task')."""
+    """'12/47000/2' -> ((1, 2), 47000, 2, 'chains', 'task'); then optionally the style and the wording
+    ('12345/25000/1/drills', '12345/47000/2/chains/other')."""
     levels, questions, epochs, *rest = text.split("/")
     return (tuple(int(c) for c in levels), int(questions), int(epochs), rest[0] if rest else "chains",
-            rest[1] if len(rest) > 1 else "base")
+            rest[1] if len(rest) > 1 else "task")
 
 
 def run_candidate(text: str, args) -> dict:

@@ -31,7 +31,7 @@ PER_FILE = 50
 LEVELS = (1, 2, 3, 4, 5)  # a question at level L takes L + 1 operations
 PRETRAIN_LEVELS = (1, 2)  # the base model learns the short chains only; the teacher shows it the long ones
 PRETRAIN_STYLE = "chains"  # chains: gold worked solutions; drills: answers alone + the bare arithmetic
-PRETRAIN_WORDING = "base"  # base: the pre-training questions say the operations otherwise than the task
+PRETRAIN_WORDING = "task"  # the pre-training questions' wording: the task's own, or `other` sentences
 VALID_SEED_OFFSET = 1000
 
 
@@ -42,20 +42,18 @@ class Op:
     b: int = 0  # pack: a packs of b
 
 
-# How each operation is said. The base model is pre-trained on `base` wording; the task (teacher rationales,
-# validation and test questions) says the same operations in its own `task` wording, as a new domain phrases
-# familiar mathematics its own way. The base has the skills (reading a chain, the arithmetic, the solution
-# format) but not the task's language; what a teacher's rationale shows is how the task's sentences map to
-# operations, and a wrong one is mostly right steps around a misreading.
+# How each operation is said: `task` is the task's own wording (the teacher's, validation and test questions);
+# `other` says the same operations in other sentences, for a base pre-trained on another phrasing of the
+# same mathematics (a candidate base of bench/demo_learning_curve.py: it left no room either, bench/RESULTS.md).
 WORDINGS = {
-    "base": {
+    "task": {
         "add": "{n} finds {a} more {i}.",
         "sub": "{n} gives {a} {i} to a friend.",
         "pack": "{n} buys {a} packs with {b} {i} in each pack.",
         "mul": "A trade makes the number of {i} {n} has {a} times as large.",
         "div": "{n} shares the {i} equally among {a} people, {n} included, and keeps one share.",
     },
-    "task": {
+    "other": {
         "add": "Later {n} picks up {a} extra {i}.",
         "sub": "Then {a} of the {i} are handed over to a neighbour.",
         "pack": "{n} orders {a} boxes; every box holds {b} {i}.",
