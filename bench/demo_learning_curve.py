@@ -52,11 +52,11 @@ def run_candidate(text: str, args) -> dict:
     t_base = time.time() - t0
     train_sft_pos(opts, out)
     results = compare({name: [evaluate(opts, out, name, model, "valid", overrides=("eval.n=0",))]
-                       for name, model in (("base", out / "pretrain" / "model"), ("sft-pos", out / "sft-pos"))})
+                       for name, model in (("base", out / "pretrain" / "model"), ("sft-pos", out / "sft-pos"))},
+                      baseline="base")
     base, sft = results["base"]["greedy"], results["sft-pos"]["greedy"]
     row = {"candidate": text, "base": base["mean"], "base_ci": base["ci"], "sft_pos": sft["mean"],
-           "sft_pos_ci": sft["ci"], "gain": -base["diff"]["mean"], "gain_ci": [-base["diff"]["ci"][1],
-                                                                              -base["diff"]["ci"][0]],
+           "sft_pos_ci": sft["ci"], "gain": sft["diff"]["mean"], "gain_ci": sft["diff"]["ci"],
            "unfinished_base": results["base"]["unfinished"]["mean"],
            "unfinished_sft": results["sft-pos"]["unfinished"]["mean"],
            "pretrain_s": read_done(out / "pretrain")["metrics"]["seconds"],

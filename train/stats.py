@@ -15,6 +15,11 @@ def bootstrap_ci(values: np.ndarray, n_boot: int = 2000, level: float = 0.95, se
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
+    return _percentile_ci(means, level)
+
+
+def _percentile_ci(means: np.ndarray, level: float) -> tuple[float, float]:
+    """The central `level` interval of the bootstrap means."""
     tail = 100 * (1 - level) / 2
     lo, hi = np.percentile(means, [tail, 100 - tail])
     return float(lo), float(hi)
@@ -40,9 +45,7 @@ def hierarchical_bootstrap_ci(x: np.ndarray, n_boot: int = 2000, level: float = 
         s = rng.integers(0, seeds, size=(k, seeds))
         q = rng.integers(0, questions, size=(k, questions))
         means[start:start + k] = x[s[:, :, None], q[:, None, :]].mean(axis=(1, 2))
-    tail = 100 * (1 - level) / 2
-    lo, hi = np.percentile(means, [tail, 100 - tail])
-    return float(lo), float(hi)
+    return _percentile_ci(means, level)
 
 
 def seed_std(x: np.ndarray) -> float:

@@ -96,6 +96,9 @@ def _make_ops(rng: random.Random, kinds: tuple[str, ...], n_ops: int, start: int
     return ops
 
 
+SYMBOL = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+
+
 def _apply(x: int, op: Op) -> int:
     return {"add": x + op.a, "sub": x - op.a, "pack": x + op.a * op.b, "mul": x * op.a,
             "div": x // op.a if op.a else x}[op.kind]
@@ -153,7 +156,7 @@ def _solve(rng: random.Random, name: str, item: str, start: int, ops: list[Op],
             lines.append(f"{lead}{op.a} packs of {op.b} is {op.a} * {op.b} = {prod}.")
             lines.append(f"{x} {sign} {prod} = {y}.")
         else:
-            sym = {"add": "+", "sub": "-", "mul": "*", "div": "/"}[kind]
+            sym = SYMBOL[kind]
             y = _apply(x, Op(kind, op.a))
             if error == "carry":
                 y += rng.choice([-10, 10]) if abs(y) >= 10 else rng.choice([-1, 1])
@@ -225,7 +228,7 @@ def drill(start: int, ops: list[Op]) -> tuple[str, str, int]:
         if op.kind == "pack":
             lines += [f"{op.a} * {op.b} = {op.a * op.b}.", f"{x} + {op.a * op.b} = {y}."]
         else:
-            lines.append(f"{x} {dict(add='+', sub='-', mul='*', div='/')[op.kind]} {op.a} = {y}.")
+            lines.append(f"{x} {SYMBOL[op.kind]} {op.a} = {y}.")
         x = y
     return question, "Solution:\n" + "\n".join(lines) + f"\nThe answer is \\boxed{{{x}}}.", x
 
@@ -235,8 +238,7 @@ def _pretrain_records(q: dict, style: str) -> list[tuple[str, str]]:
     solution; `drills` the answer alone (no chain of thought) and the drill of its arithmetic."""
     if style == "chains":
         return [(q["question"], q["answer"])]
-    value = int(q["answer"].rsplit("\\boxed{", 1)[1].split("}")[0])
-    question, rationale, _ = drill(q["start"], q["ops"])
+    question, rationale, value = drill(q["start"], q["ops"])
     return [(q["question"], f"Solution:\nThe answer is \\boxed{{{value}}}."), (question, rationale)]
 
 

@@ -339,7 +339,7 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
     losses: list[float] = []  # per optimizer step, for the start/end summary in DONE.json
     step_seconds: list[float] = []  # wall time of each optimizer step (benchmarks compare the median)
     step_rates: list[float] = []  # tokens/s of each optimizer step, all ranks together
-    term_history: dict[str, list[float]] = {}  # every loss term's per-step mean (DONE.json: first and final)
+    term_history = {"loss": losses}  # every loss term's per-step mean (DONE.json: first and final)
     t_start, tokens_seen = time.time(), 0
     exit_code = 0
     engine.train()
@@ -371,8 +371,7 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
                 if torch.distributed.is_initialized():
                     torch.distributed.all_reduce(reduced)
                 means = {k: float(v) / global_units for k, v in zip(names, reduced.tolist(), strict=True)}
-                losses.append(means["loss"])
-                for k, v in means.items():
+                for k, v in means.items():  # "loss" goes to `losses`
                     term_history.setdefault(k, []).append(v)
                 dt = max(time.time() - t0, 1e-9)
                 step_seconds.append(dt)

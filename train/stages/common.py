@@ -91,6 +91,26 @@ def token_logprobs(module: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, 
     return lp.view(labels.shape), labels != IGNORE
 
 
+def sequence_logprobs(module: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B] sum of log p over each row's target tokens, [B] how many target tokens each row has)."""
+    lp, mask = token_logprobs(module, batch)
+    return lp.sum(-1), mask.sum(-1)
+
+
+def load_pair_data(name: str, cfg: TrainStageConfig, cap: int, seed: int):
+    """(PairSet, tokenizer, stats) for a stage that trains on (positive, negative) pairs of a question (dpo,
+    redi's pair unit), with the stage's line saying what it kept and what it skipped."""
+    from train.data.pairs import pairs_from_prepared
+
+    tok = load_tokenizer(tokenizer_dir(cfg.model), cfg.model.trust_remote_code)
+    pairs, _, stats = pairs_from_prepared(cfg.data, tok, 0.0, cap, seed)
+    if dist_.is_main():
+        print(f"[{name}] pos/neg: {pairs.seqs.describe()}; {stats['train_pairs']} pairs; skipped "
+              f"{stats['only_pos']} questions with only positives, {stats['only_neg']} with only negatives",
+              flush=True)
+    return pairs, tok, stats
+
+
 def is_negative(cfg: TrainStageConfig, data: TokenizedSet) -> np.ndarray:
     """[len(data)] bool: which samples are negative rationales (from the prepared data's labels)."""
     table = read_prepared(cfg.data.path, columns=["id", "label"])

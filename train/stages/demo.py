@@ -7,7 +7,7 @@ Steps (each skipped when its output is already complete, so a rerun resumes):
   2. a sentencepiece tokenizer trained on the train and pre-training text        -> OUT/tokenizer
   3. prepare: grade every rationale, print the regime table, write the data set  -> OUT/prepared
   4. a tiny Llama (grouped-query attention) from configs/tiny, pre-trained (stage sft, full) on gold
-     solutions of separate questions worded otherwise than the task: the skills, not the task -> OUT/pretrain
+     solutions of separate questions of Levels 1-2 only (--pretrain-levels): short chains  -> OUT/pretrain
   5. sft-pos: LoRA on the teacher's positives, the baseline the method must beat  -> OUT/sft-pos
   6. stage neg, then stage nat: 2 processes, DeepSpeed ZeRO-3                      -> OUT/neg, OUT/nat
   7. stage score (teacher sharded, ZeRO-3), stage distill (NCE)                     -> OUT/score, OUT/distill

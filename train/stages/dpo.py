@@ -25,19 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from train.config import DpoConfig
-from train.data.pairs import pairs_from_prepared
-from train.data.tokenizer import load_tokenizer
 from train.engine import distributed as dist_
 from train.engine.loop import TrainTask
-from train.models.loading import tokenizer_dir
-from train.stages.common import run_stage, token_logprobs
+from train.stages.common import load_pair_data, run_stage, sequence_logprobs
 from train.stages.sft import lora_model
-
-
-def sequence_logprobs(module: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """([B] sum of log p over each row's target tokens, [B] how many target tokens each row has)."""
-    lp, mask = token_logprobs(module, batch)
-    return lp.sum(-1), mask.sum(-1)
 
 
 def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float,
@@ -82,17 +73,13 @@ def disable_dropout(model: torch.nn.Module) -> int:
 
 
 def build(cfg: DpoConfig, ds_cfg: dict) -> TrainTask:
-    tok = load_tokenizer(tokenizer_dir(cfg.model), cfg.model.trust_remote_code)
-    pairs, _, stats = pairs_from_prepared(cfg.data, tok, 0.0, cfg.dpo.pairs_per_question, cfg.dpo.seed)
-    if dist_.is_main():
-        print(f"[dpo] pos/neg: {pairs.seqs.describe()}; {stats['train_pairs']} pairs, beta {cfg.dpo.beta}; skipped "
-              f"{stats['only_pos']} questions with only positives, {stats['only_neg']} with only negatives",
-              flush=True)
+    pairs, tok, stats = load_pair_data("dpo", cfg, cfg.dpo.pairs_per_question, cfg.dpo.seed)
     model, save = lora_model(cfg, ds_cfg, "dpo")
     if cfg.dpo.disable_dropout:
         switched = disable_dropout(model)
         if dist_.is_main():
-            print(f"[dpo] dropout off ({switched} dropout modules; dpo.disable_dropout, as TRL)", flush=True)
+            print(f"[dpo] beta {cfg.dpo.beta}; dropout off ({switched} dropout modules; dpo.disable_dropout, as TRL)",
+                  flush=True)
 
     return TrainTask(name="dpo", model=model, data=pairs, pad_id=tok.pad_token_id, units=len,
                      loss_fn=lambda engine, batch: dpo_step_loss(engine, batch, cfg.dpo.beta),

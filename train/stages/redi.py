@@ -23,12 +23,17 @@ import numpy as np
 import torch
 
 from train.config import RediConfig
-from train.data.pairs import pairs_from_prepared
-from train.data.tokenizer import load_tokenizer
 from train.engine import distributed as dist_
 from train.engine.loop import TrainTask
-from train.models.loading import tokenizer_dir
-from train.stages.common import collate_with_values, is_negative, load_stage_data, run_stage, token_logprobs
+from train.stages.common import (
+    collate_with_values,
+    is_negative,
+    load_pair_data,
+    load_stage_data,
+    run_stage,
+    sequence_logprobs,
+    token_logprobs,
+)
 from train.stages.sft import lora_model
 
 
@@ -50,8 +55,8 @@ def redi_loss(module: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]
 def redi_pair_loss(module: torch.nn.Module, batch: dict, alpha: float) -> tuple[torch.Tensor, dict]:
     """Pair unit: the sum over pairs of -l(y+)/|y+| + alpha l(y-)/|y-|; rows 0..B-1 the positives, B..2B-1
     their negatives (`PairSet.batch`)."""
-    lp, mask = token_logprobs(module, batch)
-    per_token = lp.sum(-1) / mask.sum(-1).clamp(min=1)
+    total, tokens = sequence_logprobs(module, batch)
+    per_token = total / tokens.clamp(min=1)
     half = per_token.shape[0] // 2
     pos, neg = -per_token[:half].sum(), alpha * per_token[half:].sum()
     return pos + neg, {"pos": pos.detach(), "neg": neg.detach(), "logp_chosen": per_token[:half].sum().detach(),
@@ -60,12 +65,9 @@ def redi_pair_loss(module: torch.nn.Module, batch: dict, alpha: float) -> tuple[
 
 def build(cfg: RediConfig, ds_cfg: dict) -> TrainTask:
     if cfg.redi.unit == "pair":
-        tok = load_tokenizer(tokenizer_dir(cfg.model), cfg.model.trust_remote_code)
-        pairs, _, stats = pairs_from_prepared(cfg.data, tok, 0.0, cfg.redi.pairs_per_question, cfg.redi.seed)
+        pairs, tok, stats = load_pair_data("redi", cfg, cfg.redi.pairs_per_question, cfg.redi.seed)
         if dist_.is_main():
-            print(f"[redi] unit pair: {stats['train_pairs']} (pos, neg) pairs from {pairs.seqs.describe()}, alpha "
-                  f"{cfg.redi.alpha}; skipped {stats['only_pos']} questions with only positives, "
-                  f"{stats['only_neg']} with only negatives", flush=True)
+            print(f"[redi] unit pair, alpha {cfg.redi.alpha}", flush=True)
         model, save = lora_model(cfg, ds_cfg, "redi")
         return TrainTask(name="redi", model=model, data=pairs, pad_id=tok.pad_token_id, units=len,
                          loss_fn=lambda engine, batch: redi_pair_loss(engine, batch, cfg.redi.alpha),
