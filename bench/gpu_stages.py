@@ -118,7 +118,7 @@ def main() -> None:
         ranker = stage("ranker", [*common, f"data.max_tokens={2 * max_tokens}"])
         evaluation = stage("eval", [f"eval.model={out / 'distill'}", f"eval.test={work / 'raw' / 'test'}",
                                     f"eval.ranker={out / 'ranker'}", "eval.n=16", "eval.batch_questions=16",
-                                    "eval.max_questions=16", "eval.max_new_tokens=256"])
+                                    "eval.max_questions=16", "eval.max_new_tokens=512"])
         bare, _ = bare_forward(out / "score", "cuda" if torch.cuda.is_available() else "cpu")
         t_bare = min(bare() for _ in range(2))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else None
@@ -138,7 +138,8 @@ def main() -> None:
            f"{t_bare / t_loop:.2f}x", ">= 0.9x" + gpu_goal, dev=device)
     record(f"ranker (pairs), {what}", "-", _summary("ranker", ranker), "-", "-", dev=device)
     memory = f", peak {evaluation['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in evaluation else ""
-    record(f"eval of one batch: 16 questions x (1 greedy + 16 samples) of up to 256 new tokens, ranker scoring, "
+    record(f"eval of one batch: 16 questions x (1 greedy + 16 samples) of up to 512 new tokens "
+           f"(configs/llama7b/eval.yaml), ranker scoring, "
            f"{what.split(', random')[0]}", "-", f"{evaluation['seconds']:.0f} s{memory}", "-", "-", dev=device)
 
 

@@ -154,6 +154,20 @@ def test_grad_accum_is_derived_from_the_global_batch_for_any_world_size():
         effective_optim(recipe, 4096, 32)
 
 
+def test_cluster_configs_keep_their_batch_on_any_number_of_nodes():
+    """Every training stage of a cluster config states its global batch in tokens, so a 2-node job trains the
+    recipe a 1-node job does (grad_accum derived): without it the batch grows with the node count."""
+    from train.engine.ds_config import effective_optim
+
+    for (family, name), cfg in {(p.parent.name, p.stem): _shipped(p) for p in SHIPPED}.items():
+        if family == "tiny" or name not in ("sft", "neg", "nat", "distill", "ranker", "dpo", "redi"):
+            continue
+        assert cfg.optim.global_batch_tokens > 0, (family, name)
+        batches = {w * effective_optim(cfg.optim, cfg.data.max_tokens, w).grad_accum * cfg.data.max_tokens
+                   for w in (1, 2, 8)}
+        assert batches == {cfg.optim.global_batch_tokens}, (family, name)
+
+
 def test_shipped_configs_choose_the_zero_stage_by_the_rule():
     """LoRA on a base that fits one GPU: ZeRO-2 (frozen base replicated); a teacher that does not: ZeRO-3,
     scored as ZeRO-3 inference; a teacher that fits: scored without ZeRO (README, "Choosing the ZeRO stage")."""

@@ -293,19 +293,23 @@ print(z3.lm_head.weight.numel(), whole.lm_head.weight.numel(), z3_again.lm_head.
     assert whole == full
 
 
+@pytest.mark.parametrize("group", ["world", "deepspeed"])
 @pytest.mark.parametrize("minutes,ok", [(0.05, False), (1.0, True)])
-def test_collectives_wait_as_long_as_engine_dist_timeout_minutes(tmp_path, minutes, ok):
+def test_collectives_wait_as_long_as_engine_dist_timeout_minutes(tmp_path, minutes, ok, group):
     """Rank 0 busy for 8 s (a large save, a checkpoint conversion) while rank 1 waits at a barrier: a
-    3-second timeout fails the wait, a minute's does not (the default, 60, leaves room for real saves)."""
+    3-second timeout fails the wait, a minute's does not (the default, 60, leaves room for real saves).
+    The same on DeepSpeed's clone of the world group, which ZeRO's collectives use: cloned lazily by
+    DeepSpeed, it had torch's default timeout instead."""
     script = tmp_path / "wait.py"
     script.write_text(f"""
 import time
 import torch.distributed as dist
+from deepspeed.utils import groups
 from train.engine import distributed
 distributed.setup({minutes})
 if distributed.rank() == 0:
     time.sleep(8)
-dist.barrier()
+dist.barrier(group=groups._get_data_parallel_group() if {group == "deepspeed"} else None)
 print("rank", distributed.rank(), "passed the barrier", flush=True)
 """)
     result = subprocess.run(torchrun_cmd(2, str(script)), env=stage_env(), capture_output=True, text=True,

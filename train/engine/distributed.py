@@ -63,14 +63,25 @@ def setup(timeout_minutes: float = 60) -> torch.device:
     # peft reads model.is_gradient_checkpointing, which transformers 5 deprecates: once per rank and load
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing. is deprecated", category=FutureWarning)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl", verbose=False,
-                                   timeout=datetime.timedelta(minutes=timeout_minutes))
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl", verbose=False, timeout=timeout)
+        _clone_world_group(timeout)
         atexit.register(_shutdown)  # on every way out: return, error exit, uncaught exception
     if on_cpu():
         return torch.device("cpu")
     local = int(os.environ["LOCAL_RANK"])
     torch.cuda.set_device(local)
     return torch.device("cuda", local)
+
+
+def _clone_world_group(timeout: datetime.timedelta) -> None:
+    """Create DeepSpeed's clone of the world group (its data-parallel group, used by every ZeRO collective)
+    with our timeout. DeepSpeed clones it lazily with `new_group(ranks)`, which takes torch's default
+    (10 min for NCCL), not the world group's: a rank-0 save longer than that failed the others' wait."""
+    from deepspeed.utils import groups
+
+    if groups._WORLD_GROUP is None:
+        groups._WORLD_GROUP = dist.new_group(ranks=list(range(dist.get_world_size())), timeout=timeout)
 
 
 def _shutdown() -> None:
