@@ -3,6 +3,7 @@
 import json
 import math
 import random
+import re
 import shutil
 
 import numpy as np
@@ -403,6 +404,49 @@ def test_eval_with_a_tiny_kv_budget_gives_the_same_greedy_predictions(eval_out, 
     assert "generation budget 40 tokens per call" in result.stdout
     greedy = {r["qid"]: r["greedy"]["text"] for r in _records(out / "predictions.jsonl")}
     assert greedy == {r["qid"]: r["greedy"]["text"] for r in _records(eval_out / "predictions.jsonl")}
+
+
+def test_eval_takes_its_kv_budget_once_the_ranker_is_loaded_as_tdg_plan_does(monkeypatch, capsys, tmp_path,
+                                                                             base_model_dir, math_test_file,
+                                                                             ranker_dir):
+    """One fake device, the CUDA context plus three times the generator's bf16 weights: eval's runtime budget
+    (the device's free memory once the generator and the ranker are loaded) and `tdg plan`'s give the same
+    rows per generate call. Taken before the ranker loaded, the runtime budget counted the ranker's memory as
+    free: twice the plan's KV cache here, and on a 40 GiB GPU 13 GiB instead of 6.5 with the ranker on top."""
+    import train.generation as generation
+    import train.models.reward as reward
+    from train.config import EvalConfig, load_config
+    from train.generation import rows_per_call
+    from train.plan import CONTEXT_GIB, GIB, make_plan, shape_of
+    from train.stages import evaluate
+
+    shape = shape_of(str(base_model_dir))[0]
+    weights = 2 * shape.params()
+    device = CONTEXT_GIB * GIB + 3 * weights
+    loaded: list[int] = []
+
+    def holding(load):  # the fake device holds every model loaded so far
+        def wrapped(*args, **kwargs):
+            out = load(*args, **kwargs)
+            module = out[0] if isinstance(out, tuple) else out.model
+            loaded.append(sum(p.numel() * p.element_size() for p in module.parameters()))
+            return out
+        return wrapped
+
+    monkeypatch.setattr(generation, "load_generator", holding(generation.load_generator))
+    monkeypatch.setattr(reward, "load_ranker", holding(reward.load_ranker))
+    monkeypatch.setattr(generation, "free_memory", lambda _: device - CONTEXT_GIB * GIB - sum(loaded))
+    overrides = [f"eval.model={base_model_dir}", f"eval.test={math_test_file}", f"eval.ranker={ranker_dir}",
+                 "eval.n=2", "eval.max_new_tokens=8", "eval.max_questions=2", "engine.precision=bf16",
+                 "engine.progress=false", f"engine.output_dir={tmp_path / 'eval'}"]
+    plan = make_plan("eval", load_config(EvalConfig, None, overrides), 1, 1, device / GIB)
+    planned = int(re.search(r"([\d,]+) tokens \(eval.max_batch_tokens=0\)", plan.memory[-1][0])[1].replace(",", ""))
+    assert evaluate.main(load_config(EvalConfig, None, overrides)) == 0
+    ranker, generator = loaded  # the ranker loads first; it has a scalar head, no LM head
+    assert generator == weights and ranker == 2 * (shape.params(lm_head=False) + shape.hidden)
+    ran = int(re.search(r"generation budget ([\d,]+) tokens", capsys.readouterr().out)[1].replace(",", ""))
+    assert ran == pytest.approx(planned, rel=0.01)
+    assert rows_per_call(ran, 256, 8) == rows_per_call(planned, 256, 8)
 
 
 def test_kv_cache_per_token_and_calls_for_the_7b_eval_config():

@@ -137,10 +137,10 @@ def _hand_total(family: str, stage: str, world: int) -> float:
         if stage == "score":
             return 2 * p7 + 8192 * act7 + 10 * 8192 * v
         if stage == "eval":
-            weights = 2 * 2 * p7
+            weights = 2 * p7 + 2 * (p7 - v * h7 + h7)  # the ranker: a scalar head instead of the LM head
             kv = 2 * 32 * h7 * 2
             return weights + (int((80 * GIB - weights - 2 * GIB) * 0.5) // kv) * kv
-        frozen = 2 * (p7 + (lora7[2] if stage == "nat" else 0))
+        frozen = 2 * (p7 + (lora7[2] if stage == "nat" else 0) - (v * h7 if stage == "ranker" else 0))
         logits = {"ranker": 0, "distill": 14}.get(stage, 10) * tokens[stage] * v
         return frozen + z2(lora[stage]) + tokens[stage] * 32 * act7 + logits
     if stage in ("neg", "nat"):

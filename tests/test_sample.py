@@ -176,3 +176,18 @@ def test_vllm_ranks_each_take_their_own_gpus():
     assert vllm_gpus(1, {"SLURM_NTASKS_PER_NODE": "8", "LOCAL_RANK": "5", "CUDA_VISIBLE_DEVICES": "5"}) == "5"
     with pytest.raises(ConfigError, match=r"4 ranks on this node x vllm.tensor_parallel_size=2 need 8 GPUs, and 4"):
         vllm_gpus(2, {**torchrun, "LOCAL_RANK": "3"}, 4)
+
+
+def test_vllm_asks_for_the_gpu_share_the_ranker_leaves():
+    """vLLM's gpu_memory_utilization is a share of the whole GPU and it refuses to start with less free: with
+    eval's 12.5 GiB ranker already on an 80 GiB GPU, 0.9 would ask for 72 GiB of the 67.5 free."""
+    from train.backends import vllm_memory_share
+    from train.errors import ConfigError
+
+    gib = 2**30
+    assert vllm_memory_share(0.9, 80 * gib, 80 * gib) == 0.9  # nothing else on the GPU: as configured
+    share = vllm_memory_share(0.9, int(67.5 * gib), 80 * gib)
+    assert share * 80 < 67.5 and share == pytest.approx(67.5 / 80 - 0.03)
+    assert vllm_memory_share(0.5, int(67.5 * gib), 80 * gib) == 0.5  # never more than configured
+    with pytest.raises(ConfigError, match="only 10.0 of 80.0 GiB is free on the GPU once the ranker is loaded"):
+        vllm_memory_share(0.9, 10 * gib, 80 * gib)

@@ -102,6 +102,15 @@ class VLLMBackend:
         self.prompt = prompt or recorded_prompt(model) or Prompt()
         if dist_.world() > 1:  # data-parallel: this rank's engine on this rank's GPUs
             os.environ["CUDA_VISIBLE_DEVICES"] = vllm_gpus(tensor_parallel_size)
+        import torch
+
+        if torch.cuda.is_available():  # eval's ranker is already on this GPU
+            free, total = torch.cuda.mem_get_info()
+            share = vllm_memory_share(gpu_memory_utilization, free, total)
+            if share < gpu_memory_utilization:
+                print(f"[vllm] gpu_memory_utilization {gpu_memory_utilization:g} -> {share:.2f}: "
+                      f"{(total - free) / 2**30:.1f} GiB of the GPU is already taken (the ranker)", flush=True)
+            gpu_memory_utilization = share
         self.llm = LLM(model=model, tensor_parallel_size=tensor_parallel_size, seed=seed,
                        gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=False)
         self.what = f"{model} (vLLM, tensor-parallel {tensor_parallel_size})"
@@ -127,6 +136,17 @@ class VLLMBackend:
 
     def sample(self, questions: list[str], s: SamplingSettings, seeds: list[int] | None = None) -> list[Sampled]:
         return self._run(questions, s.n, s.temperature, s)
+
+
+def vllm_memory_share(configured: float, free: int, total: int, slack: float = 0.03) -> float:
+    """vLLM's gpu_memory_utilization for a GPU that already holds `total - free` bytes (eval's ranker).
+    vLLM reads it as a share of the whole GPU and refuses to start when less than that is free, so ask for
+    what is free, less `slack` (the CUDA context vLLM's own process adds), never more than `configured`."""
+    share = min(configured, free / total - slack)
+    if share < 0.2:
+        raise ConfigError(f"eval.vllm: only {free / 2**30:.1f} of {total / 2**30:.1f} GiB is free on the GPU once "
+                          "the ranker is loaded, too little for vLLM; use backend hf or a GPU with more memory")
+    return share
 
 
 def vllm_gpus(tensor_parallel_size: int, env: dict[str, str] | None = None, device_count: int | None = None) -> str:

@@ -94,6 +94,9 @@ class Generated:
     greedy_finished: list[bool] = field(default_factory=list)  # per question: the greedy rationale ended (EOS)
 
 
+KV_FRACTION = 0.5  # share of the free memory eval's KV cache may take
+
+
 def kv_cache_bytes_per_token(config, dtype: torch.dtype) -> int:
     """Bytes of KV cache one token of one sequence holds: K and V of every layer (grouped-query aware)."""
     heads = config.num_attention_heads
@@ -102,19 +105,28 @@ def kv_cache_bytes_per_token(config, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
 
-def generation_budget(max_batch_tokens: int, config, dtype: torch.dtype, device: torch.device,
-                      fraction: float = 0.5) -> int:
+def free_memory(device: torch.device) -> int:
+    """Bytes free on `device` now: the driver's free GPU memory, or on CPU the available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def kv_budget_tokens(free_bytes: float, per_token: int, fraction: float = KV_FRACTION) -> int:
+    """Tokens of KV cache that `fraction` of `free_bytes` holds: one rule for eval's runtime budget and
+    `tdg plan`'s (the other half is left for generate's activations and the allocator)."""
+    return max(1, int(max(0.0, free_bytes) * fraction) // per_token)
+
+
+def generation_budget(max_batch_tokens: int, config, dtype: torch.dtype, device: torch.device) -> int:
     """Tokens (prompt + new, over every sequence in flight) one generate call may hold: `eval.max_batch_tokens`,
-    or when 0 the KV cache that `fraction` of the device's free memory holds (after the models are loaded)."""
+    or when 0 what the device's free memory holds. Call it once every model of the run is loaded (eval loads
+    its ranker first): a budget taken before the ranker loads would count the ranker's memory twice."""
     if max_batch_tokens > 0:
         return max_batch_tokens
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        import psutil
-
-        free = psutil.virtual_memory().available
-    return max(1, int(free * fraction) // kv_cache_bytes_per_token(config, dtype))
+    return kv_budget_tokens(free_memory(device), kv_cache_bytes_per_token(config, dtype))
 
 
 def rows_per_call(budget_tokens: int, prompt_tokens: int, max_new_tokens: int) -> int:

@@ -56,8 +56,10 @@ class Shape:
     def layer_params(self) -> int:
         return sum(a * b for a, b in self.linear_dims().values()) + 2 * self.hidden
 
-    def params(self) -> int:
-        return self.layers * self.layer_params() + self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+    def params(self, lm_head: bool = True) -> int:
+        """Every parameter; with lm_head=False the ranker's body (its scalar head replaces the LM head)."""
+        head = self.vocab * self.hidden if lm_head and not self.tied else 0
+        return self.layers * self.layer_params() + self.vocab * self.hidden + head + self.hidden
 
     def largest_layer_params(self) -> int:
         return max(self.layer_params(), self.vocab * self.hidden)
@@ -233,7 +235,7 @@ def plan_training(stage: str, cfg, nodes: int, gpn: int, gpu_mem: float, model: 
     zero, offload = _zero(cfg.engine.ds_config)
     plan = Plan(stage, world, gpu_mem)
     full = (stage == "sft" and cfg.sft.full) or (stage == "distill" and cfg.distill.full)
-    total = shape.params()
+    total = shape.params(lm_head=stage != "ranker")
     if full:
         trainable, what = total, "full fine-tune"
     else:
@@ -331,7 +333,7 @@ def plan_score(cfg, nodes: int, gpn: int, gpu_mem: float, model: str | None, con
 
 def plan_eval(cfg, nodes: int, gpn: int, gpu_mem: float, model: str | None, config_file: str | None,
               overrides: tuple[str, ...] = ()) -> Plan:
-    from train.generation import rows_per_call
+    from train.generation import KV_FRACTION, kv_budget_tokens, rows_per_call
 
     world = nodes * gpn
     base = model or _base_of(cfg.eval.model) or _sibling_model(config_file, "distill.yaml", overrides)
@@ -345,7 +347,8 @@ def plan_eval(cfg, nodes: int, gpn: int, gpu_mem: float, model: str | None, conf
     if cfg.eval.ranker:
         ranker_base = _base_of(cfg.eval.ranker) or _sibling_model(config_file, "ranker.yaml", overrides) or base
         ranker, ranker_source = shape_of(model or ranker_base)
-        plan.memory.append((f"ranker weights ({ranker_source})", 2 * ranker.params()))
+        plan.memory.append((f"ranker weights ({ranker_source}; a scalar head, no LM head)",
+                            2 * (ranker.params(lm_head=False) + ranker.hidden)))
     per_token = shape.kv_cache_bytes()
     prompt = 256  # a long MATH prompt, rounded up
     seq = prompt + cfg.eval.max_new_tokens
@@ -355,10 +358,10 @@ def plan_eval(cfg, nodes: int, gpn: int, gpu_mem: float, model: str | None, conf
         plan.memory.append((f"KV cache: eval.max_batch_tokens {budget:,} x {per_token / 2**20:.2f} MiB",
                             budget * per_token))
     else:
-        left = max(0.0, gpu_mem * GIB - plan.total - CONTEXT_GIB * GIB)
-        budget = int(left * 0.5) // per_token
-        plan.memory.append((f"KV cache: half of what is left, {budget:,} tokens (eval.max_batch_tokens=0)",
-                            budget * per_token))
+        # eval loads the ranker, then the generator, then takes its budget from what is free (the same rule)
+        budget = kv_budget_tokens(gpu_mem * GIB - plan.total - CONTEXT_GIB * GIB, per_token)
+        plan.memory.append((f"KV cache: {KV_FRACTION:g} of what is left, {budget:,} tokens "
+                            "(eval.max_batch_tokens=0)", budget * per_token))
     rows = rows_per_call(budget, prompt, cfg.eval.max_new_tokens)
     plan.notes.append(f"a batch of {cfg.eval.batch_questions} questions x {cfg.eval.n} samples of up to {seq} tokens "
                       f"({wanted * per_token / GIB:.1f} GiB of KV cache at once) runs as "

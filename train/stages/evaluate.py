@@ -218,9 +218,10 @@ def main(cfg: EvalConfig) -> int:
     busiest = math.ceil(len(remaining) / world)
     rounds = math.ceil(busiest / bq)  # the busiest rank's batches: every rank takes part in each round
     dtype = precision.dtype(cfg.engine.precision, device.type == "cpu")
+    # the ranker first: the generator's KV budget (hf) and vLLM's memory share are then taken from what is left
+    ranker = load_ranker(cfg.eval.ranker, device, dtype) if cfg.eval.ranker else None
     backend = make_backend(name, cfg.eval.model, prompt, device, dtype, cfg.eval.server, cfg.eval.vllm,
                            cfg.eval.max_batch_tokens, cfg.engine.attn_implementation, cfg.eval.seed)
-    ranker = load_ranker(cfg.eval.ranker, device, dtype) if cfg.eval.ranker else None
     if dist_.is_main():
         if name == "hf":
             per_token, budget = kv_cache_bytes_per_token(backend.model.config, dtype), backend.budget
