@@ -51,23 +51,35 @@ def test_merged_lora_export_gives_the_adapter_logits(tmp_path, prepared_dir, bas
         export(src, out)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_full_finetune_consolidated_from_zero3_checkpoint_equals_its_saved_model(tmp_path, prepared_dir,
-                                                                                 base_model_dir, zero3_partitioned):
+                                                                                 base_model_dir, zero3_partitioned,
+                                                                                 precision):
+    """The saved model/ is the checkpoint's fp32 masters in the training precision: a bf16 run saves bf16
+    (half the bytes; it was fp32, gathered whole on every rank), from DeepSpeed's layer-by-layer consolidation."""
+    from safetensors.torch import load_file
+
     src = tmp_path / "full"
     result = run_stage("sft", _sft(prepared_dir, base_model_dir, src, "sft.full=true",
-                                   f"engine.ds_config={zero3_partitioned}"))
+                                   f"engine.ds_config={zero3_partitioned}", f"engine.precision={precision}"))
     # torchrun's failure summary fills the last ~3,000 characters of stderr; the worker's own error comes before it
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-8000:]
-    saved = AutoModelForCausalLM.from_pretrained(src / "model", local_files_only=True)
+    saved_state = {k: v for f in sorted((src / "model").glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert {t.dtype for t in saved_state.values()} == {{"fp32": torch.float32, "bf16": torch.bfloat16}[precision]}
     from_ckpt = tmp_path / "from_ckpt"
     shutil.copytree(src, from_ckpt, ignore=shutil.ignore_patterns("model", "DONE.json"))
     message = export(from_ckpt, tmp_path / "out")
     assert "consolidated" in message and "step3" in message
     consolidated = AutoModelForCausalLM.from_pretrained(tmp_path / "out", local_files_only=True)
+    masters = consolidated.state_dict()
+    for name, tensor in saved_state.items():  # bf16: the fp32 masters rounded, exactly
+        torch.testing.assert_close(tensor, masters[name].to(tensor.dtype), rtol=0, atol=0, msg=name)
+    saved = AutoModelForCausalLM.from_pretrained(src / "model", local_files_only=True, dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(base_model_dir)
     ids = _ids()
     assert not torch.allclose(_logits(saved, ids), _logits(base, ids))
-    torch.testing.assert_close(_logits(consolidated, ids), _logits(saved, ids), rtol=1e-6, atol=1e-6)
+    if precision == "fp32":
+        torch.testing.assert_close(_logits(consolidated, ids), _logits(saved, ids), rtol=1e-6, atol=1e-6)
 
 
 def test_nat_teacher_is_exported_as_separate_adapters(teacher, tmp_path):

@@ -53,7 +53,7 @@ class TrainTask:
     model: torch.nn.Module  # parameters to train have requires_grad=True
     data: TokenizedSet  # or any set with lengths, len() and report() (the ranker's pairs)
     loss_fn: LossFn  # (module, batch) -> (sum of loss over units, {term name: sum over units})
-    save_fn: Callable[[torch.nn.Module, Path], dict]  # rank 0, full (gathered) params: write results
+    save_fn: Callable[..., dict]  # (module, out) on rank 0 with the trainable params gathered: write results
     pad_id: int
     units: Callable[[np.ndarray], int] | None = None  # normaliser of a batch; default: target tokens
     scalars_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None  # extra TensorBoard scalars
@@ -62,6 +62,9 @@ class TrainTask:
     # its scalars go to TensorBoard and the last ones into DONE.json (all of them: eval_history). Samples a
     # TokenizedSet marks `heldout` (data.heldout_fraction) are left out of training and their loss added
     evaluate_fn: Callable[[torch.nn.Module], dict[str, float]] | None = None
+    # a full fine-tune: save_fn gets `state=` the whole weights in the training precision, consolidated on rank 0
+    # one layer at a time (no fp32 masters gathered: they stay in the ZeRO checkpoints)
+    full_weights: bool = False
 
 
 @dataclass
@@ -425,11 +428,16 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
                **({"eval_history": eval_history} if eval_history else {}),
                "terms": {k: {"first": float(np.mean(v[:window])), "final": float(np.mean(v[-window:]))}
                          for k, v in term_history.items() if k != "loss"}}
-    masters = precision.fp32_masters(named_trainable)  # every rank: assembling them is a collective
-    with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+    if task.full_weights:
+        state = precision.consolidated_weights(engine)  # every rank: a collective; the whole state on rank 0 only
         if dist_.is_main():
-            with precision.master_weights(named_trainable, masters):  # saves write the fp32 masters
-                metrics.update(task.save_fn(engine.module, out) or {})
+            metrics.update(task.save_fn(engine.module, out, state=state) or {})
+    else:
+        masters = precision.fp32_masters(named_trainable)  # every rank: assembling them is a collective
+        with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+            if dist_.is_main():
+                with precision.master_weights(named_trainable, masters):  # saves write the fp32 masters
+                    metrics.update(task.save_fn(engine.module, out) or {})
     dist_.barrier()
     if dist_.is_main():
         write_done(out, config=asdict(cfg), inputs=inputs, metrics=metrics, stage=task.name)

@@ -4,9 +4,10 @@ Under bf16 every parameter of the model is bf16: the frozen base and the trainab
 ranker head alike (PEFT's upcast of adapters to fp32 is turned off, so ZeRO-3 sees one dtype).
 DeepSpeed's optimizer holds fp32 master copies of the trainable parameters, gradients accumulate in
 fp32 (`data_types.grad_accum_dtype`), and adapters, gate and head are saved in fp32 from those
-masters; a full fine-tune is saved in bf16, as 7B checkpoints usually are. Inference stages (score,
-eval) load every weight in the same dtype. Under fp32 everything is fp32. bf16 runs on DeepSpeed's CPU
-accelerator too, which is how CI tests it.
+masters; a full fine-tune is saved in bf16, as 7B checkpoints usually are, from DeepSpeed's 16-bit
+consolidation (one layer at a time onto rank 0), so no rank ever holds the fp32 masters of the whole
+model. Inference stages (score, eval) load every weight in the same dtype. Under fp32 everything is
+fp32. bf16 runs on DeepSpeed's CPU accelerator too, which is how CI tests it.
 """
 
 from __future__ import annotations
@@ -62,3 +63,16 @@ def master_weights(named_params: list[tuple[str, torch.nn.Parameter]], masters: 
         for name, p in named_params:
             if name in saved:
                 p.data = saved[name]
+
+
+def consolidated_weights(engine) -> dict[str, torch.Tensor] | None:
+    """A full fine-tune's weights in the training precision, whole, on rank 0's CPU (None on the other ranks;
+    every rank must call it). Under ZeRO-3 DeepSpeed gathers one layer at a time (the consolidation behind
+    `save_16bit_model`, as transformers and accelerate use it); under ZeRO-0/1/2 rank 0 holds them whole."""
+    import torch.distributed as dist
+
+    if engine.zero_optimization_partition_weights():
+        return engine._zero3_consolidated_16bit_state_dict()
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    return {n: p.detach().cpu() for n, p in engine.module.named_parameters()}

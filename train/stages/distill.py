@@ -189,7 +189,8 @@ def build(cfg: DistillConfig, ds_cfg: dict) -> TrainTask:
         collate_fn = None
     model, save = full_model(cfg, ds_cfg, tok) if cfg.distill.full else lora_model(cfg, ds_cfg, "student")
     return TrainTask(name="distill", model=model, data=data, loss_fn=loss_fn, pad_id=tok.pad_token_id,
-                     collate_fn=collate_fn, save_fn=lambda module, out: {**save(module, out), "samples": len(data)})
+                     collate_fn=collate_fn, full_weights=cfg.distill.full,
+                     save_fn=lambda module, out, **state: {**save(module, out, **state), "samples": len(data)})
 
 
 def _online_loss(cfg: DistillConfig, tok):

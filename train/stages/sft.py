@@ -69,9 +69,8 @@ def full_model(cfg: TrainStageConfig, ds_cfg: dict, tok) -> tuple[torch.nn.Modul
     model.requires_grad_(True)
     shapes = {n: tuple(p.ds_shape if hasattr(p, "ds_shape") else p.shape) for n, p in model.named_parameters()}
 
-    def save(module: torch.nn.Module, out: Path) -> dict:
-        state = {n: p.detach().cpu().clone() for n, p in module.named_parameters()}
-        bad = [n for n, t in state.items() if tuple(t.shape) != shapes[n] or t.numel() == 0]
+    def save(module: torch.nn.Module, out: Path, state: dict[str, torch.Tensor]) -> dict:
+        bad = [n for n in shapes if n not in state or tuple(state[n].shape) != shapes[n] or state[n].numel() == 0]
         if bad:
             raise AdapterSaveError(f"{out / 'model'}: parameters not gathered before saving (e.g. {bad[0]})")
         module.save_pretrained(out / "model", state_dict=state, safe_serialization=True)
@@ -91,8 +90,9 @@ def build_sft(cfg: TrainStageConfig, ds_cfg: dict, labels: tuple[str, ...], name
         collate_fn = collate_with_values(data, is_negative(cfg, data), "neg", tok.pad_token_id, cfg.data.packing,
                                          cfg.data.mask_prompt)
         loss_fn = lambda module, batch: unlikelihood_loss(module, batch, unlikelihood)  # noqa: E731
-    return TrainTask(name=name, model=model, data=data, loss_fn=loss_fn, pad_id=tok.pad_token_id,
-                     collate_fn=collate_fn, save_fn=lambda module, out: {**save(module, out), "samples": len(data)})
+    return TrainTask(name=name, model=model, data=data, loss_fn=loss_fn, pad_id=tok.pad_token_id, full_weights=full,
+                     collate_fn=collate_fn,
+                     save_fn=lambda module, out, **state: {**save(module, out, **state), "samples": len(data)})
 
 
 def unlikelihood_loss(module: torch.nn.Module, batch: dict, weight: float) -> tuple[torch.Tensor, dict]:
