@@ -181,3 +181,24 @@ def test_shipped_configs_choose_the_zero_stage_by_the_rule():
     assert cfg["large-teacher", "score"].engine.ds_config == "zero3"
     for name in ("distill", "ranker"):
         assert cfg["large-teacher", name].engine.ds_config == "zero2"
+
+
+def test_attention_defaults_to_the_fastest_installed_kernel_and_refuses_unknown_ones(monkeypatch):
+    import importlib.util
+
+    import torch
+
+    from train.config import ModelConfig
+    from train.models.loading import attention
+
+    assert ModelConfig().attn_implementation == "auto" and attention("eager") == "eager"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert attention("auto") == "sdpa"  # a CPU: PyTorch's fused kernels
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else
+                        real_find_spec(name))
+    assert attention("auto") == "flash_attention_2"  # a GPU with flash-attn installed
+    with pytest.raises(ConfigError, match="model.attn_implementation"):
+        load_config(importlib.import_module("train.config").SftConfig, None,
+                    ["model.path=x", "model.attn_implementation=flash"])

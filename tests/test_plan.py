@@ -81,6 +81,31 @@ def test_a_stage_that_will_not_fit_is_refused_with_the_reason_and_what_to_try(ca
                 "model.gradient_checkpointing=true"]) == 0
 
 
+def test_the_plan_counts_one_chunk_of_logits_with_model_loss_chunk_tokens(capsys):
+    """32k-vocabulary logits of 8,192 tokens are 2.4 GiB; in 1,024-position chunks 0.3 GiB, and the plan
+    suggests it when a stage does not fit."""
+    assert tdg(["plan", "--config", str(LLAMA / "sft.yaml"), "--gpus-per-node", "8", "--gpu-mem", "24",
+                "data.max_tokens=8192", "optim.global_batch_tokens=65536"]) == 2
+    assert "model.loss_chunk_tokens=1024 (logits 2.4 -> 0.3 GiB)" in capsys.readouterr().out
+    cfg = load_config(NegConfig, LLAMA / "neg.yaml", ["data.max_tokens=8192", "optim.global_batch_tokens=65536"])
+    whole = _memory(make_plan("neg", cfg, nodes=1, gpn=8, gpu_mem=80))
+    cfg.model.loss_chunk_tokens = 1024
+    chunked = _memory(make_plan("neg", cfg, nodes=1, gpn=8, gpu_mem=80))
+    assert whole["logits"] == 10 * 8192 * 32000 and chunked["logits"] == 10 * 1024 * 32000
+    assert {k: v for k, v in whole.items() if k != "logits"} == {k: v for k, v in chunked.items() if k != "logits"}
+
+
+def test_eager_attention_counts_its_attention_matrices():
+    """Eager attention keeps scores and probabilities, [heads x L] bf16 each per token and layer: at max_len
+    1024 on LLaMA-7B that is 32 x 1024 x 4 bytes = 128 KiB per token and layer, over 2.5x the fused kernels'."""
+    cfg = load_config(NegConfig, LLAMA / "neg.yaml")
+    fused = make_plan("neg", cfg, nodes=1, gpn=8, gpu_mem=40)
+    cfg.model.attn_implementation = "eager"
+    eager_plan = make_plan("neg", cfg, nodes=1, gpn=8, gpu_mem=40)
+    assert _memory(eager_plan)["activations"] - _memory(fused)["activations"] == 4096 * 32 * 4 * 32 * 1024  # 16 GiB
+    assert fused.fits and not eager_plan.fits and any("model.attn_implementation=auto" in a for a in eager_plan.advice)
+
+
 def test_a_global_batch_the_ranks_cannot_split_is_refused(capsys):
     assert tdg(["plan", "--config", str(LLAMA / "nat.yaml"), "--nodes", "2", "--gpus-per-node", "8"]) == 2
     err = capsys.readouterr().err

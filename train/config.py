@@ -265,13 +265,20 @@ class ModelConfig:
 
     path: str = ""  # local HF model dir (config.json + safetensors), or a hub id org/name[@revision] in the HF cache
     tokenizer: str = ""  # tokenizer dir or hub id; empty means `path`
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    # auto: flash_attention_2 on a GPU where flash-attn is installed, else sdpa; eager keeps an [L x L]
+    # attention matrix per head and layer for backward (tdg plan counts it)
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     trust_remote_code: bool = False  # run model code shipped in the model dir (off unless you trust it)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    # > 0: the LM head and loss run over this many target positions at a time, recomputed in backward, so the
+    # [targets x vocab] fp32 logits never exist at once (sft, neg, nat, dpo, redi); 0: all target positions at once
+    loss_chunk_tokens: int = 0
 
     def validate(self) -> None:
         if not self.path:
             raise ConfigError("model.path: required (a local Hugging Face model directory or a cached hub id)")
+        if self.loss_chunk_tokens < 0:
+            raise ConfigError(f"model.loss_chunk_tokens: must be >= 0 (0: no chunks), got {self.loss_chunk_tokens}")
 
 
 @dataclasses.dataclass
@@ -631,7 +638,7 @@ class EvalEngine:
     output_dir: str = ""  # predictions*.jsonl, metrics.json, metrics.md, tb/, DONE.json
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU (bf16 runs on CPU too)
     dist_timeout_minutes: float = 60  # how long a collective waits (a rank saving or converting) before failing
-    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"  # as model.attn_implementation
     progress: bool = True  # rank 0: a tqdm bar on a terminal, a plain line every 30 s in a log file
     report_to: list[str] = dataclasses.field(default_factory=lambda: ["tensorboard"])  # tensorboard, wandb, mlflow
 

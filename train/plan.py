@@ -8,9 +8,12 @@ estimators (`estimate_zero2/3_model_states_mem_needs`, which count every trainab
 weights, activations and logits are counted here:
     activations, bf16, per token and layer: 2 x (8 h + 2 kv + 4 i) bytes (the inputs of each linear
       layer and nonlinearity kept for backward, flash/SDPA attention), h hidden, kv key/value width,
-      i MLP width; with gradient checkpointing 2 h per layer plus one layer recomputed
+      i MLP width; with gradient checkpointing 2 h per layer plus one layer recomputed; eager attention
+      adds 4 x heads x max_len per token and layer (scores and probabilities)
     logits: 10 bytes per vocabulary entry per token (bf16 logits, fp32 loss and gradient), 14 for distill
-      (the student's fp32 log-softmax for KD), none for the ranker (a scalar head)
+      (the student's fp32 log-softmax for KD), none for the ranker (a scalar head); the head runs at target
+      positions only, counted as every token (a micro-batch may be all targets), or one chunk of
+      model.loss_chunk_tokens positions at a time
     communication: ZeRO-3 all-gathers every weight twice per micro-batch; ZeRO-2 reduces the trainable
       gradients per micro-batch and gathers the updated ones per step
 A GPU keeps CONTEXT_GIB free for the CUDA context, NCCL buffers and allocator slack.
@@ -64,9 +67,10 @@ class Shape:
     def largest_layer_params(self) -> int:
         return max(self.layer_params(), self.vocab * self.hidden)
 
-    def activation_bytes(self, checkpointing: bool) -> int:
-        """Bytes one token keeps for backward over all layers (bf16)."""
-        one_layer = 2 * (8 * self.hidden + 2 * self.kv_dim + 4 * self.intermediate)
+    def activation_bytes(self, checkpointing: bool, eager_len: int = 0) -> int:
+        """Bytes one token keeps for backward over all layers (bf16). Eager attention (`eager_len` > 0, the
+        longest sequence) also keeps each head's row of attention scores and probabilities: 4 x heads x L."""
+        one_layer = 2 * (8 * self.hidden + 2 * self.kv_dim + 4 * self.intermediate) + 4 * self.heads * eager_len
         if checkpointing:
             return self.layers * 2 * self.hidden + one_layer
         return self.layers * one_layer
@@ -260,11 +264,16 @@ def plan_training(stage: str, cfg, nodes: int, gpn: int, gpu_mem: float, model: 
                         _trainable_states(trainable, shape.largest_layer_params(), zero, offload, nodes, gpn)))
     tokens = cfg.data.max_tokens
     ckpt = cfg.model.gradient_checkpointing
-    plan.memory.append((f"activations, {tokens:,} tokens, {'with' if ckpt else 'without'} gradient checkpointing",
-                        tokens * shape.activation_bytes(ckpt)))
+    eager = cfg.data.max_len if cfg.model.attn_implementation == "eager" else 0
+    kernel = "eager attention" if eager else "fused attention (sdpa/flash)"
+    plan.memory.append((f"activations, {tokens:,} tokens, {'with' if ckpt else 'without'} gradient checkpointing, "
+                        f"{kernel}", tokens * shape.activation_bytes(ckpt, eager)))
+    chunk = cfg.model.loss_chunk_tokens if stage not in ("distill", "ranker") else 0
     if stage != "ranker":
         per_entry = 14 if stage == "distill" else 10
-        plan.memory.append((f"logits, {tokens:,} tokens x {shape.vocab:,}", per_entry * tokens * shape.vocab))
+        rows = min(chunk, tokens) if chunk else tokens  # the head runs at target positions: at most every token
+        what = f"{chunk:,}-position chunks (model.loss_chunk_tokens)" if chunk else f"{tokens:,} tokens"
+        plan.memory.append((f"logits, {what} x {shape.vocab:,}", per_entry * rows * shape.vocab))
     if stage == "distill" and cfg.distill.mode == "online":
         teacher, teacher_source = shape_of(teacher_model or _base_of(cfg.distill.nat_dir) or model or cfg.model.path)
         plan.memory.append((f"online teacher: a whole copy ({teacher_source}) and 2 fp32 passes of logits",
@@ -288,13 +297,18 @@ def plan_training(stage: str, cfg, nodes: int, gpn: int, gpu_mem: float, model: 
         comm = accum * 2 * trainable + 2 * trainable
         how = "reduce-scatter of the trainable gradients per micro-batch + gather of the updated ones"
     plan.notes.append(f"communication ~{comm / 1e9:,.2f} GB per GPU per optimizer step ({how})")
-    other = tokens * shape.activation_bytes(not ckpt) / GIB
+    other = tokens * shape.activation_bytes(not ckpt, eager) / GIB
     plan.notes.append(f"activations {'without' if ckpt else 'with'} gradient checkpointing would be {other:.2f} GiB")
     if not ckpt:
         plan.advice.append("model.gradient_checkpointing=true (activations "
-                           f"{tokens * shape.activation_bytes(False) / GIB:.1f} -> "
-                           f"{tokens * shape.activation_bytes(True) / GIB:.1f} GiB)")
+                           f"{tokens * shape.activation_bytes(False, eager) / GIB:.1f} -> "
+                           f"{tokens * shape.activation_bytes(True, eager) / GIB:.1f} GiB)")
+    if eager:
+        plan.advice.append("model.attn_implementation=auto (fused attention: no [L x L] matrix per head)")
     plan.advice.append(f"a smaller data.max_tokens (now {tokens:,}; raise grad accumulation to keep the batch)")
+    if zero != 3 and stage not in ("distill", "ranker") and not chunk and tokens > 1024:
+        plan.advice.append(f"model.loss_chunk_tokens=1024 (logits {10 * tokens * shape.vocab / GIB:.1f} -> "
+                           f"{10 * 1024 * shape.vocab / GIB:.1f} GiB)")
     if zero != 3:
         plan.advice.append("engine.ds_config=zero3 (partitions the weights) or more GPUs")
     return plan

@@ -67,14 +67,24 @@ def load_base_model(mcfg: ModelConfig, dtype: torch.dtype, ds_config: dict | Non
     cls, extra = (AutoModelForSequenceClassification, {"num_labels": 1}) if scalar_head else (AutoModelForCausalLM, {})
     if device is not None and _DS_HOOK is None:
         extra["device_map"] = {"": device}
-    kwargs = {**extra, "local_files_only": True, "dtype": dtype, "attn_implementation": mcfg.attn_implementation,
-              "trust_remote_code": mcfg.trust_remote_code}
+    kwargs = {**extra, "local_files_only": True, "dtype": dtype, "trust_remote_code": mcfg.trust_remote_code,
+              "attn_implementation": attention(mcfg.attn_implementation)}
     model = _with_new_score_head(cls, mcfg.path, kwargs) if scalar_head else cls.from_pretrained(mcfg.path, **kwargs)
     model.config.use_cache = False
     if mcfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return model
+
+
+def attention(setting: str) -> str:
+    """The attention kernel for `model.attn_implementation`: auto is flash_attention_2 on a GPU where flash-attn
+    is installed (the fastest, and no [L x L] matrix), else sdpa (PyTorch's fused kernels)."""
+    if setting != "auto":
+        return setting
+    import importlib.util
+
+    return "flash_attention_2" if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") else "sdpa"
 
 
 def _with_new_score_head(cls, path: str, kwargs: dict):

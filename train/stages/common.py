@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from train.config import TrainStageConfig
 from train.data.dataset import IGNORE, TokenizedSet, collate, read_prepared, tokenize_with
@@ -75,25 +77,66 @@ def model_dtype(cfg: TrainStageConfig) -> torch.dtype:
     return precision.dtype(cfg.engine.precision, dist_.on_cpu())
 
 
-def causal_lm_loss(module: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def causal_lm_loss(module: torch.nn.Module, batch: dict, chunk: int = 0) -> tuple[torch.Tensor, dict]:
     """Sum of next-token cross-entropy over the target tokens (labels != IGNORE)."""
-    lp, _ = token_logprobs(module, batch)
+    lp, _ = token_logprobs(module, batch, chunk)
     return -lp.sum(), {}
 
 
-def token_logprobs(module: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """([B, L-1] fp32 log p of each next token, 0 off target; [B, L-1] bool target mask), through the fused
-    cross-entropy so no [B, L, V] log-softmax is kept."""
-    logits = module(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                    position_ids=batch.get("position_ids"), use_cache=False).logits[:, :-1]
+def token_logprobs(module: torch.nn.Module, batch: dict, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, L-1] fp32 log p of each next token, 0 off target; [B, L-1] bool target mask).
+
+    The LM head runs at target positions only: prompt and pad positions (about 38% of the tokens of the MATH
+    rationales) get no vocabulary-wide logits. The model's own forward computes logits at one position
+    (`logits_to_keep=1`, so ZeRO-3's hooks see the usual forward) and returns the LM head's input, the last
+    hidden state. With `chunk` > 0 (model.loss_chunk_tokens) the head and the loss run over that many
+    positions at a time and are recomputed in backward, so the [targets, vocab] fp32 logits never exist at once."""
     labels = batch["labels"][:, 1:]
-    lp = -F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="none")
-    return lp.view(labels.shape), labels != IGNORE
+    mask = labels != IGNORE
+    out = module(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                 position_ids=batch.get("position_ids"), use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    hidden, head = out.hidden_states[-1], module.get_output_embeddings()
+    _check_head_input(module, head, hidden[:, -1], out.logits[:, -1])
+    lp = target_logprobs(hidden[:, :-1][mask], labels[mask], head, chunk)
+    return torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device).masked_scatter(mask, lp), mask
 
 
-def sequence_logprobs(module: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+_CHECKED_HEADS: weakref.WeakSet = weakref.WeakSet()  # heads already checked (a new model is checked again)
+
+
+def _check_head_input(module: torch.nn.Module, head: torch.nn.Module, last_hidden: torch.Tensor,
+                      last_logits: torch.Tensor) -> None:
+    """Once per model: the LM head applied to the last hidden state must give the model's own logits. An
+    architecture that scales or caps its logits after the head (Gemma 2, Cohere) would otherwise train on
+    wrong log-probs without a sign."""
+    if head in _CHECKED_HEADS:
+        return
+    with torch.no_grad():
+        ours = head(last_hidden).float()
+    if not torch.allclose(ours, last_logits.float(), rtol=1e-3, atol=1e-3):
+        name = type(getattr(module, "module", module)).__name__
+        raise ConfigError(f"model: {name}'s logits are not its LM head applied to its last hidden state (logit "
+                          "scaling or soft-capping); this trainer supports Llama-family heads")
+    _CHECKED_HEADS.add(head)
+
+
+def target_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, chunk: int = 0) -> torch.Tensor:
+    """[N] fp32 log p(target) from [N, H] hidden states through `head`, `chunk` rows at a time when > 0 (each
+    chunk's logits recomputed in backward instead of kept: one chunk's [chunk, vocab] logits at a time)."""
+    def piece(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -F.cross_entropy(head(h).float(), y, reduction="none")
+
+    if chunk <= 0 or hidden.shape[0] <= chunk:
+        return piece(hidden, targets)
+    parts = zip(hidden.split(chunk), targets.split(chunk), strict=True)
+    if not torch.is_grad_enabled():
+        return torch.cat([piece(h, y) for h, y in parts])
+    return torch.cat([torch.utils.checkpoint.checkpoint(piece, h, y, use_reentrant=False) for h, y in parts])
+
+
+def sequence_logprobs(module: torch.nn.Module, batch: dict, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """([B] sum of log p over each row's target tokens, [B] how many target tokens each row has)."""
-    lp, mask = token_logprobs(module, batch)
+    lp, mask = token_logprobs(module, batch, chunk)
     return lp.sum(-1), mask.sum(-1)
 
 
@@ -164,6 +207,11 @@ def run_stage(name: str, cfg: TrainStageConfig, build: Callable[[TrainStageConfi
               f"{optim.grad_accum} micro-batch(es) x data.max_tokens {cfg.data.max_tokens:,}", flush=True)
     bf16 = precision.resolve(cfg.engine.precision, dist_.on_cpu()) == "bf16"
     ds_cfg = build_ds_config(cfg.engine.ds_config, optim, dist_.world(), bf16=bf16)
+    if cfg.model.loss_chunk_tokens and ds_cfg.get("zero_optimization", {}).get("stage") == 3:
+        raise ConfigError("model.loss_chunk_tokens: chunks need ZeRO-0, 1 or 2 (engine.ds_config): under ZeRO-3 "
+                          "each chunk gathers the partitioned LM head, and ranks with different numbers of target "
+                          "tokens would gather different numbers of times; set it to 0 (the head still runs at "
+                          "target positions only)")
     # Weights a model creates while loading (the ranker's new scalar head) come from the torch RNG, which
     # torch seeds from entropy in every new process: seed it so every run and every rank builds the same
     torch.manual_seed(cfg.engine.seed)

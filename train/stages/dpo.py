@@ -47,15 +47,15 @@ def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float,
     return loss, terms
 
 
-def dpo_step_loss(model: torch.nn.Module, batch: dict, beta: float) -> tuple[torch.Tensor, dict]:
+def dpo_step_loss(model: torch.nn.Module, batch: dict, beta: float, chunk: int = 0) -> tuple[torch.Tensor, dict]:
     """The DPO loss of a pair batch for `model` (a PEFT model, or the DeepSpeed engine around one), the
     reference being the same model with its adapter disabled."""
     from peft import PeftModel
 
     peft_model = model if isinstance(model, PeftModel) else model.module
     with torch.no_grad(), peft_model.disable_adapter():
-        reference, _ = sequence_logprobs(peft_model, batch)
-    policy, tokens = sequence_logprobs(model, batch)
+        reference, _ = sequence_logprobs(peft_model, batch, chunk)
+    policy, tokens = sequence_logprobs(model, batch, chunk)
     return dpo_loss(policy, reference, beta, tokens)
 
 
@@ -82,7 +82,8 @@ def build(cfg: DpoConfig, ds_cfg: dict) -> TrainTask:
                   flush=True)
 
     return TrainTask(name="dpo", model=model, data=pairs, pad_id=tok.pad_token_id, units=len,
-                     loss_fn=lambda engine, batch: dpo_step_loss(engine, batch, cfg.dpo.beta),
+                     loss_fn=lambda engine, batch: dpo_step_loss(engine, batch, cfg.dpo.beta,
+                                                                 cfg.model.loss_chunk_tokens),
                      collate_fn=lambda idx: pairs.batch(idx, tok.pad_token_id, labels=True),
                      save_fn=lambda module, out: {**save(module, out), **stats})
 

@@ -73,7 +73,8 @@ def build(cfg: NatConfig, ds_cfg: dict) -> TrainTask:
         return {f"alpha/{name}/{stat}": float(v) for name, layer in layers.items() if layer.alpha_stats is not None
                 for stat, v in zip(("mean", "std"), layer.alpha_stats.tolist(), strict=True)}
 
-    return TrainTask(name="nat", model=base, data=data, loss_fn=causal_lm_loss, save_fn=save,
+    return TrainTask(name="nat", model=base, data=data, save_fn=save,
+                     loss_fn=lambda module, batch: causal_lm_loss(module, batch, cfg.model.loss_chunk_tokens),
                      pad_id=tok.pad_token_id, scalars_fn=scalars)
 
 

@@ -43,19 +43,19 @@ def sample_weights(data, negative: np.ndarray, alpha: float) -> np.ndarray:
     return np.where(negative, alpha, -1.0).astype(np.float32) / np.maximum(targets, 1)
 
 
-def redi_loss(module: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
+def redi_loss(module: torch.nn.Module, batch: dict, chunk: int = 0) -> tuple[torch.Tensor, dict]:
     """Sample unit: the sum over samples of the REDI objective; batch["weight"] holds each sample's weight at
     its positions."""
-    lp, mask = token_logprobs(module, batch)
+    lp, mask = token_logprobs(module, batch, chunk)
     w = batch["weight"][:, 1:].to(lp.dtype) * mask
     terms = w * lp
     return terms.sum(), {"pos": terms[w < 0].sum().detach(), "neg": terms[w > 0].sum().detach()}
 
 
-def redi_pair_loss(module: torch.nn.Module, batch: dict, alpha: float) -> tuple[torch.Tensor, dict]:
+def redi_pair_loss(module: torch.nn.Module, batch: dict, alpha: float, chunk: int = 0) -> tuple[torch.Tensor, dict]:
     """Pair unit: the sum over pairs of -l(y+)/|y+| + alpha l(y-)/|y-|; rows 0..B-1 the positives, B..2B-1
     their negatives (`PairSet.batch`)."""
-    total, tokens = sequence_logprobs(module, batch)
+    total, tokens = sequence_logprobs(module, batch, chunk)
     per_token = total / tokens.clamp(min=1)
     half = per_token.shape[0] // 2
     pos, neg = -per_token[:half].sum(), alpha * per_token[half:].sum()
@@ -70,13 +70,15 @@ def build(cfg: RediConfig, ds_cfg: dict) -> TrainTask:
             print(f"[redi] unit pair, alpha {cfg.redi.alpha}", flush=True)
         model, save = lora_model(cfg, ds_cfg, "redi")
         return TrainTask(name="redi", model=model, data=pairs, pad_id=tok.pad_token_id, units=len,
-                         loss_fn=lambda engine, batch: redi_pair_loss(engine, batch, cfg.redi.alpha),
+                         loss_fn=lambda engine, batch: redi_pair_loss(engine, batch, cfg.redi.alpha,
+                                                                        cfg.model.loss_chunk_tokens),
                          collate_fn=lambda idx: pairs.batch(idx, tok.pad_token_id, labels=True),
                          save_fn=lambda module, out: {**save(module, out), **stats, "unit": "pair"})
     data, tok = load_stage_data("redi", cfg, labels=("pos", "neg"))
     weights = sample_weights(data, is_negative(cfg, data), cfg.redi.alpha)
     model, save = lora_model(cfg, ds_cfg, "redi")
-    return TrainTask(name="redi", model=model, data=data, loss_fn=redi_loss, pad_id=tok.pad_token_id, units=len,
+    return TrainTask(name="redi", model=model, data=data, pad_id=tok.pad_token_id, units=len,
+                     loss_fn=lambda module, batch: redi_loss(module, batch, cfg.model.loss_chunk_tokens),
                      collate_fn=collate_with_values(data, weights, "weight", tok.pad_token_id, cfg.data.packing,
                                                     cfg.data.mask_prompt),
                      save_fn=lambda module, out: {**save(module, out), "samples": len(data), "unit": "sample"})

@@ -85,19 +85,20 @@ def build_sft(cfg: TrainStageConfig, ds_cfg: dict, labels: tuple[str, ...], name
     """Causal-LM fine-tuning on rationales with `labels` (stage sft; stage neg is labels=(neg,))."""
     data, tok = load_stage_data(name, cfg, labels=labels)
     model, save = full_model(cfg, ds_cfg, tok) if full else lora_model(cfg, ds_cfg, name)
-    loss_fn, collate_fn = causal_lm_loss, None
+    chunk = cfg.model.loss_chunk_tokens
+    loss_fn, collate_fn = (lambda module, batch: causal_lm_loss(module, batch, chunk)), None
     if unlikelihood > 0:
         collate_fn = collate_with_values(data, is_negative(cfg, data), "neg", tok.pad_token_id, cfg.data.packing,
                                          cfg.data.mask_prompt)
-        loss_fn = lambda module, batch: unlikelihood_loss(module, batch, unlikelihood)  # noqa: E731
+        loss_fn = lambda module, batch: unlikelihood_loss(module, batch, unlikelihood, chunk)  # noqa: E731
     return TrainTask(name=name, model=model, data=data, loss_fn=loss_fn, pad_id=tok.pad_token_id, full_weights=full,
                      collate_fn=collate_fn,
                      save_fn=lambda module, out, **state: {**save(module, out, **state), "samples": len(data)})
 
 
-def unlikelihood_loss(module: torch.nn.Module, batch: dict, weight: float) -> tuple[torch.Tensor, dict]:
+def unlikelihood_loss(module: torch.nn.Module, batch: dict, weight: float, chunk: int = 0) -> tuple[torch.Tensor, dict]:
     """Sum of CE over positive target tokens + weight * sum of -log(1 - p) over negative ones."""
-    lp, mask = token_logprobs(module, batch)
+    lp, mask = token_logprobs(module, batch, chunk)
     lp, neg = lp[mask], batch["neg"][:, 1:][mask]
     ce = -(lp[~neg]).sum()
     ul = -torch.log1p(-lp[neg].exp().clamp(max=1 - 1e-6)).sum()
