@@ -193,3 +193,20 @@ def test_each_shipped_config_totals_its_hand_arithmetic(family, stage):
     cfg = load_config(cls, REPO / "configs" / family / f"{stage}.yaml")
     plan = make_plan(stage, cfg, nodes, 8, 80, config_file=str(REPO / "configs" / family / f"{stage}.yaml"))
     assert plan.total == pytest.approx(_hand_total(family, stage, 8 * nodes), rel=1e-9)
+
+
+@pytest.mark.xfail(strict=True, reason="the plan is 15-21% low here (20.3 GiB): the fp32 logits copies of HF's "
+                   "loss path, RMSNorm's fp32 saved tensors, the recomputed layer's backward buffers and allocator "
+                   "fragmentation are not modelled yet, and no GPU run has measured which of them it is (issue 26)")
+def test_the_plan_matches_longloras_measured_lora_peak():
+    """LongLoRA (Chen et al. 2023, arXiv 2309.12307, its efficiency table): plain LoRA r 8 on q/k/v/o of
+    Llama-2-7B, bf16, ZeRO-2 on 8 GPUs, 8,192 tokens per GPU, gradient checkpointing, FlashAttention-2:
+    a measured peak of 25.7 GB per GPU. Required: the plan within +-10%."""
+    from train.config import SftConfig
+
+    cfg = load_config(SftConfig, LLAMA / "sft.yaml", ["data.max_tokens=8192", "model.gradient_checkpointing=true",
+                                                        "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]",
+                                                        "optim.global_batch_tokens=0"])
+    plan = make_plan("sft", cfg, nodes=1, gpn=8, gpu_mem=80, model="llama-2-7b")
+    planned_gb = (plan.total + 2 * GIB) / 1e9  # with the CUDA context, as a GPU's own counter reports it
+    assert planned_gb == pytest.approx(25.7, rel=0.10)

@@ -167,9 +167,10 @@ class Plan:
 
     def render(self) -> str:
         lines = [f"[plan] {self.stage}: {self.header}"]
-        lines += [f"  {what:<72} {b / GIB:8.2f} GiB" for what, b in self.memory]
+        width = max([72, *(len(what) for what, _ in self.memory)])
+        lines += [f"  {what:<{width}} {b / GIB:8.2f} GiB" for what, b in self.memory]
         verdict = "fits" if self.fits else "DOES NOT FIT"
-        lines.append(f"  {'total per GPU (+ ' + str(CONTEXT_GIB) + ' GiB context)':<72} "
+        lines.append(f"  {'total per GPU (+ ' + str(CONTEXT_GIB) + ' GiB context)':<{width}} "
                      f"{self.total / GIB + CONTEXT_GIB:8.2f} GiB of {self.gpu_mem_gib:g}: {verdict}")
         lines += [f"  {note}" for note in self.notes]
         lines += [f"  PROBLEM: {problem}" for problem in self.problems]
