@@ -202,3 +202,44 @@ def test_attention_defaults_to_the_fastest_installed_kernel_and_refuses_unknown_
     with pytest.raises(ConfigError, match="model.attn_implementation"):
         load_config(importlib.import_module("train.config").SftConfig, None,
                     ["model.path=x", "model.attn_implementation=flash"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.warmup_steps=-5", "optim.warmup_steps: -5 is outside its range [0, inf)"),
+    ("optim.min_lr_ratio=3", "optim.min_lr_ratio: 3 is outside its range [0, 1]"),
+    ("lora.dropout=1.5", "lora.dropout: 1.5 is outside its range [0, 1)"),
+    ("optim.lr=nan", "optim.lr: 'nan' is not a finite number"),
+    ("optim.grad_clip=.inf", "optim.grad_clip: inf is not a finite number"),
+    ("optim.betas=[0.9,1.5]", "optim.betas: 1.5 is outside its range [0, 1)"),
+    ("data.max_tokens=0", "data.max_tokens: 0 is outside its range [1, inf)"),
+    ("engine.keep_last=0", "engine.keep_last: 0 is outside its range [1, inf)"),
+])
+def test_impossible_numbers_are_refused_as_the_config_is_read(override, message):
+    """They trained before (a schedule above its peak with a negative warmup and min_lr_ratio 3) or failed deep
+    inside torch (an lr of NaN, a dropout of 1.5)."""
+    from train.config import NegConfig
+
+    with pytest.raises(ConfigError) as e:
+        load_config(NegConfig, None, ["model.path=m", "data.path=d", "engine.output_dir=o", override])
+    assert message in str(e.value)
+
+
+def test_every_range_names_a_setting_whose_default_is_inside_it():
+    from train.config import RANGES, _check_range
+
+    for cls, ranges in RANGES.items():
+        assert set(ranges) <= {f.name for f in dataclasses.fields(cls)}, cls
+        defaults = cls()
+        for name, interval in ranges.items():
+            value = getattr(defaults, name)
+            for v in value if isinstance(value, list) else [] if value is None else [value]:
+                _check_range(f"{cls.__name__}.{name}", v, interval)
+
+
+def test_a_stage_refuses_an_impossible_setting_in_one_line_before_loading_anything(capsys):
+    from train.cli import main as tdg
+
+    assert tdg(["neg", "--config", "configs/tiny/neg.yaml", "model.path=/nonexistent", "data.path=/nonexistent",
+                "engine.output_dir=/nonexistent/out", "optim.warmup_steps=-5"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.warmup_steps: -5 is outside its range [0, inf)" in err and "Traceback" not in err

@@ -12,7 +12,9 @@ without a dot sets a shared value; a dotted one sets a stage key, as before.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -94,13 +96,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None:
             return None
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: {value!r} is not a finite number")
+            return number
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -118,7 +123,20 @@ def _build(cls: type[T], raw: dict, prefix: str = "") -> T:
                 f"unknown key {prefix}{k!s}; valid keys here: {', '.join(sorted(prefix + f for f in fields))}"
             )
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()}
+    for name, interval in RANGES.get(cls, {}).items():
+        if kwargs.get(name) is not None:
+            for v in kwargs[name] if isinstance(kwargs[name], list) else [kwargs[name]]:
+                _check_range(prefix + name, v, interval)
     return cls(**kwargs)
+
+
+def _check_range(key: str, value: float, interval: str) -> None:
+    """`interval` in the usual notation: "[0, 1)", "(0, inf)"; an error naming the key when `value` is outside."""
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    above = value > low if interval[0] == "(" else value >= low
+    below = value < high if interval[-1] == ")" else value <= high
+    if not (above and below):
+        raise ConfigError(f"{key}: {value:g} is outside its range {interval}")
 
 
 def _validate_tree(obj: Any) -> None:
@@ -277,8 +295,6 @@ class ModelConfig:
     def validate(self) -> None:
         if not self.path:
             raise ConfigError("model.path: required (a local Hugging Face model directory or a cached hub id)")
-        if self.loss_chunk_tokens < 0:
-            raise ConfigError(f"model.loss_chunk_tokens: must be >= 0 (0: no chunks), got {self.loss_chunk_tokens}")
 
 
 @dataclasses.dataclass
@@ -750,3 +766,38 @@ class AblationConfig:
 
     ablation: AblationSection = dataclasses.field(default_factory=AblationSection)
     engine: AblationEngine = dataclasses.field(default_factory=AblationEngine)
+
+
+# Every numeric setting's range, checked as the config is read (file, run.yaml and overrides), the key named.
+# Defaults are inside their ranges; float settings are also refused when NaN or infinite.
+POSITIVE, NON_NEGATIVE, AT_LEAST_1, SHARE = "(0, inf)", "[0, inf)", "[1, inf)", "[0, 1]"
+RANGES: dict[type, dict[str, str]] = {
+    DataConfig: {"max_len": "[2, inf)", "max_tokens": AT_LEAST_1, "group_size": AT_LEAST_1,
+                 "heldout_fraction": "[0, 1)"},
+    ModelConfig: {"loss_chunk_tokens": NON_NEGATIVE},
+    LoraConfig: {"r": AT_LEAST_1, "alpha": POSITIVE, "dropout": "[0, 1)"},
+    OptimConfig: {"lr": POSITIVE, "weight_decay": NON_NEGATIVE, "betas": "[0, 1)", "warmup_steps": NON_NEGATIVE,
+                  "min_lr_ratio": SHARE, "epochs": AT_LEAST_1, "max_steps": NON_NEGATIVE, "grad_clip": NON_NEGATIVE,
+                  "grad_accum": AT_LEAST_1, "global_batch_tokens": NON_NEGATIVE},
+    EngineConfig: {"dist_timeout_minutes": POSITIVE, "save_every": NON_NEGATIVE, "keep_last": AT_LEAST_1,
+                   "log_every": AT_LEAST_1, "peak_tflops": NON_NEGATIVE},
+    SftSection: {"unlikelihood": NON_NEGATIVE},
+    DpoSection: {"beta": POSITIVE, "pairs_per_question": NON_NEGATIVE},
+    RediSection: {"alpha": SHARE, "pairs_per_question": NON_NEGATIVE},
+    NatSection: {"gate_dim": AT_LEAST_1, "beta": NON_NEGATIVE, "temperature": POSITIVE},
+    ScoreSection: {"top_k": AT_LEAST_1, "shard_size": AT_LEAST_1},
+    ScoreEngine: {"dist_timeout_minutes": POSITIVE},
+    DistillSection: {"lam": SHARE, "temperature": POSITIVE, "fixed_beta": SHARE, "top_k": NON_NEGATIVE},
+    RankerSection: {"heldout_fraction": "[0, 1)", "pairs_per_question": NON_NEGATIVE},
+    ServerSection: {"concurrency": AT_LEAST_1, "max_retries": NON_NEGATIVE, "timeout": POSITIVE,
+                    "backoff": NON_NEGATIVE},
+    VllmSection: {"tensor_parallel_size": AT_LEAST_1, "gpu_memory_utilization": "(0, 1]"},
+    EvalSection: {"n": NON_NEGATIVE, "temperature": POSITIVE, "top_p": "(0, 1]", "max_new_tokens": AT_LEAST_1,
+                  "batch_questions": AT_LEAST_1, "max_batch_tokens": NON_NEGATIVE, "grade_timeout": POSITIVE,
+                  "max_questions": NON_NEGATIVE},
+    EvalEngine: {"dist_timeout_minutes": POSITIVE},
+    SampleSection: {"n": AT_LEAST_1, "temperature": POSITIVE, "top_p": "(0, 1]", "max_new_tokens": AT_LEAST_1,
+                    "batch_questions": AT_LEAST_1, "max_batch_tokens": NON_NEGATIVE, "max_questions": NON_NEGATIVE},
+    SampleEngine: {"dist_timeout_minutes": POSITIVE},
+    AblationSection: {"unlikelihood": NON_NEGATIVE, "nproc": AT_LEAST_1},
+}
