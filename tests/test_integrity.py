@@ -128,6 +128,43 @@ def test_resuming_under_a_changed_recipe_is_refused_naming_what_changed(finished
         "config.optim.lr: 0.005 -> 0.0001"]
 
 
+def test_resuming_with_only_monitoring_and_memory_settings_changed_continues(finished, tmp_path, prepared_dir,
+                                                                            base_model_dir, zero3_partitioned):
+    """Loggers, logging cadence, checkpoint retention and gradient checkpointing are not the recipe: a resume
+    that changes them continues (the same adapter as the uninterrupted run) instead of being refused."""
+    out = _resumable_copy(finished, tmp_path)
+    shutil.rmtree(out / "checkpoints" / "step8")  # steps 7 and 8 train again under the new settings
+    args = _neg_args(prepared_dir, base_model_dir, out, zero3_partitioned, "engine.report_to=[]",
+                     "engine.log_every=3", "engine.keep_last=3", "model.gradient_checkpointing=true")
+    result = run_stage("neg", args)
+    _ok(result)
+    assert f"resumed from {out / 'checkpoints' / 'step6'} at step 6" in result.stdout
+    assert "changed_on_resume" not in json.loads((out / "DONE.json").read_text())["metrics"]
+    final = load_file(out / "adapter" / "adapter_model.safetensors")
+    reference = load_file(finished / "adapter" / "adapter_model.safetensors")
+    for k in reference:
+        torch.testing.assert_close(final[k], reference[k], rtol=0, atol=1e-5)
+
+
+def test_every_setting_outside_the_recipe_exists_and_every_other_one_is_guarded():
+    from dataclasses import asdict
+
+    from train.config import DistillConfig, NatConfig
+    from train.engine.checkpoint import RECIPE_EXCLUDED, recipe_changes, recipe_of
+
+    configs = [asdict(NatConfig()), asdict(DistillConfig())]
+    for key in RECIPE_EXCLUDED:  # a misspelt key would guard nothing
+        section, _, name = key.partition(".")
+        assert any(name in c.get(section, {}) for c in configs), key
+    base = asdict(NatConfig())
+    for section, values in base.items():
+        for name, value in values.items():
+            changed = json.loads(json.dumps(base))
+            changed[section][name] = [value, "changed"] if not isinstance(value, list) else [*value, "changed"]
+            diff = recipe_changes(recipe_of(base, {})["config"], recipe_of(changed, {})["config"])
+            assert (diff == []) == (f"{section}.{name}" in RECIPE_EXCLUDED), f"{section}.{name}"
+
+
 def test_a_second_run_into_the_same_output_dir_is_refused(tmp_path, prepared_dir, base_model_dir):
     out = tmp_path / "shared"
     args = _neg_args(prepared_dir, base_model_dir, out, "zero2", "optim.max_steps=40", "engine.save_every=0")
