@@ -165,6 +165,15 @@ def test_every_setting_outside_the_recipe_exists_and_every_other_one_is_guarded(
             assert (diff == []) == (f"{section}.{name}" in RECIPE_EXCLUDED), f"{section}.{name}"
 
 
+def test_a_dir_finished_by_another_stage_is_not_taken_as_done(finished, capsys):
+    from train.cli import main as tdg
+
+    assert tdg(["nat", "--config", "configs/tiny/nat.yaml", "model.path=/m", "data.path=/d",
+                f"nat.neg_adapter={finished}", f"engine.output_dir={finished}"]) == 2
+    err = capsys.readouterr().err
+    assert f"engine.output_dir: {finished} was finished by stage neg, not nat" in err and "Traceback" not in err
+
+
 def test_a_second_run_into_the_same_output_dir_is_refused(tmp_path, prepared_dir, base_model_dir):
     out = tmp_path / "shared"
     args = _neg_args(prepared_dir, base_model_dir, out, "zero2", "optim.max_steps=40", "engine.save_every=0")

@@ -178,9 +178,15 @@ def collate_with_values(data: TokenizedSet, values: np.ndarray, key: str, pad_id
 
 
 def already_done(name: str, out: Path) -> bool:
-    """True if `out` has DONE.json (said once, by the launcher's rank 0: no process group exists yet)."""
-    if read_done(out) is None:
+    """True if `out` has this stage's DONE.json (said once, by the launcher's rank 0: no process group exists
+    yet). Another stage's DONE.json is an error naming both: `nat` pointed at a finished `neg` dir exited 0
+    with nothing written."""
+    done = read_done(out)
+    if done is None:
         return False
+    if done.get("stage", name) != name:
+        raise ConfigError(f"engine.output_dir: {out} was finished by stage {done['stage']}, not {name} "
+                          f"({out / 'DONE.json'}); give stage {name} its own output dir")
     if dist_.launch_rank() == 0:
         print(f"[{name}] {out} already has DONE.json: nothing to do", flush=True)
     return True
