@@ -72,6 +72,34 @@ def test_flat_layout_with_given_labels_and_subjects(tmp_path):
     assert rows["7"]["label"] == "pos" and rows["a1"]["qid"] == rows["a2"]["qid"] != rows["7"]["qid"]
 
 
+def test_rationales_cut_by_the_length_limit_are_left_out_and_counted_never_graded_negative(tmp_path):
+    """`tdg sample` marks a rationale that hit max_new_tokens `finished: false`: it has no final answer because
+    it was cut, not because the teacher was wrong."""
+    from train.data.prepare import format_stats
+
+    f = write_lines(tmp_path / "sampled.jsonl", [
+        {"id": "s0", "question": "q1", "rationale": "so \\boxed{4}", "gold": "4", "finished": True},
+        {"id": "s1", "question": "q1", "rationale": "so 2 + 2 is", "gold": "4", "finished": False},
+        {"id": "s2", "question": "q1", "rationale": "so \\boxed{5}", "gold": "4"},
+        {"id": "s3", "question": "q2", "rationale": "first we", "gold": "7", "finished": False, "subject": "alg"},
+    ])
+    out = tmp_path / "out"
+    stats = prepare(_opts([f], out))
+    rows = {r["id"]: r["label"] for r in _rows(out)}
+    assert rows == {"s0": "pos", "s2": "neg"}  # s1 and s3 are not negatives: they are not there at all
+    assert stats["subjects"]["ALL"]["unfinished"] == 2 and stats["subjects"]["ALL"]["rationales"] == 2
+    assert stats["subjects"]["ALL"]["q_no_pos"] == 0  # q2 had only a cut rationale: not a question without a positive
+    header, *lines = format_stats(stats).splitlines()
+    all_row = next(ln.split() for ln in lines if ln.startswith("ALL "))
+    assert header.split()[5] == "unfin" and all_row[5] == "2"
+    with pytest.raises(InputError, match="every one of the 1 rationales is unfinished"):
+        prepare(_opts([write_lines(tmp_path / "cut.jsonl", [{"question": "q", "rationale": "a", "gold": "1",
+                                                                "finished": False}])], tmp_path / "o2"))
+    bad = write_lines(tmp_path / "bad.jsonl", [{"question": "q", "rationale": "a", "gold": "1", "finished": "no"}])
+    with pytest.raises(InputError, match=r"bad.jsonl:1: field 'finished' must be bool"):
+        prepare(_opts([bad], tmp_path / "o3"))
+
+
 BAD_CASES = {
     "invalid_json": (b'{"question": "q", "answer": "\\\\boxed{1}", "generated_answer": ["x"]', "invalid JSON"),
     "not_utf8": (b'{"question": "q\xff\xfe"}', "not valid UTF-8"),

@@ -59,10 +59,15 @@ class PrepareOptions:
     show_progress: bool = True
 
 
-def _grade(questions: list[Question], opts: PrepareOptions) -> list[dict]:
-    rows, pairs, to_grade = [], [], []
+def _grade(questions: list[Question], opts: PrepareOptions) -> tuple[list[dict], Counter]:
+    """The graded rows, and per subject how many rationales were left out as unfinished (cut by the length
+    limit of the generation that wrote them: their missing ending is not an error of the teacher's)."""
+    rows, pairs, to_grade, unfinished = [], [], [], Counter()
     for q in questions:
         for r in q.rationales:
+            if not r.finished:
+                unfinished[q.subject] += 1
+                continue
             pred = last_boxed(r.text)
             row = {"id": r.id, "qid": q.qid, "subject": q.subject, "level": q.level, "question": q.question,
                    "rationale": r.text, "gold": q.gold, "pred": pred}
@@ -77,7 +82,7 @@ def _grade(questions: list[Question], opts: PrepareOptions) -> list[dict]:
     grades = grade_pairs(pairs, opts.grader, opts.workers, opts.timeout, show_progress=opts.show_progress)
     for i, g in zip(to_grade, grades, strict=True):
         rows[i].update(label="pos" if g.equal else "neg", status="graded" if g.status == OK else g.status)
-    return rows
+    return rows, unfinished
 
 
 def _lengths(rows: list[dict], tokenizer: str | None, prompt: Prompt) -> np.ndarray:
@@ -104,7 +109,8 @@ def length_summary(lens: np.ndarray, tokens: bool) -> dict:
     return out
 
 
-def compute_stats(rows: list[dict], lengths: np.ndarray, length_unit: str) -> dict:
+def compute_stats(rows: list[dict], lengths: np.ndarray, length_unit: str, unfinished: Counter | None = None) -> dict:
+    unfinished = unfinished or Counter()
     by_subject: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(rows):
         by_subject[r["subject"]].append(i)
@@ -121,6 +127,7 @@ def compute_stats(rows: list[dict], lengths: np.ndarray, length_unit: str) -> di
         pos = sum(rows[i]["label"] == "pos" for i in idx)
         table[subject] = {
             "questions": len(labels_by_q), "rationales": len(idx), "positives": pos, "negatives": len(idx) - pos,
+            "unfinished": sum(unfinished.values()) if subject == "ALL" else unfinished[subject],
             "no_boxed": status["no_boxed"], "ungradable": status["timeout"] + status["error"],
             "q_no_pos": sum("pos" not in s for s in labels_by_q.values()),
             "q_no_neg": sum("neg" not in s for s in labels_by_q.values()),
@@ -171,16 +178,16 @@ def format_regime(stats: dict) -> str:
 
 
 def format_stats(stats: dict) -> str:
-    cols = ["questions", "rationales", "positives", "negatives", "no_boxed", "ungradable", "q_no_pos",
+    cols = ["questions", "rationales", "positives", "negatives", "unfinished", "no_boxed", "ungradable", "q_no_pos",
             "q_no_neg", "len_p50", "len_p90", "len_p99", "len_max"]
-    heads = ["subject", "quest", "rats", "pos", "neg", "no_box", "ungrad", "q_no_pos", "q_no_neg",
+    heads = ["subject", "quest", "rats", "pos", "neg", "unfin", "no_box", "ungrad", "q_no_pos", "q_no_neg",
              "p50", "p90", "p99", "max"]
     names = list(stats["subjects"])
     w0 = max(len(n) for n in [*names, "subject"])
     lines = [f"{heads[0]:<{w0}} " + " ".join(f"{h:>8}" for h in heads[1:])]
     for n in names:
         s = stats["subjects"][n]
-        lines.append(f"{n:<{w0}} " + " ".join(f"{s[c]:>8}" for c in cols))
+        lines.append(f"{n:<{w0}} " + " ".join(f"{s.get(c, 0):>8}" for c in cols))
     all_ = stats["subjects"]["ALL"]
     frac = all_["positives"] / max(1, all_["rationales"])
     lines.append(f"positive fraction {frac:.3f}; lengths in {stats['length_unit']}")
@@ -239,10 +246,14 @@ def prepare(opts: PrepareOptions) -> dict:
     if not result.questions:
         raise InputError(", ".join(opts.inputs), None, "no usable records in the input", "empty_input")
     input_files_digest = {str(f): dir_digest(f) if f.is_dir() else file_digest(f) for f in result.files}
-    rows = _grade(result.questions, opts)
+    rows, unfinished = _grade(result.questions, opts)
+    if not rows:
+        raise InputError(", ".join(opts.inputs), None, f"every one of the {sum(unfinished.values())} rationales "
+                         "is unfinished (finished: false): sample again with a larger max_new_tokens", "empty_input")
     tokenizer = resolve_model_ref(opts.tokenizer or "", "--tokenizer") or None  # a dir or a cached hub id
     lengths = _lengths(rows, tokenizer, Prompt(opts.prompt_template, opts.prompt_format, opts.system_prompt))
-    stats = compute_stats(rows, lengths, "tokens" if opts.tokenizer else "words+symbols (approx. tokens)")
+    stats = compute_stats(rows, lengths, "tokens" if opts.tokenizer else "words+symbols (approx. tokens)",
+                          unfinished)
     stats["skipped"] = dict(result.skipped)
     stats["seconds"] = round(time.time() - t0, 2)
 

@@ -9,7 +9,9 @@ one split). In parquet and datasets inputs the place of a problem is `FILE:row N
 TDG layout: `<root>/<subject>/*.jsonl`, each line `{"question", "answer", "generated_answer": [...]}`
 where `answer` is a worked solution whose last `\\boxed{}` is the gold answer.
 Flat layout: records `{"question", "rationale", "gold"}` with optional `"id"`, `"subject"`, `"level"`
-and optional `"label"` (`pos`/`neg`/bool) that, when present, is used instead of grading.
+and optional `"label"` (`pos`/`neg`/bool) that, when present, is used instead of grading, and
+`"finished"` (bool, as `tdg sample` writes it): a rationale cut by the length limit is left out, never
+graded negative.
 
 Each input line's layout is recognised by its fields, so a directory may mix both. A leading
 `Problem:` label on questions and `Solution:` label on rationales is stripped (the TDG files carry
@@ -39,6 +41,7 @@ class Rationale:
     id: str
     text: str
     label: str | None = None  # "pos"/"neg" when the input gave it; None means grade it
+    finished: bool = True  # false: generation hit its length limit before the end (`tdg sample`'s field)
 
 
 @dataclass
@@ -96,8 +99,8 @@ def _natural_key(p: Path) -> list:
 
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
-FIELD_NAMES = ("id", "question", "rationale", "gold", "label", "subject", "level")  # what --fields can map to
-_OPTIONAL_FIELDS = {"id", "label", "subject", "level"}
+FIELD_NAMES = ("id", "question", "rationale", "gold", "label", "subject", "level", "finished")  # --fields targets
+_OPTIONAL_FIELDS = {"id", "label", "subject", "level", "finished"}
 
 
 def is_datasets_dir(path: Path) -> bool:
@@ -203,8 +206,9 @@ def _parse_line(rec: object, subject: str, where: Where) -> Question:
         gold = str(_need(rec, "gold", (str, int, float), where))
         subj = _need(rec, "subject", str, where) if "subject" in rec else subject
         label = _parse_label(rec["label"], where) if "label" in rec else None
+        finished = _need(rec, "finished", bool, where) if rec.get("finished") is not None else True
         q = Question(question_id(question), subj, question, _gold(gold, where), source, level=level)
-        q.rationales = [Rationale(str(rid), rationale, label)]  # no id: numbered per question, as TDG lines
+        q.rationales = [Rationale(str(rid), rationale, label, finished)]  # no id: numbered per question, as TDG
         return q
     raise InputError(
         where[0], where[1],
