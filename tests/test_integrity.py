@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import time
@@ -163,6 +164,42 @@ def test_every_setting_outside_the_recipe_exists_and_every_other_one_is_guarded(
             changed[section][name] = [value, "changed"] if not isinstance(value, list) else [*value, "changed"]
             diff = recipe_changes(recipe_of(base, {})["config"], recipe_of(changed, {})["config"])
             assert (diff == []) == (f"{section}.{name}" in RECIPE_EXCLUDED), f"{section}.{name}"
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler for `sig` (its SigCgt mask in /proc)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(mask >> (sig - 1) & 1)
+
+
+def test_a_stop_signal_during_start_up_requeues_instead_of_failing(tmp_path, prepared_dir, base_model_dir):
+    """SIGUSR1 (Slurm's warning signal) to one worker while it is still starting up (imports, model load):
+    every rank stops at the loop's first check and the job exits 75, to be requeued. The worker used to die
+    of it (exit -10), a failure to the launcher, so nothing requeued. The signal goes out as soon as the
+    worker has a handler, or after 3 s without one (the model is not loaded by then)."""
+    import psutil
+
+    out = tmp_path / "neg"
+    proc = subprocess.Popen(stage_cmd("neg", _neg_args(prepared_dir, base_model_dir, out, "zero2")),
+                            env=stage_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while len(workers := [c for c in psutil.Process(proc.pid).children() if "train" in " ".join(c.cmdline())]) < 2:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    started = time.time()
+    while not _catches(workers[-1].pid, signal.SIGUSR1) and time.time() < started + 3:
+        time.sleep(0.005)
+    assert not (out / "checkpoints").exists()  # still starting up
+    workers[-1].send_signal(signal.SIGUSR1)
+    stdout, _ = proc.communicate(timeout=300)
+    # torchrun reports its workers' exit codes (srun, as slurm/launch.sh runs them, passes 75 on)
+    codes = {int(c) for c in re.findall(r"exitcode\s*:\s*(-?\d+)", stdout)}
+    assert codes == {75} and "stop requested: checkpointed at step 0; exit 75" in stdout, stdout[-3000:]
+    assert not (out / "DONE.json").exists()
 
 
 def test_a_dir_finished_by_another_stage_is_not_taken_as_done(finished, capsys):

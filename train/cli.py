@@ -391,6 +391,15 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def entry() -> int:
+    """The `tdg` command: a stage's process catches stop signals from the start (as `python -m train` does)."""
+    from train.engine.signals import STOPPABLE_COMMANDS, catch_stop_signals
+
+    if sys.argv[1:2] and sys.argv[1] in STOPPABLE_COMMANDS:
+        catch_stop_signals()
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:

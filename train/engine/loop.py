@@ -347,7 +347,9 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
     exit_code = 0
     engine.train()
     with StopRequest() as stop:
-        while pos.epoch < cfg.optim.epochs and pos.global_step < total_steps:
+        if dist_.any_rank(stop.requested, device):  # signalled while starting up: nothing new to save
+            exit_code = EXIT_CHECKPOINTED
+        while not exit_code and pos.epoch < cfg.optim.epochs and pos.global_step < total_steps:
             batches = batcher.batches(pos.epoch)
             cursor = batcher.batch_index_at(pos.epoch, pos.samples_in_epoch)
             while cursor + per_step <= len(batches) and pos.global_step < total_steps:

@@ -1,7 +1,11 @@
 """Stop requests: SIGUSR1 (Slurm's `--signal=B:USR1@N` forwarded by our launcher) or SIGTERM.
 
-The handler only sets a flag; the loop all-reduces it after every optimizer step so all ranks
-stop after the same step, write a checkpoint and exit with EXIT_CHECKPOINTED.
+A handler only sets a flag; a stage's loop all-reduces it after every unit of work (an optimizer step, a
+shard, a batch of questions) so all ranks stop at the same point, save and exit with EXIT_CHECKPOINTED.
+A stage's worker catches the signals from its first line (`catch_stop_signals`, before torch is imported):
+a signal that arrives while it starts up or loads its model is remembered, and the loop's first check
+stops every rank with nothing new to save, instead of the signal killing the worker (exit -10: a failure
+to the launcher, and nothing requeued).
 """
 
 from __future__ import annotations
@@ -10,6 +14,21 @@ import signal
 
 # EX_TEMPFAIL from sysexits.h: "temporary failure, retry". The Slurm launcher requeues on it.
 EXIT_CHECKPOINTED = 75
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# the commands whose loops read the flag (a command that never reads it must keep SIGTERM's default)
+STOPPABLE_COMMANDS = ("sft", "neg", "nat", "score", "distill", "dpo", "redi", "ranker", "eval", "sample")
+_received: int | None = None  # the stop signal caught by catch_stop_signals, if any
+
+
+def catch_stop_signals() -> None:
+    """From now on this process remembers a stop signal instead of dying of it."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _remember)
+
+
+def _remember(signum, frame) -> None:
+    global _received
+    _received = signum
 
 
 class StopRequest:
@@ -18,7 +37,7 @@ class StopRequest:
         self._previous = {}
 
     def __enter__(self) -> StopRequest:
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -27,7 +46,8 @@ class StopRequest:
 
     @property
     def requested(self) -> bool:
-        return self.signum is not None
+        """A stop signal arrived in the block, or before it since catch_stop_signals (start-up)."""
+        return self.signum is not None or _received is not None
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
