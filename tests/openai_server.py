@@ -13,8 +13,9 @@ import torch
 
 
 class OpenAIServer:
-    """`faults`: a queue consumed one per request ("429", "500", "stall", "malformed"); `always_fail`: prompts
-    containing one of these strings always get a 500. `requests` and `auth` record what arrived."""
+    """`faults`: a queue consumed one per request ("400", "429", "500", "stall", "malformed"); `always_fail`:
+    prompts containing one of these strings always get a 500; `max_n` > 0: at most that many completions per
+    request, whatever n asks (as some servers do). `requests` and `auth` record what arrived."""
 
     def __init__(self, model_dir: Path, stall_seconds: float = 5.0):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -23,6 +24,7 @@ class OpenAIServer:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
         self.faults: list[str] = []
         self.always_fail: set[str] = set()
+        self.max_n = 0
         self.requests: list[dict] = []
         self.auth: set[str] = set()
         self.stall_seconds = stall_seconds
@@ -39,8 +41,8 @@ class OpenAIServer:
                     server.requests.append(body)
                     server.auth.add(self.headers.get("Authorization", ""))
                     fault = server.faults.pop(0) if server.faults else None
-                if fault in ("429", "500") or any(s in body.get("prompt", "") for s in server.always_fail):
-                    code = 429 if fault == "429" else 500
+                if fault in ("400", "429", "500") or any(s in body.get("prompt", "") for s in server.always_fail):
+                    code = int(fault) if fault in ("400", "429") else 500
                     return self._send(code, json.dumps({"error": {"message": f"injected {code}", "type": "x"}}))
                 if fault == "stall":
                     time.sleep(server.stall_seconds)  # longer than the client's timeout
@@ -68,6 +70,7 @@ class OpenAIServer:
         """/v1/completions: n sampled continuations of the prompt text (BOS added, as the model was trained)."""
         ids = [self.tok.bos_token_id, *self.tok(body["prompt"], add_special_tokens=False)["input_ids"]]
         n, new = int(body.get("n", 1)), int(body.get("max_tokens", 16))
+        n = min(n, self.max_n) if self.max_n else n
         torch.manual_seed(int(body.get("seed") or 0))
         with torch.no_grad(), self.gen_lock:  # one generation at a time; requests still arrive
             temperature = float(body["temperature"])

@@ -81,12 +81,17 @@ def test_openai_backend_retries_faults_and_reports_what_it_gave_up_on(tmp_path, 
             "engine.progress=false"]
     with OpenAIServer(base_model_dir, stall_seconds=4.0) as server:
         args += ["--base-url", server.url]
-        # one question the server always fails: given up on after the retries, named; the others are kept
+        # one question the server always fails: given up on after the retries, named; the others are written,
+        # and the status says the output is partial (3); with --require-all it is an error (2)
         server.always_fail = {qs[1].question}
-        r = run_stage("sample", args, nproc=1)
+        r = run_stage("sample", [*args, "--require-all"], nproc=1)
         assert r.returncode == 2 and "gave up on 1 of 4 questions after 5 retries" in r.stderr
+        assert not (out / "rationales.jsonl").exists()
+        r = run_stage("sample", args, nproc=1)
+        assert r.returncode == 3 and "gave up on 1 of 4 questions after 5 retries" in r.stderr, r.stderr[-2000:]
         failures = json.loads((out / "failures.json").read_text())
         assert list(failures) == [qs[1].qid] and "InternalServerError" in failures[qs[1].qid]
+        _one_per_question_and_sample(_lines(out), [q.qid for q in qs if q is not qs[1]], 2)
         assert not (out / "DONE.json").exists()
         # the rerun asks for that question only, through every kind of fault
         server.always_fail = set()
@@ -103,6 +108,28 @@ def test_openai_backend_retries_faults_and_reports_what_it_gave_up_on(tmp_path, 
         assert "sk-test-secret" not in f.read_text()
     assert "sk-test-secret" not in r.stdout + r.stderr
     assert stage_env()["TDG_TEST_KEY"] == "sk-test-secret-0123"
+
+
+@pytest.mark.slow
+def test_a_server_capping_n_is_asked_again_and_a_bad_request_is_not_retried(tmp_path, synthetic_raw,
+                                                                             base_model_dir):
+    qs = _questions(synthetic_raw, tmp_path / "q.jsonl", 3)
+    out = tmp_path / "samples"
+    args = ["--backend", "openai", "--model", "tiny", "--questions", str(tmp_path / "q.jsonl"), "--num-samples", "3",
+            "--output", str(out), "sample.max_new_tokens=8", "sample.server.backoff=0.05",
+            "sample.server.max_retries=5", "sample.server.concurrency=1", "engine.progress=false"]
+    with OpenAIServer(base_model_dir) as server:
+        args += ["--base-url", server.url]
+        server.max_n, server.faults = 1, ["400"]  # one completion per request at most; the first request is bad
+        r = run_stage("sample", args, nproc=1)
+        assert r.returncode == 3, r.stderr[-3000:]
+        failures = json.loads((out / "failures.json").read_text())
+        assert len(failures) == 1 and "HTTP 400" in next(iter(failures.values()))
+        asked = [b["prompt"] for b in server.requests]
+        failed_prompt = asked[0]  # a 400 is the request's fault: never sent again in this run
+        assert asked.count(failed_prompt) == 1
+        assert sorted(b["n"] for b in server.requests[1:]) == [1, 1, 1, 1, 3, 3]  # n 3, then 2 more of n 1, x2
+    _one_per_question_and_sample(_lines(out), [q.qid for q in qs if q.qid not in failures], 3)
 
 
 @pytest.mark.slow

@@ -191,22 +191,32 @@ def choose_backend(backend: str, base_url: str, model: str) -> str:
     return "vllm" if vllm_usable() and (Path(model) / "config.json").is_file() else "hf"
 
 
-def raise_if_gave_up(failures: dict[str, str], out: Path, total: int, max_retries: int) -> None:
-    """Collective: every rank's failed questions; if any, rank 0 lists them in out/failures.json and every rank
-    raises (none is left waiting in a collective), else a failures.json of an earlier run is removed."""
+def gather_failures(failures: dict[str, str], out: Path) -> dict[str, str]:
+    """Collective: every rank's failed questions (qid -> why), listed by rank 0 in out/failures.json; with none,
+    a failures.json of an earlier run is removed."""
     from train.engine import distributed as dist_
-    from train.errors import TdgError
 
     failures = {k: v for part in dist_.all_gather_object(failures) for k, v in part.items()}
     listed = out / "failures.json"
-    if failures:
-        if dist_.is_main():
+    if dist_.is_main():
+        if failures:
             listed.write_text(json.dumps(failures, indent=1))
+        else:
+            listed.unlink(missing_ok=True)
+    return failures
+
+
+def raise_if_gave_up(failures: dict[str, str], out: Path, total: int, max_retries: int) -> None:
+    """Collective: if any rank gave up on a question, every rank raises naming out/failures.json (none is left
+    waiting in a collective)."""
+    from train.errors import TdgError
+
+    failures = gather_failures(failures, out)
+    listed = out / "failures.json"
+    if failures:
         raise TdgError(f"{out}: gave up on {len(failures)} of {total} questions after {max_retries} retries each "
                        f"(first: {next(iter(failures.values()))}); every one is in {listed}; the others are "
                        "saved, and a rerun asks again for these only")
-    if dist_.is_main():
-        listed.unlink(missing_ok=True)
 
 
 def make_backend(name: str, model: str, prompt: Prompt, device, dtype, server: ServerSection, vllm,
@@ -283,9 +293,13 @@ class OpenAIBackend:
         else:
             r = self.client.completions.create(prompt=user, **common)
             texts = [c.text for c in r.choices]
-        if len(r.choices) != s.n or any(not isinstance(t, str) for t in texts):
+        if len(r.choices) > s.n or (s.n == 1 and not r.choices) or any(not isinstance(t, str) for t in texts):
             raise ValueError(f"the server returned {len(r.choices)} completions, {s.n} asked for")
-        return Sampled(texts, [c.finish_reason == "stop" for c in r.choices])
+        finished = [c.finish_reason == "stop" for c in r.choices]
+        while len(texts) < s.n:  # a server that caps n (or ignores it): the rest one completion per request
+            more = self._request(question, replace(s, n=1), seed + len(texts))
+            texts, finished = texts + more.texts, finished + more.finished
+        return Sampled(texts, finished)
 
     def _one(self, question: str, s: SamplingSettings, seed: int) -> Sampled:
         o = self.openai

@@ -133,7 +133,8 @@ STAGES["ablation"] = ("does negative data help? train and evaluate every baselin
 
 SAMPLE_SHORTCUTS = {"model": "sample.model", "questions": "sample.questions", "fields": "sample.fields",
                     "n": "sample.n", "temperature": "sample.temperature", "backend": "sample.backend",
-                    "base_url": "sample.server.base_url", "output": "engine.output_dir"}
+                    "base_url": "sample.server.base_url", "output": "engine.output_dir",
+                    "require_all": "sample.require_all"}
 EVAL_SHORTCUTS = {"model": "eval.model", "test": "eval.test", "ranker": "eval.ranker", "n": "eval.n",
                   "fields": "eval.fields", "output": "engine.output_dir"}
 
@@ -209,6 +210,9 @@ def _add_stage(sub, name: str) -> None:
         p.add_argument("--base-url", metavar="URL", help="an OpenAI-compatible server, e.g. http://node:8000/v1 "
                        "(sample.server.base_url); its key is read from $OPENAI_API_KEY (sample.server.api_key_env)")
         p.add_argument("--output", metavar="DIR", help="output directory (engine.output_dir)")
+        p.add_argument("--require-all", action="store_true", default=None,
+                       help="fail (exit 2) when any question failed after every retry (sample.require_all); by "
+                            "default the others are written, the failed ones listed in failures.json, exit 3")
     if name == "eval":  # the common case without a config file
         p.add_argument("--model", metavar="DIR", help="model to evaluate (eval.model): a model dir, a hub id in "
                        "the local HF cache, or a stage output (adapter/, model/ or NAT)")

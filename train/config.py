@@ -696,6 +696,9 @@ class SampleSection:
     prompt_template: str = ""  # empty: the model's recorded prompt (hf), else the default template
     prompt_format: Literal["", "plain", "chat"] = ""  # empty: the model's recorded format (hf), else plain
     system_prompt: str = ""  # chat: the system message
+    # false: questions the server failed on after every retry are listed in failures.json, the rest written to
+    # rationales.jsonl, and the exit status is 3 (a rerun asks again for the failed ones only); true: exit 2
+    require_all: bool = False
 
     def validate(self) -> None:
         if not self.model or not self.questions:

@@ -18,13 +18,22 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from train.backends import Sampled, SamplingSettings, choose_backend, is_served, make_backend, raise_if_gave_up
+from train.backends import (
+    Sampled,
+    SamplingSettings,
+    choose_backend,
+    gather_failures,
+    is_served,
+    make_backend,
+    raise_if_gave_up,
+)
 from train.config import SampleConfig
 from train.data.prompt import Prompt, recorded_prompt
 from train.data.readers import Question, parse_fields, read_test_questions
@@ -36,6 +45,9 @@ from train.manifest import dir_digest, file_digest, write_done
 from train.models.hub import resolve_model_ref
 from train.progress import progress
 from train.stages.common import already_done, open_output
+
+# some questions failed after every retry: the others are written, the failed ones listed (rerun for them)
+EXIT_PARTIAL = 3
 
 OUTPUT = "rationales.jsonl"
 
@@ -151,14 +163,24 @@ def main(cfg: SampleConfig) -> int:
                 return EXIT_CHECKPOINTED
     bar.close()
     retries = sum(dist_.all_gather_object(getattr(backend, "retries", 0)))
-    raise_if_gave_up(failures, out, len(questions), s.server.max_retries)
+    if s.require_all:
+        raise_if_gave_up(failures, out, len(questions), s.server.max_retries)
+    failed = gather_failures(failures, out)
     if dist_.is_main():
-        _finish(cfg, out, questions, retries, name, t0)
+        _finish(cfg, out, [q for q in questions if q.qid not in failed], retries, name, t0, partial=bool(failed))
+        if failed:
+            print(f"[sample] gave up on {len(failed)} of {len(questions)} questions after {s.server.max_retries} "
+                  f"retries each (first: {next(iter(failed.values()))}); they are listed in {out / 'failures.json'}, "
+                  f"the other {len(questions) - len(failed)} are in {out / OUTPUT}; exit {EXIT_PARTIAL}: rerun to ask "
+                  "again for the failed ones only (--require-all makes this an error)", file=sys.stderr, flush=True)
     dist_.barrier()
-    return 0
+    return EXIT_PARTIAL if failed else 0
 
 
-def _finish(cfg: SampleConfig, out: Path, questions: list[Question], retries: int, backend: str, t0: float) -> None:
+def _finish(cfg: SampleConfig, out: Path, questions: list[Question], retries: int, backend: str, t0: float,
+            partial: bool = False) -> None:
+    """rationales.jsonl of `questions` (each with its n rationales), then DONE.json unless `partial` (some
+    questions failed: a rerun must ask again for them)."""
     by_qid: dict[str, list[str]] = {}
     for qid, line in part_lines(out):
         by_qid.setdefault(qid, []).append(line)
@@ -177,6 +199,8 @@ def _finish(cfg: SampleConfig, out: Path, questions: list[Question], retries: in
     metrics = {"questions": len(questions), "rationales": len(lines), "backend": backend, "retries": retries,
                "unfinished_fraction": unfinished / max(1, len(lines)), "seconds": round(time.time() - t0, 2),
                "world_size": dist_.world(), "with_gold": sum(bool(q.gold) for q in questions)}
+    if partial:
+        return
     write_done(out, stage="sample", config=asdict(cfg), metrics=metrics,
                inputs={"questions": file_digest(src) if src.is_file() else dir_digest(src)})
     print(f"[sample] done: {len(lines)} rationales for {len(questions)} questions in {metrics['seconds']:.0f} s "
