@@ -43,10 +43,11 @@ def on_cpu() -> bool:
     return os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
 
 
-def setup(timeout_minutes: float = 60) -> torch.device:
+def setup(timeout_minutes: float = 60, use_deepspeed: bool = True) -> torch.device:
     """Initialise the process group (once) and return this rank's device. Collectives wait up to
     `timeout_minutes` (engine.dist_timeout_minutes) before failing: long enough for rank 0 to write a
-    large save or convert a universal checkpoint while the others wait at a barrier."""
+    large save or convert a universal checkpoint while the others wait at a barrier. Without `use_deepspeed`
+    (eval, sample) plain torch.distributed is set up: no DeepSpeed import, no op to build."""
     _env_from_slurm()
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -54,6 +55,12 @@ def setup(timeout_minutes: float = 60) -> torch.device:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:  # a single process: any free port will do
         os.environ["MASTER_PORT"] = str(free_port())
+    if not use_deepspeed:  # eval and sample: nothing trains, so no DeepSpeed (its CPU op needs a compiler)
+        if not dist.is_initialized():
+            dist.init_process_group("gloo" if on_cpu() else "nccl",
+                                    timeout=datetime.timedelta(minutes=timeout_minutes))
+            atexit.register(_shutdown)
+        return _device()
     if on_cpu():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
@@ -67,6 +74,11 @@ def setup(timeout_minutes: float = 60) -> torch.device:
         deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl", verbose=False, timeout=timeout)
         _clone_world_group(timeout)
         atexit.register(_shutdown)  # on every way out: return, error exit, uncaught exception
+    return _device()
+
+
+def _device() -> torch.device:
+    """This rank's device (its local GPU, selected), or the CPU."""
     if on_cpu():
         return torch.device("cpu")
     local = int(os.environ["LOCAL_RANK"])

@@ -63,7 +63,7 @@ def open_output(name: str, cfg, out: Path) -> torch.device:
     write the resolved config.yaml (rank 0) before any rank goes on."""
     from train.config import save_config
 
-    device = dist_.setup(cfg.engine.dist_timeout_minutes)
+    device = dist_.setup(cfg.engine.dist_timeout_minutes, use_deepspeed=False)  # nothing trains here
     output_lock.hold(out, name)
     if dist_.is_main():
         out.mkdir(parents=True, exist_ok=True)
