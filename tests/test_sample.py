@@ -56,12 +56,25 @@ def test_sample_prepare_neg_end_to_end_and_resume(tmp_path, synthetic_raw, base_
     assert r.returncode == 0, r.stderr[-3000:]
     assert "already done" in r.stdout
     _one_per_question_and_sample(_lines(out), [q.qid for q in qs], 3)
-    # the loop: prepare grades the sampled rationales, neg trains on the wrong ones
-    r = run_stage("prepare", ["--input", str(out / "rationales.jsonl"), "--output", str(tmp_path / "prepared"),
-                              "--workers", "1", "--grader", "hendrycks", "--no-progress"], nproc=1)
-    assert r.returncode == 0, r.stderr[-3000:]
-    stats = json.loads((tmp_path / "prepared" / "stats.json").read_text())["subjects"]["ALL"]
-    assert stats["rationales"] == 15 and stats["negatives"] > 0
+    # the loop: prepare grades the sampled rationales (leaving out the ones cut by max_new_tokens), neg trains
+    # on the wrong ones
+    def prepared(source):
+        r = run_stage("prepare", ["--input", str(source), "--output", str(tmp_path / source.stem), "--workers", "1",
+                                  "--grader", "hendrycks", "--no-progress"], nproc=1)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return json.loads((tmp_path / source.stem / "stats.json").read_text())["subjects"]["ALL"]
+
+    cut = sum(not r["finished"] for r in _lines(out))
+    if cut < 15:
+        stats = prepared(out / "rationales.jsonl")
+        assert stats["unfinished"] == cut and stats["rationales"] == 15 - cut
+    # a random tiny model rarely ends a rationale within 24 tokens: count them all finished, so that neg has
+    # negatives to train on (test_prepare covers the unfinished ones)
+    whole = tmp_path / "whole.jsonl"
+    whole.write_text("".join(json.dumps({**r, "finished": True}) + "\n" for r in _lines(out)))
+    stats = prepared(whole)
+    assert stats["rationales"] == 15 and stats["unfinished"] == 0 and stats["negatives"] > 0
+    (tmp_path / "whole").rename(tmp_path / "prepared")
     r = run_stage("neg", ["--config", "configs/tiny/neg.yaml", f"model.path={base_model_dir}",
                           f"data.path={tmp_path / 'prepared'}", f"engine.output_dir={tmp_path / 'neg'}",
                           "optim.max_steps=2", "engine.progress=false", "data.max_tokens=512"], nproc=1)
