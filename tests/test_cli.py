@@ -78,3 +78,16 @@ def test_demo_runs_every_stage_end_to_end(tmp_path):
     assert (out / "ablation" / "ablation.png").read_bytes()[:4] == b"\x89PNG"
     # a rerun resumes: 10 demo stages (3 evals) + 11 ablation trainings + 10 ablation evals, all found finished
     assert again.returncode == 0 and again.stdout.count("already has DONE.json") == 31
+
+
+def test_version_and_evals_backend_flags(capsys):
+    from train import __version__
+    from train.cli import main as tdg
+
+    with pytest.raises(SystemExit) as e:
+        tdg(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"tdg {__version__}"
+    for key, want in (("eval.backend", "openai"), ("eval.server.base_url", "http://node:8000/v1")):
+        assert tdg(["eval", "--model", "m", "--test", "t.jsonl", "--backend", "openai", "--base-url",
+                    "http://node:8000/v1", "--print", key]) == 0
+        assert capsys.readouterr().out.strip() == want

@@ -136,7 +136,8 @@ SAMPLE_SHORTCUTS = {"model": "sample.model", "questions": "sample.questions", "f
                     "base_url": "sample.server.base_url", "output": "engine.output_dir",
                     "require_all": "sample.require_all"}
 EVAL_SHORTCUTS = {"model": "eval.model", "test": "eval.test", "ranker": "eval.ranker", "n": "eval.n",
-                  "fields": "eval.fields", "output": "engine.output_dir"}
+                  "fields": "eval.fields", "output": "engine.output_dir", "backend": "eval.backend",
+                  "base_url": "eval.server.base_url"}
 
 
 def config_keys_help(cls) -> str:
@@ -226,6 +227,10 @@ def _add_stage(sub, name: str) -> None:
                             "--num-samples (torchrun's own parser takes --n for one of its options)")
         p.add_argument("--output", metavar="DIR", help="output directory (engine.output_dir; default "
                        "MODEL/eval-<test name>)")
+        p.add_argument("--backend", choices=["auto", "hf", "vllm", "openai"], help="eval.backend (default auto: "
+                       "openai when --base-url is given, else vllm when it imports and a GPU is here, else hf)")
+        p.add_argument("--base-url", metavar="URL", help="an OpenAI-compatible server serving the model "
+                       "(eval.server.base_url); its key is read from $OPENAI_API_KEY (eval.server.api_key_env)")
 
 
 def _add_export(sub) -> None:
@@ -279,8 +284,11 @@ def _add_pipeline_stage(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from train import __version__
+
     parser = argparse.ArgumentParser(
         prog="tdg", description="Distill reasoning from LLMs with negative data (NAT, NCE, ASC).")
+    parser.add_argument("--version", action="version", version=f"tdg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_prepare(sub)
     _add_demo(sub)
