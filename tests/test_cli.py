@@ -91,3 +91,20 @@ def test_version_and_evals_backend_flags(capsys):
         assert tdg(["eval", "--model", "m", "--test", "t.jsonl", "--backend", "openai", "--base-url",
                     "http://node:8000/v1", "--print", key]) == 0
         assert capsys.readouterr().out.strip() == want
+
+
+def test_errors_in_the_users_words(tmp_path, capsys):
+    """The flag the user typed, not the config key behind it; a teacher name without a server says how."""
+    from train.cli import main as tdg
+
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"problem": "What is 1+1?", "solution": "\\boxed{2}"}) + "\n")
+    assert tdg(["sample", "--model", "teacher", "--questions", str(q)]) == 2
+    assert "tdg sample: --output DIR is required" in capsys.readouterr().err
+    assert tdg(["sample", "--model", "teacher", "--questions", str(q), "--output", str(tmp_path / "s")]) == 2
+    assert "sample.model: teacher does not exist here; for a model served by an OpenAI-compatible server pass " \
+           "--base-url URL" in capsys.readouterr().err
+    flat = tmp_path / "flat.jsonl"
+    flat.write_text(json.dumps({"question": "q", "rationale": "\\boxed{2}", "gold": "2"}) + "\n")
+    assert tdg(["prepare", "--input", str(flat), "--output", str(tmp_path / "p"), "--prompt-format", "chat"]) == 2
+    assert "--prompt-format chat needs --tokenizer" in capsys.readouterr().err

@@ -354,6 +354,8 @@ def _run(args: argparse.Namespace) -> int:
         _, module, cls_name = STAGES[args.command]
         overrides = list(args.overrides)
         if args.command == "sample":
+            if not (args.output or args.config or any(o.startswith("engine.output_dir=") for o in overrides)):
+                raise TdgError("tdg sample: --output DIR is required (where rationales.jsonl is written)")
             overrides = [f"{key}={getattr(args, flag)}" for flag, key in SAMPLE_SHORTCUTS.items()
                          if getattr(args, flag) is not None] + overrides
         if args.command == "eval":

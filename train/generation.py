@@ -19,21 +19,23 @@ from train.config import ModelConfig
 from train.errors import ConfigError
 
 
-def check_generator(path: str | Path) -> None:
-    """Refuse, before anything is created or loaded, an eval.model that is missing or not a generator."""
+def check_generator(path: str | Path, key: str = "eval.model") -> None:
+    """Refuse, before anything is created or loaded, a generator (`key`: eval.model, sample.model) that is
+    missing or makes no text. A missing name may be a served model: the message says how to reach a server."""
     from train.manifest import read_done
     from train.models.nat import NAT_JSON
 
     p = Path(path)
     if not p.exists():
-        raise ConfigError(f"eval.model: {p} does not exist")
+        raise ConfigError(f"{key}: {p} does not exist here; for a model served by an OpenAI-compatible server pass "
+                          "--base-url URL (or --backend openai)")
     stage = (read_done(p) or {}).get("stage")
     if stage in ("prepare", "score", "ranker", "eval"):
-        raise ConfigError(f"eval.model: {p} is the output of stage {stage}, which makes no text; give a model dir, "
+        raise ConfigError(f"{key}: {p} is the output of stage {stage}, which makes no text; give a model dir, "
                           "an export, or the output of stage sft, neg, nat or distill")
     if not any((p / f).is_file() for f in ("config.json", "model/config.json", "adapter/adapter_config.json",
                                             NAT_JSON)):
-        raise ConfigError(f"eval.model: {p} is neither a model dir (config.json) nor a stage output with model/, "
+        raise ConfigError(f"{key}: {p} is neither a model dir (config.json) nor a stage output with model/, "
                           "adapter/ or nat.json")
 
 

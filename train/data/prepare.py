@@ -231,6 +231,9 @@ def prepare(opts: PrepareOptions) -> dict:
     check_template(opts.prompt_template, "--prompt-template")
     if not opts.timeout > 0:
         raise TdgError(f"--timeout must be > 0 seconds, got {opts.timeout}")
+    if opts.prompt_format == "chat" and not opts.tokenizer:
+        raise TdgError("--prompt-format chat needs --tokenizer: the chat template is the tokenizer's, and the "
+                       "lengths prepare reports are the chat-formatted samples' ones")
     if out.exists():
         done = read_done(out)
         if done is not None and done.get("metrics", {}).get("format", 1) < PREPARED_FORMAT:

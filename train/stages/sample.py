@@ -121,7 +121,7 @@ def main(cfg: SampleConfig) -> int:
         s.model = resolve_model_ref(s.model, "sample.model")
         from train.generation import check_generator
 
-        check_generator(s.model)
+        check_generator(s.model, "sample.model")
     name = choose_backend(s.backend, s.server.base_url, s.model)
     prompt = sample_prompt(cfg, name)
     device = open_output("sample", cfg, out)
