@@ -12,7 +12,7 @@
 # 75 ("checkpointed, not finished"). On 75 the job requeues itself; the next run resumes.
 #
 # Environment: TDG_REPO (default: the submit dir, which must be the repository root), TDG_PYTHON
-# (default: $TDG_REPO/.venv/bin/python), TDG_DEVICE=cpu for CPU-only clusters (DeepSpeed's CPU
+# (default: $TDG_REPO/.venv/bin/python if it exists, else python3 on PATH), TDG_DEVICE=cpu for CPU-only clusters (DeepSpeed's CPU
 # accelerator, gloo), TDG_MASTER_PORT to pin the rendezvous port.
 set -uo pipefail
 
@@ -23,7 +23,10 @@ if [ $# -lt 1 ]; then
 fi
 CONFIG=$1
 shift
-PYTHON=${TDG_PYTHON:-${TDG_REPO:-${SLURM_SUBMIT_DIR:-.}}/.venv/bin/python}
+REPO_DIR=${TDG_REPO:-${SLURM_SUBMIT_DIR:-.}}
+# shellcheck source=slurm/python.sh
+. "${REPO_DIR}/slurm/python.sh"
+PYTHON=$(tdg_python "${REPO_DIR}") || exit 2
 EXIT_CHECKPOINTED=75
 
 echo "[tdg] job ${SLURM_JOB_ID} (${SLURM_JOB_NAME}) stage ${STAGE}, restart count ${SLURM_RESTART_COUNT:-0}," \

@@ -19,7 +19,9 @@
 #
 # Before submitting anything it runs `tdg plan` on every stage config with the job's size (nodes and
 # GPUs per node read from the sbatch flags; GPU memory from TDG_GPU_MEM, default 80 GiB) and stops if
-# a stage will not fit or its global batch cannot be split over the ranks. TDG_PLAN=0 skips the check.
+# a stage will not fit or its global batch cannot be split over the ranks. TDG_PLAN=0 skips the check;
+# TDG_MODEL_CONFIG (a config.json or a shape name such as llama-2-7b) gives the plan the shape of a model
+# path it cannot read here. Python: TDG_PYTHON, else the repository's .venv, else python3 on PATH.
 set -euo pipefail
 
 dry_run=0
@@ -34,7 +36,9 @@ fi
 config_dir=$(cd "$1" && pwd)
 shift
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-python=${TDG_PYTHON:-${repo}/.venv/bin/python}
+# shellcheck source=slurm/python.sh
+. "${repo}/slurm/python.sh"
+python=$(tdg_python "${repo}") || exit 2
 
 # sbatch flags before `--`, overrides after it
 sbatch_flags=() overrides=()
@@ -72,8 +76,11 @@ for name in pretrain sft neg nat score distill ranker eval; do
     [ -f "${config_dir}/${name}.yaml" ] && configs+=(--config "${config_dir}/${name}.yaml")
 done
 if [ "${TDG_PLAN:-1}" != 0 ] && [ ${#configs[@]} -gt 0 ]; then
+    model_config=()
+    [ -n "${TDG_MODEL_CONFIG:-}" ] && model_config=(--model-config "${TDG_MODEL_CONFIG}")
     if ! (cd "${repo}" && "${python}" -m train plan "${configs[@]}" --nodes "${nodes}" \
-            --gpus-per-node "${per_node}" --gpu-mem "${TDG_GPU_MEM:-80}" -- "${overrides[@]}"); then
+            --gpus-per-node "${per_node}" --gpu-mem "${TDG_GPU_MEM:-80}" "${model_config[@]}" \
+            -- "${overrides[@]}"); then
         echo "pipeline: not submitted (tdg plan above; TDG_PLAN=0 skips the check)" >&2
         exit 2
     fi

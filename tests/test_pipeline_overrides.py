@@ -113,3 +113,28 @@ def test_dry_run_over_llama7b_with_one_base_model_override_changes_every_model_p
     r = dry_run(tmp_path, str(REPO / "configs" / "llama7b"), "--", "base_modle=x")
     assert r.returncode == 2 and "'base_modle=x' is for no stage config" in r.stderr
     assert not (tmp_path / "sbatch_called").exists()
+
+
+def test_the_slurm_scripts_find_python_without_a_venv_and_name_what_they_tried(tmp_path):
+    """No .venv in the checkout: python3 on PATH (an environment tdg-trainer is installed in); a TDG_PYTHON
+    that cannot import the trainer is named, instead of ".venv/bin/python: No such file"."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # this environment's python
+    (fake_bin / "python3").chmod(0o755)
+    broken = fake_bin / "broken-python"
+    broken.write_text("#!/bin/sh\nexit 1\n")
+    broken.chmod(0o755)
+    checkout = tmp_path / "checkout"  # no .venv here
+    checkout.mkdir()
+
+    def tdg_python(**env):
+        script = f'. "{REPO / "slurm" / "python.sh"}"; tdg_python "{checkout}"'
+        return subprocess.run(["bash", "-c", script], env={"PATH": f"{fake_bin}:/usr/bin:/bin", **env},
+                              capture_output=True, text=True, timeout=60)
+
+    found = tdg_python()
+    assert found.returncode == 0 and found.stdout.strip() == str(fake_bin / "python3"), found.stderr
+    refused = tdg_python(TDG_PYTHON=str(broken))
+    assert refused.returncode == 2 and f"tried {broken}" in refused.stderr and "set TDG_PYTHON" in refused.stderr
+    assert tdg_python(TDG_PYTHON=sys.executable).stdout.strip() == sys.executable

@@ -137,6 +137,19 @@ def test_pipeline_submits_nothing_when_the_plan_fails(tmp_path):
     assert "job" not in r.stdout  # sbatch (absent from PATH here) was never reached
 
 
+def test_pipeline_passes_tdg_model_config_to_the_plan(tmp_path):
+    """A model path whose name is no known shape stops the plan; TDG_MODEL_CONFIG gives it the shape."""
+    env = {**os.environ, "TDG_PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}
+    cmd = ["bash", str(REPO / "slurm" / "pipeline.sh"), str(LLAMA), "-N", "1", "--ntasks-per-node", "8",
+           "--gpus-per-node", "8", "--", "base_model=/models/my-finetune"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert r.returncode == 2 and "--model-config" in r.stderr and "TDG_MODEL_CONFIG" in r.stderr, r.stderr
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**env, "TDG_MODEL_CONFIG": "llama-2-7b"},
+                       cwd=REPO, timeout=300)
+    assert "[plan] neg: 1 node(s) x 8 GPU(s) of 80 GiB" in r.stdout and "preset llama-2-7b" in r.stdout, r.stderr
+    assert "pipeline: not submitted (tdg plan" not in r.stderr  # past the plan (sbatch is not on PATH here)
+
+
 def _hand_total(family: str, stage: str, world: int) -> float:
     """Bytes per GPU of each shipped cluster config, written out from train/plan.py's stated formulas."""
     h7, i7, h70, kv70, i70, v = 4096, 11008, 8192, 1024, 28672, 32000

@@ -3,6 +3,7 @@
 import json
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def _write_configs(d: Path, prepared, base, out_root: Path, neg_extra: dict | No
 
 
 def _env():
-    return {"TDG_DEVICE": "cpu", "TDG_PYTHON": str(REPO / ".venv" / "bin" / "python"), "PYTHONWARNINGS": "ignore"}
+    return {"TDG_DEVICE": "cpu", "TDG_PYTHON": sys.executable, "PYTHONWARNINGS": "ignore"}
 
 
 def _submit_pipeline(slurm, config_dir: Path, *overrides: str) -> dict[str, str]:

@@ -106,8 +106,8 @@ def shape_of(model: str) -> tuple[Shape, str]:
     for preset in sorted(PRESETS, key=len, reverse=True):  # llama-2-7b-chat-hf: llama-2-7b
         if name == preset or name.startswith(preset + "-"):
             return PRESETS[preset], f"preset {preset}"
-    raise ConfigError(f"{model}: no config.json there and not a known shape; pass --model-config with a "
-                      f"config.json or one of {', '.join(sorted(PRESETS))}")
+    raise ConfigError(f"{model}: no config.json there and not a known shape; pass --model-config (slurm/pipeline.sh: "
+                      f"TDG_MODEL_CONFIG) with a config.json or one of {', '.join(sorted(PRESETS))}")
 
 
 def _base_of(output_dir: str) -> str | None:
@@ -321,7 +321,7 @@ def plan_score(cfg, nodes: int, gpn: int, gpu_mem: float, model: str | None, con
     base = model or _base_of(cfg.score.nat_dir) or _sibling_model(config_file, "nat.yaml", overrides)
     if base is None:
         raise ConfigError(f"score.nat_dir: {cfg.score.nat_dir} does not exist yet and no nat.yaml beside the config "
-                          "names its base; pass --model-config")
+                          "names its base; pass --model-config (slurm/pipeline.sh: TDG_MODEL_CONFIG)")
     shape, source = shape_of(base)
     zero, _ = _zero(cfg.engine.ds_config)
     plan = Plan("score", world, gpu_mem)
@@ -354,7 +354,7 @@ def plan_eval(cfg, nodes: int, gpn: int, gpu_mem: float, model: str | None, conf
     base = model or _base_of(cfg.eval.model) or _sibling_model(config_file, "distill.yaml", overrides)
     if base is None:
         raise ConfigError(f"eval.model: {cfg.eval.model} does not exist yet and no distill.yaml beside the config "
-                          "names its base; pass --model-config")
+                          "names its base; pass --model-config (slurm/pipeline.sh: TDG_MODEL_CONFIG)")
     shape, source = shape_of(base)
     plan = Plan("eval", world, gpu_mem)
     plan.header = f"{nodes} node(s) x {gpn} GPU(s) of {gpu_mem:g} GiB, one copy per GPU, bf16; generator {source}"
