@@ -181,7 +181,7 @@ def test_redi_steps_raise_positives_above_negatives(prepared_dir, base_model_dir
 
 def test_bad_settings_are_config_errors():
     paths = ["model.path=x", "data.path=y", "engine.output_dir=z"]
-    with pytest.raises(ConfigError, match="dpo: beta > 0"):
+    with pytest.raises(ConfigError, match=r"dpo.beta: 0 is outside its range \(0, inf\)"):
         load_config(DpoConfig, None, [*paths, "dpo.beta=0"])
     with pytest.raises(ConfigError, match="dpo compares whole sequences"):
         load_config(DpoConfig, None, [*paths, "data.packing=true"])

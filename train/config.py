@@ -283,14 +283,12 @@ class ModelConfig:
 
     path: str = ""  # local HF model dir (config.json + safetensors), or a hub id org/name[@revision] in the HF cache
     tokenizer: str = ""  # tokenizer dir or hub id; empty means `path`
-    # auto: flash_attention_2 on a GPU where flash-attn is installed, else sdpa; eager keeps an [L x L]
-    # attention matrix per head and layer for backward (tdg plan counts it)
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    # eager keeps an [L x L] attention matrix per head and layer for backward (tdg plan counts it)
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"  # auto: flash-attn, else sdpa
     trust_remote_code: bool = False  # run model code shipped in the model dir (off unless you trust it)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
-    # > 0: the LM head and loss run over this many target positions at a time, recomputed in backward, so the
-    # [targets x vocab] fp32 logits never exist at once (sft, neg, nat, dpo, redi); 0: all target positions at once
-    loss_chunk_tokens: int = 0
+    # the [targets x vocab] fp32 logits then never exist at once (sft, neg, nat, dpo, redi; ZeRO-0/1/2)
+    loss_chunk_tokens: int = 0  # > 0: LM head and loss over this many target positions at a time; 0: all at once
 
     def validate(self) -> None:
         if not self.path:
@@ -696,9 +694,8 @@ class SampleSection:
     prompt_template: str = ""  # empty: the model's recorded prompt (hf), else the default template
     prompt_format: Literal["", "plain", "chat"] = ""  # empty: the model's recorded format (hf), else plain
     system_prompt: str = ""  # chat: the system message
-    # false: questions the server failed on after every retry are listed in failures.json, the rest written to
-    # rationales.jsonl, and the exit status is 3 (a rerun asks again for the failed ones only); true: exit 2
-    require_all: bool = False
+    # false: questions still failing after every retry go to failures.json, the rest to rationales.jsonl, exit 3
+    require_all: bool = False  # true: any question failing after every retry is an error (exit 2)
 
     def validate(self) -> None:
         if not self.model or not self.questions:
