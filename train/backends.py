@@ -144,8 +144,9 @@ def vllm_memory_share(configured: float, free: int, total: int, slack: float = 0
     what is free, less `slack` (the CUDA context vLLM's own process adds), never more than `configured`."""
     share = min(configured, free / total - slack)
     if share < 0.2:
-        raise ConfigError(f"eval.vllm: only {free / 2**30:.1f} of {total / 2**30:.1f} GiB is free on the GPU once "
-                          "the ranker is loaded, too little for vLLM; use backend hf or a GPU with more memory")
+        raise ConfigError(f"vllm.gpu_memory_utilization: only {free / 2**30:.1f} of {total / 2**30:.1f} GiB is free "
+                          "on the GPU once the ranker is loaded (or another process holds it), too little for vLLM; "
+                          "use backend hf or a GPU with more memory")
     return share
 
 

@@ -407,10 +407,9 @@ def _plan(args: argparse.Namespace) -> int:
 
 def entry() -> int:
     """The `tdg` command: a stage's process catches stop signals from the start (as `python -m train` does)."""
-    from train.engine.signals import STOPPABLE_COMMANDS, catch_stop_signals
+    from train.engine.signals import catch_stop_signals
 
-    if sys.argv[1:2] and sys.argv[1] in STOPPABLE_COMMANDS:
-        catch_stop_signals()
+    catch_stop_signals(sys.argv)
     return main()
 
 

@@ -20,10 +20,12 @@ STOPPABLE_COMMANDS = ("sft", "neg", "nat", "score", "distill", "dpo", "redi", "r
 _received: int | None = None  # the stop signal caught by catch_stop_signals, if any
 
 
-def catch_stop_signals() -> None:
-    """From now on this process remembers a stop signal instead of dying of it."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, _remember)
+def catch_stop_signals(argv: list[str]) -> None:
+    """For a stage command (`argv[1]`), from now on this process remembers a stop signal instead of dying of
+    it; any other command keeps the default."""
+    if argv[1:2] and argv[1] in STOPPABLE_COMMANDS:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _remember)
 
 
 def _remember(signum, frame) -> None:
