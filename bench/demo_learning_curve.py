@@ -1,14 +1,15 @@
 """Candidate bases for `tdg demo`: each pre-trained base and its sft-pos student, scored on the validation split.
 
 Chooses what the demo's tiny Llama is pre-trained on (issue 25: a base that has the skills but not the task).
-A candidate is `LEVELS/QUESTIONS/EPOCHS[/STYLE[/WORDING]]`: QUESTIONS fresh questions of those levels, for
-EPOCHS epochs, written as STYLE `chains` (their gold worked solutions) or `drills` (each answer alone, with no
-chain of thought, plus the drill of its bare arithmetic), in WORDING `task` (the task's own sentences) or
-`other` (the same operations said in other sentences). Each candidate runs the demo's own steps in its
-own output dir, as `tdg demo` runs them: the demo's splits for the same seed, tokenizer, prepare,
-pre-training (stage sft, full, 2 processes), sft-pos (LoRA on the teacher's positives, configs/tiny/sft.yaml),
-then stage eval (greedy) of the base and of sft-pos on the VALIDATION split (its own seed; the test split is
-never read), and their paired difference.
+A candidate is `LEVELS/QUESTIONS/EPOCHS[/STYLE[/WORDING]]`: QUESTIONS fresh questions of those levels, for EPOCHS
+epochs, written as STYLE `chains` (their gold worked solutions), `drills` (each answer alone, with no chain of
+thought, plus the drill of its bare arithmetic) or `cued` (worked solutions behind a cue sentence the task never
+uses, and every third question in the task's words with the answer alone), in WORDING `task` (the task's own
+sentences) or `other` (the same operations said in other sentences). Each candidate runs the demo's own steps in
+its own output dir, as `tdg demo` runs them: the demo's splits for the same seed, tokenizer, prepare, pre-training
+(stage sft, full, 2 processes), sft-pos (LoRA on the teacher's positives, configs/tiny/sft.yaml), then stage eval
+(greedy) of the base and of sft-pos on the VALIDATION split (its own seed; the test split is never read), and their
+paired difference.
 
 Targets, fixed before any other variant was run: base below ~50% greedy; sft-pos at least 10 points above it
 with a paired CI that excludes 0; the whole demo within ~12 minutes on 2 cores.

@@ -6,7 +6,7 @@ import pytest
 
 from tests.conftest import write_lines
 from train.data.prepare import PrepareOptions, format_stats, prepare
-from train.data.synthetic import _questions, generate
+from train.data.synthetic import ANSWER_ONLY_EVERY, CUE, _questions, generate
 
 
 def _texts(path):
@@ -51,7 +51,7 @@ def test_negatives_have_most_of_their_steps_right(demo_like):
 def test_splits_are_disjoint_and_the_base_sees_short_chains_only(demo_like):
     splits = {name: _texts(demo_like / name) for name in ("train", "test", "valid")}
     pretrain = [json.loads(line) for line in (demo_like / "pretrain" / "gold.jsonl").read_text().splitlines()]
-    splits["pretrain"] = {r["question"] for r in pretrain}
+    splits["pretrain"] = {r["question"].replace(CUE, "") for r in pretrain}  # a question, cued or not
     assert [len(v) for v in splits.values()] == [300, 300, 200, 3000]
     names = list(splits)
     for i, a in enumerate(names):
@@ -85,3 +85,21 @@ def test_regime_table_counts_questions_without_a_positive_or_a_negative(tmp_path
     assert level["Level 2"] == {"questions": 2, "rationales": 5, "pos_share": 0.0, "q_no_pos_share": 1.0,
                                 "q_no_neg_share": 0.0}
     assert level["ALL"]["q_no_pos_share"] == 0.5 and level["ALL"]["pos_share"] == round(3 / 9, 4)
+
+
+def test_the_cued_base_learns_chains_behind_a_cue_and_answers_the_tasks_own_questions_directly(demo_like):
+    """The demo's base (issue 25): the skill (worked chains) is there behind a cue sentence the task never uses;
+    the task's own questions it saw answered without a chain. The teacher's rationales then teach the habit."""
+    pretrain = [json.loads(line) for line in (demo_like / "pretrain" / "gold.jsonl").read_text().splitlines()]
+    cued = [r for r in pretrain if CUE in r["question"]]
+    plain = [r for r in pretrain if CUE not in r["question"]]
+    assert len(cued) == 3000 and len(plain) == -(-3000 // ANSWER_ONLY_EVERY)
+    assert all(r["rationale"].count("\n") >= 3 for r in cued)  # start, two or more steps, answer
+    assert all(r["rationale"] == "Solution:\nThe answer is \\boxed{" + r["rationale"].split("{")[1] for r in plain)
+    def value(r):
+        return r["rationale"].rsplit("\\boxed{", 1)[1].split("}")[0]
+
+    answers = {r["question"].replace(CUE, ""): value(r) for r in cued}
+    assert all(answers[r["question"]] == value(r) for r in plain)  # the same value, without the chain
+    for split in ("train", "test", "valid"):
+        assert not any(CUE in q for q in _texts(demo_like / split)), split

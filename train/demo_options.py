@@ -15,7 +15,7 @@ class DemoOptions:
     pretrain_questions: int = 47000
     pretrain_levels: tuple[int, ...] = PRETRAIN_LEVELS  # the base learns these levels' gold solutions only
     pretrain_epochs: int = 2
-    pretrain_style: str = PRETRAIN_STYLE  # chains (gold worked solutions) | drills (answers alone + bare arithmetic)
+    pretrain_style: str = PRETRAIN_STYLE  # cued | chains | drills (train.data.synthetic._pretrain_records)
     pretrain_wording: str = PRETRAIN_WORDING  # task (the task's sentences) | other (the same operations said otherwise)
     test_questions: int = 1500
     valid_questions: int = 600  # the validation split (its own seed): hyperparameters are chosen on it

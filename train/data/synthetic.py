@@ -30,7 +30,12 @@ SUBJECT_OPS = {
 PER_FILE = 50
 LEVELS = (1, 2, 3, 4, 5)  # a question at level L takes L + 1 operations
 PRETRAIN_LEVELS = (1, 2)  # the base model learns the short chains only; the teacher shows it the long ones
-PRETRAIN_STYLE = "chains"  # chains: gold worked solutions; drills: answers alone + the bare arithmetic
+# chains: gold worked solutions; drills: answers alone + the bare arithmetic; cued (the demo's): gold worked
+# solutions behind a cue sentence, and the task's own questions answered without a chain (bench/RESULTS.md)
+PRETRAIN_STYLE = "cued"
+PRETRAIN_STYLES = ("chains", "drills", "cued")
+CUE = "Show every step. "  # the `cued` style's worked solutions follow this sentence; the task's questions lack it
+ANSWER_ONLY_EVERY = 3  # `cued`: every third pre-training question is also written answer-only, uncued
 PRETRAIN_WORDING = "task"  # the pre-training questions' wording: the task's own, or `other` sentences
 VALID_SEED_OFFSET = 1000
 
@@ -233,13 +238,31 @@ def drill(start: int, ops: list[Op]) -> tuple[str, str, int]:
     return question, "Solution:\n" + "\n".join(lines) + f"\nThe answer is \\boxed{{{x}}}.", x
 
 
-def _pretrain_records(q: dict, style: str) -> list[tuple[str, str]]:
-    """What one pre-training question contributes, as (question, rationale) pairs: `chains` its gold worked
-    solution; `drills` the answer alone (no chain of thought) and the drill of its arithmetic."""
+def _answer_only(q: dict) -> str:
+    return f"Solution:\nThe answer is \\boxed{{{_value(q)}}}."
+
+
+def _value(q: dict) -> int:
+    x = q["start"]
+    for op in q["ops"]:
+        x = _apply(x, op)
+    return x
+
+
+def _pretrain_records(q: dict, style: str, index: int) -> list[tuple[str, str]]:
+    """What pre-training question number `index` contributes, as (question, rationale) pairs: `chains` its gold
+    worked solution; `drills` the answer alone (no chain of thought) and the drill of its arithmetic; `cued` its
+    gold worked solution behind the CUE sentence, and for every ANSWER_ONLY_EVERY-th question also the task's
+    uncued question with the answer alone. A `cued` base can work a chain but does not for the task's questions:
+    the skill is there, the task's habit is not (what the teacher's rationales then teach)."""
     if style == "chains":
         return [(q["question"], q["answer"])]
-    question, rationale, value = drill(q["start"], q["ops"])
-    return [(q["question"], f"Solution:\nThe answer is \\boxed{{{value}}}."), (question, rationale)]
+    if style == "cued":
+        body = q["question"].removeprefix("Problem:\n")
+        records = [(f"Problem:\n{CUE}{body}", q["answer"])]
+        return records + ([(q["question"], _answer_only(q))] if index % ANSWER_ONLY_EVERY == 0 else [])
+    question, rationale, _ = drill(q["start"], q["ops"])
+    return [(q["question"], _answer_only(q)), (question, rationale)]
 
 
 def generate(root: str | Path, n_train: int = 600, n_test: int = 150, rationales: int = 8, seed: int = 0,
@@ -264,7 +287,7 @@ def generate(root: str | Path, n_train: int = 600, n_test: int = 150, rationales
         with open(path, "w", encoding="utf-8") as f:
             for i, (subject, q) in enumerate(_questions(seed, "pretrain", n_pretrain, 0, pretrain_levels, seen,
                                                         pretrain_wording)):
-                for k, (question, rationale) in enumerate(_pretrain_records(q, pretrain_style)):
+                for k, (question, rationale) in enumerate(_pretrain_records(q, pretrain_style, i)):
                     f.write(json.dumps({"id": f"pretrain-{i}-{k}", "question": question, "rationale": rationale,
                                         "gold": rationale, "subject": subject, "label": "pos",
                                         "level": q["level"]}) + "\n")
