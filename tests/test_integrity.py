@@ -5,11 +5,13 @@ named. Every case here ended in a traceback or in a silent success on damaged da
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
 import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -200,6 +202,73 @@ def test_a_stop_signal_during_start_up_requeues_instead_of_failing(tmp_path, pre
     codes = {int(c) for c in re.findall(r"exitcode\s*:\s*(-?\d+)", stdout)}
     assert codes == {75} and "stop requested: checkpointed at step 0; exit 75" in stdout, stdout[-3000:]
     assert not (out / "DONE.json").exists()
+
+
+def test_a_build_killed_midway_leaves_no_lock_that_hangs_the_next_run(tmp_path, prepared_dir, base_model_dir):
+    """A build of DeepSpeed's CPU op killed while compiling leaves torch's `lock` file; the next start used to
+    wait on it forever, silently. Now it removes the lock (no live build holds the flock), names it, and, as
+    no compiler is there either, trains on plain gloo with one warning."""
+    ext = tmp_path / "extensions"
+    compiler = tmp_path / "slow-c++"  # compiles anything but the op's sources, which take forever
+    compiler.write_text('#!/bin/sh\ncase "$*" in *shm*) sleep 600;; esac\nexec c++ "$@"\n')
+    compiler.chmod(0o755)
+    env = {**stage_env(), "TORCH_EXTENSIONS_DIR": str(ext)}
+    build = subprocess.Popen([sys.executable, "-c", "from train.engine.op_build import build_cpu_comm_op as b; b()"],
+                             env={**env, "CXX": str(compiler)}, cwd=REPO, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock, deadline = ext / "deepspeed_shm_comm" / "lock", time.time() + 180
+    while not (lock.exists() and any(p.name() == "sleep" for p in _children(build.pid))):
+        assert build.poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    os.killpg(build.pid, signal.SIGKILL)  # the build, ninja and the compiler: as preemption kills a job
+    build.wait()
+    assert lock.exists()
+    no_compiler = {**env, "CXX": "/bin/false", "CC": "/bin/false"}
+    r = subprocess.run(stage_cmd("neg", _neg_args(prepared_dir, base_model_dir, tmp_path / "neg", "zero2",
+                                                  "optim.max_steps=2")),
+                       env=no_compiler, capture_output=True, text=True, timeout=300, cwd=REPO)
+    _ok(r)
+    assert f"removed {lock}" in r.stderr and not lock.exists()
+    assert (r.stdout + r.stderr).count("collectives run on plain gloo") == 1, r.stderr[-3000:]
+
+
+def _children(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_plan_export_and_score_without_zero_need_no_compiler(finished, teacher, prepared_dir, tmp_path):
+    """As on a login node without a C++ compiler: what does not train builds no DeepSpeed op."""
+    ext = tmp_path / "extensions"
+    env = {**stage_env(), "CXX": "/bin/false", "CC": "/bin/false", "TORCH_EXTENSIONS_DIR": str(ext)}
+    runs = {
+        "plan": ["plan", "--config", "configs/llama7b/neg.yaml", "--gpus-per-node", "8"],
+        "export": ["export", "--from", str(finished), "--output", str(tmp_path / "merged")],
+        "score": ["score", f"score.nat_dir={teacher}", f"data.path={prepared_dir}", "data.max_len=384",
+                  "data.max_tokens=2048", "score.shard_size=64", "engine.ds_config=none", "engine.progress=false",
+                  f"engine.output_dir={tmp_path / 'score'}"],
+    }
+    for name, args in runs.items():
+        r = subprocess.run([sys.executable, "-m", "train", *args], env=env, capture_output=True, text=True,
+                           timeout=300, cwd=REPO)
+        assert r.returncode == 0, f"{name}: {r.stderr[-3000:]}"
+        assert "plain gloo" not in r.stderr and not ext.exists(), name
+    assert (tmp_path / "merged" / "config.json").is_file() and (tmp_path / "score" / "DONE.json").is_file()
+
+
+def test_jit_ops_build_in_a_dir_of_their_own_environment(monkeypatch):
+    from train.engine.op_build import extensions_root
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    root = extensions_root()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(root)
+    assert root == Path(sys.prefix) / "torch_extensions" or str(Path.home() / ".cache") in str(root)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/elsewhere")
+    assert extensions_root() == Path("/elsewhere")  # the user's choice stands
 
 
 def test_a_dir_finished_by_another_stage_is_not_taken_as_done(finished, capsys):

@@ -180,7 +180,8 @@ def main(cfg: ScoreConfig) -> int:
     check_stage_output(nat_dir, "score.nat_dir", ("nat",), required=False)  # nat.json is checked next
     if not (nat_dir / NAT_JSON).is_file():
         raise TdgError(f"score.nat_dir: {nat_dir} is not a finished stage-nat output (no {NAT_JSON})")
-    device = dist_.setup(cfg.engine.dist_timeout_minutes)
+    zero3 = cfg.engine.ds_config != "none"
+    device = dist_.setup(cfg.engine.dist_timeout_minutes, use_deepspeed=zero3)  # without ZeRO: no DeepSpeed
     output_lock.hold(out, "score")
     world, rank = dist_.world(), dist_.rank()
     t0 = time.time()
@@ -212,7 +213,6 @@ def main(cfg: ScoreConfig) -> int:
     mine = todo[rank::world]
     rounds = -(-len(todo) // world)  # round k: rank r scores shard todo[k * world + r], if there is one
 
-    zero3 = cfg.engine.ds_config != "none"
     bf16 = precision.resolve(cfg.engine.precision, dist_.on_cpu()) == "bf16"
     ds_cfg = build_ds_config(cfg.engine.ds_config, OptimConfig(), world, bf16=bf16) if zero3 else None
     model = load_nat_teacher(nat_dir, "nat", precision.dtype(cfg.engine.precision, dist_.on_cpu()), ds_cfg,
