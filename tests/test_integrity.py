@@ -131,6 +131,21 @@ def test_resuming_under_a_changed_recipe_is_refused_naming_what_changed(finished
         "config.optim.lr: 0.005 -> 0.0001"]
 
 
+def test_a_resume_under_the_wrong_zero_stage_stops_and_keeps_every_checkpoint(finished, tmp_path, prepared_dir,
+                                                                             base_model_dir, zero3_partitioned):
+    """A ZeRO-3 run resumed with zero2 by mistake used to fail to load, set aside every checkpoint as unusable,
+    and lose the run. Now it stops naming the setting, and the right config then resumes."""
+    out = _resumable_copy(finished, tmp_path)
+    shutil.rmtree(out / "checkpoints" / "step8")
+    wrong = run_stage("neg", _neg_args(prepared_dir, base_model_dir, out, "zero2"))
+    assert wrong.returncode != 0, wrong.stdout[-2000:]
+    assert "zero_stage 3 when saved, 2 now" in wrong.stderr and "engine.ds_config=zero2" in wrong.stderr
+    assert sorted(p.name for p in (out / "checkpoints").glob("step*/COMPLETE.json*")) == ["COMPLETE.json"] * 2
+    right = run_stage("neg", _neg_args(prepared_dir, base_model_dir, out, zero3_partitioned))
+    _ok(right)
+    assert f"resumed from {out / 'checkpoints' / 'step6'} at step 6" in right.stdout
+
+
 def test_resuming_with_only_monitoring_and_memory_settings_changed_continues(finished, tmp_path, prepared_dir,
                                                                             base_model_dir, zero3_partitioned):
     """Loggers, logging cadence, checkpoint retention and gradient checkpointing are not the recipe: a resume
