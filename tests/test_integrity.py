@@ -311,6 +311,59 @@ def test_a_second_run_into_the_same_output_dir_is_refused(tmp_path, prepared_dir
     assert len(list((out / "tb").glob("events.*"))) == 1  # one run wrote it
 
 
+# --- one clear line per failure -------------------------------------------------------------------------
+
+
+def _two_ranks(stage: str, args: list[str], timeout: int = 300) -> tuple[list[int], str]:
+    """Run a stage as srun does (two processes, rendezvous from the environment, no torchrun wrapping their
+    output): the exit codes and everything both printed."""
+    from train.engine.distributed import free_port
+
+    env = {**stage_env(), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    procs = [subprocess.Popen([sys.executable, "-m", "train", stage, *args], cwd=REPO, text=True,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    return [p.returncode for p in procs], "".join(outputs)
+
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    path.write_bytes(path.read_bytes()[:int(path.stat().st_size * keep)])
+
+
+def _retype_label(prepared: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shard = next(prepared.glob("data-*.parquet"))
+    table = pq.read_table(shard)
+    pq.write_table(table.set_column(table.schema.get_field_index("label"), "label",
+                                    pa.array(range(len(table)), pa.int64())), shard)
+
+
+MODEL_DAMAGE = {
+    "truncated parquet": ("data", lambda d: _truncate(next(d.glob("data-*.parquet"))), "unreadable prepared shard"),
+    "mistyped parquet": ("data", _retype_label, "column 'label' is int64, not string"),
+    "truncated safetensors": ("model", lambda d: _truncate(d / "model.safetensors", 0.7),
+                              "damaged or truncated weights"),
+    "no weights": ("model", lambda d: (d / "model.safetensors").unlink(), "has config.json but no weights"),
+}
+
+
+@pytest.mark.parametrize("case", list(MODEL_DAMAGE))
+def test_a_damaged_input_is_one_named_line_from_two_ranks_and_exit_2(case, tmp_path, prepared_dir, base_model_dir):
+    which, damage, message = MODEL_DAMAGE[case]
+    data, model = tmp_path / "data", tmp_path / "model"
+    shutil.copytree(prepared_dir, data)
+    shutil.copytree(base_model_dir, model)
+    damage(data if which == "data" else model)
+    codes, output = _two_ranks("neg", _neg_args(data, model, tmp_path / "neg", "zero2"))
+    assert 2 in codes and set(codes) <= {1, 2}, (codes, output[-3000:])
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], output[-3000:]
+    assert "Traceback" not in output and "Connection closed" not in output, output[-3000:]
+
+
 # --- scores ---------------------------------------------------------------------------------------------
 
 
@@ -329,18 +382,30 @@ def _distill(scores, prepared, base, out):
                                  "engine.progress=false", f"engine.output_dir={out}"], nproc=1)
 
 
-@pytest.mark.parametrize("damage", ["values overwritten", "truncated"])
-def test_distill_refuses_a_damaged_score_shard_by_name(damage, scored, tmp_path, prepared_dir, base_model_dir):
+SCORE_DAMAGE = {
+    "values overwritten": (lambda d: _overwrite_16_values(d / "shards" / "shard-00001.safetensors"),
+                           "shard-00001.safetensors: does not match its sha256"),
+    "truncated": (lambda d: _truncate(d / "shards" / "shard-00001.safetensors", 0.9),
+                  "in manifest.json (truncated or replaced)"),
+    "garbled manifest": (lambda d: (d / "manifest.json").write_text('{"shards": [{"file": "sh'),
+                         "manifest.json: not a score manifest"),
+}
+
+
+@pytest.mark.parametrize("damage", list(SCORE_DAMAGE))
+def test_distill_refuses_damaged_scores_in_one_named_line(damage, scored, tmp_path, prepared_dir, base_model_dir):
+    """On two ranks (as srun runs them): the rank that finds the damage names it once, exit 2, no traceback."""
     scores = tmp_path / "score"
     shutil.copytree(scored, scores)
-    shard = scores / "shards" / "shard-00001.safetensors"
-    if damage == "truncated":
-        shard.write_bytes(shard.read_bytes()[:-100])
-    else:
-        _overwrite_16_values(shard)
-    result = _distill(scores, prepared_dir, base_model_dir, tmp_path / "distill")
-    assert result.returncode == 2 and str(shard) in result.stderr, result.stderr[-2000:]
-    assert ("truncated" if damage == "truncated" else "sha256") in result.stderr
+    how, message = SCORE_DAMAGE[damage]
+    how(scores)
+    codes, output = _two_ranks("distill", [f"model.path={base_model_dir}", f"data.path={prepared_dir}",
+                                           "data.max_len=384", "data.max_tokens=2048", "optim.max_steps=2",
+                                           f"distill.scores={scores}", "engine.progress=false",
+                                           f"engine.output_dir={tmp_path / 'distill'}"])
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert 2 in codes and len(errors) == 1 and message in errors[0], (codes, output[-3000:])
+    assert "Traceback" not in output and "Connection closed" not in output, output[-3000:]
     assert not (tmp_path / "distill" / "DONE.json").exists()
 
 

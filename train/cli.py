@@ -12,6 +12,7 @@ import sys
 
 from train.data.prompt import DEFAULT_TEMPLATE
 from train.demo_options import DemoOptions
+from train.engine import rank_errors
 from train.engine.signals import EXIT_CHECKPOINTED
 from train.errors import StageStopped, TdgError
 from train.plan import PLANNED_STAGES
@@ -421,5 +422,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped: {e}", file=sys.stderr)
         return EXIT_CHECKPOINTED
     except TdgError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank_errors.first_to_report(str(e)):  # once, not once per rank
+            print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Exception as e:
+        if rank_errors.lost_peer_after_failure(e):
+            return 1  # another rank failed first and said why: no gloo traceback on top of it
+        rank_errors.mark_failed()
+        raise
