@@ -297,7 +297,7 @@ def test_a_dir_finished_by_another_stage_is_not_taken_as_done(finished, capsys):
 
 def test_a_second_run_into_the_same_output_dir_is_refused(tmp_path, prepared_dir, base_model_dir):
     out = tmp_path / "shared"
-    args = _neg_args(prepared_dir, base_model_dir, out, "zero2", "optim.max_steps=40", "engine.save_every=0")
+    args = _neg_args(prepared_dir, base_model_dir, out, "zero2", "optim.max_steps=150", "engine.save_every=0")
     first = subprocess.Popen(stage_cmd("neg", args), env=stage_env(), cwd=REPO, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
@@ -305,8 +305,11 @@ def test_a_second_run_into_the_same_output_dir_is_refused(tmp_path, prepared_dir
         assert first.poll() is None and time.time() < deadline
         time.sleep(0.05)
     second = run_stage("neg", args)
+    (out / ".lock").unlink()  # the directory's own lock still keeps a third run out
+    third = run_stage("neg", args)
     stdout, _ = first.communicate(timeout=600)
     assert second.returncode != 0 and f"engine.output_dir {out} is in use by PID" in second.stderr, second.stderr
+    assert third.returncode != 0 and "in use by another run (its .lock file was deleted)" in third.stderr, third.stderr
     assert first.returncode == 0, stdout[-3000:]
     assert len(list((out / "tb").glob("events.*"))) == 1  # one run wrote it
 
