@@ -146,13 +146,45 @@ def test_a_resume_under_the_wrong_zero_stage_stops_and_keeps_every_checkpoint(fi
     assert f"resumed from {out / 'checkpoints' / 'step6'} at step 6" in right.stdout
 
 
+def _retrained_weights(model: Path) -> None:
+    from safetensors.torch import save_file
+
+    weights = load_file(model / "model.safetensors")
+    save_file({k: v + 1e-3 for k, v in weights.items()}, model / "model.safetensors", metadata={"format": "pt"})
+
+
+def _one_row_fewer(prepared: Path) -> None:
+    import pyarrow.parquet as pq
+
+    shard = next(prepared.glob("data-*.parquet"))
+    pq.write_table(pq.read_table(shard).slice(1), shard)
+
+
+@pytest.mark.parametrize("change", ["other weights, same config", "edited prepared data"])
+def test_resuming_on_changed_inputs_is_refused_by_content(change, finished, tmp_path, prepared_dir, base_model_dir,
+                                                          zero3_partitioned):
+    out = _resumable_copy(finished, tmp_path)
+    data = shutil.copytree(prepared_dir, tmp_path / "data")
+    model = shutil.copytree(base_model_dir, tmp_path / "model")
+    if change == "edited prepared data":
+        _one_row_fewer(data)
+        named = "the prepared data at data.path (by content)"
+    else:
+        _retrained_weights(model)
+        named = "the weights at model.path (by content)"
+    refused = run_stage("neg", _neg_args(data, model, out, zero3_partitioned))
+    assert refused.returncode != 0 and named in refused.stderr, refused.stderr[-2000:]
+    assert not (out / "DONE.json").exists()
+
+
 def test_resuming_with_only_monitoring_and_memory_settings_changed_continues(finished, tmp_path, prepared_dir,
                                                                             base_model_dir, zero3_partitioned):
     """Loggers, logging cadence, checkpoint retention and gradient checkpointing are not the recipe: a resume
     that changes them continues (the same adapter as the uninterrupted run) instead of being refused."""
     out = _resumable_copy(finished, tmp_path)
     shutil.rmtree(out / "checkpoints" / "step8")  # steps 7 and 8 train again under the new settings
-    args = _neg_args(prepared_dir, base_model_dir, out, zero3_partitioned, "engine.report_to=[]",
+    moved = shutil.copytree(prepared_dir, tmp_path / "moved" / "data")  # inputs count by content, not path
+    args = _neg_args(moved, base_model_dir, out, zero3_partitioned, "engine.report_to=[]",
                      "engine.log_every=3", "engine.keep_last=3", "model.gradient_checkpointing=true")
     result = run_stage("neg", args)
     _ok(result)
@@ -434,6 +466,31 @@ def test_score_restarted_over_a_damaged_shard_scores_it_again(scored, tmp_path, 
 
 
 # --- what stages are pointed at ---------------------------------------------------------------------------
+
+
+def test_nat_refuses_a_neg_adapter_trained_on_another_base(finished, tmp_path, prepared_dir, base_model_dir):
+    """Same shapes, other weights: the adapter used to load and NAT trained garbage, exit 0."""
+    other = shutil.copytree(base_model_dir, tmp_path / "other-base")
+    _retrained_weights(other)
+    result = run_stage("nat", [f"model.path={other}", f"data.path={prepared_dir}", "data.max_len=384",
+                               "data.max_tokens=2048", f"nat.neg_adapter={finished}", "engine.progress=false",
+                               f"engine.output_dir={tmp_path / 'nat'}"], nproc=1)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"nat.neg_adapter: {finished} was trained on other base weights than model.path {other}" in result.stderr
+    assert str(base_model_dir) in result.stderr  # the base it was trained on
+
+
+def test_export_refuses_to_merge_into_a_base_replaced_since_training(finished, tmp_path, base_model_dir):
+    from train.export import export
+
+    src = shutil.copytree(finished, tmp_path / "neg")
+    replaced = shutil.copytree(base_model_dir, tmp_path / "base")  # the adapter's base path, other weights now
+    _retrained_weights(replaced)
+    config = src / "adapter" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": str(replaced)}))
+    with pytest.raises(TdgError, match=f"trained on other weights than those now at {replaced}"):
+        export(src, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
 
 
 def test_nat_refuses_a_distill_output_as_its_negative_teacher(tmp_path, prepared_dir, base_model_dir, scored):

@@ -159,6 +159,11 @@ def _set_aside(root: Path, pos: ckpt.Position, problem: str, name: str) -> None:
     dist_.barrier()
 
 
+# what a changed input digest means, in the user's words
+INPUT_NAMES = {"inputs.weights": "the weights at model.path (by content)",
+               "inputs.prepared": "the prepared data at data.path (by content)"}
+
+
 def _check_layout(root: Path, pos: ckpt.Position, layout: dict, ds_config: str) -> None:
     """A checkpoint saved under another ZeRO stage cannot load under this one. That is a setting to put back,
     not damage: stop and name it, and keep the checkpoint (a failed load would set it aside as unusable)."""
@@ -176,7 +181,11 @@ def _recipe_changes(root: Path, resume: ckpt.Position | None, recipe: dict, cfg,
     if resume is None:
         return []
     saved = (ckpt.read_record(root / resume.tag) or {}).get("recipe") or {}
-    changes = ckpt.recipe_changes(saved, recipe) if saved else []
+    # inputs are compared where both recorded them (an older version recorded others, by path)
+    common = set(saved.get("inputs") or {}) & set(recipe.get("inputs") or {})
+    changes = ckpt.recipe_changes({**saved, "inputs": {k: saved["inputs"][k] for k in common}},
+                                  {**recipe, "inputs": {k: recipe["inputs"][k] for k in common}}) if saved else []
+    changes = [INPUT_NAMES.get(c.split(":")[0], c.split(":")[0]) + ":" + c.split(":", 1)[1] for c in changes]
     if changes and not cfg.engine.resume_changed_config:
         raise TdgError(f"{root / resume.tag} was trained under another config: {'; '.join(changes)}. Resuming "
                        "would continue the old run under new settings; use a new engine.output_dir, or set "
