@@ -465,6 +465,42 @@ def test_score_restarted_over_a_damaged_shard_scores_it_again(scored, tmp_path, 
     assert len(shard.read_bytes()) == len(original)
 
 
+def test_scores_of_two_recipes_are_never_mixed(scored, tmp_path, teacher, prepared_dir, base_model_dir):
+    """An interrupted score rerun with another top_k used to keep the old shards beside new ones of another
+    width, and distill trained on the mixture, exit 0. Now the rerun is refused naming the change, --restart
+    scores anew, and distill refuses shards of two scorings even where the manifest's digests match them."""
+    from safetensors import safe_open
+
+    from train.manifest import file_digest
+
+    out = shutil.copytree(scored, tmp_path / "score")
+    for name in ("DONE.json", "manifest.json"):  # as if stopped before the end
+        (out / name).unlink()
+    args = [f"score.nat_dir={teacher}", f"data.path={prepared_dir}", "data.max_len=384", "data.max_tokens=2048",
+            "score.shard_size=64", "score.top_k=4", "engine.progress=false", f"engine.output_dir={out}"]
+    refused = run_stage("score", args, nproc=1)
+    assert refused.returncode == 2 and "top_k: 8 -> 4" in refused.stderr, refused.stderr[-2000:]
+    assert "--restart" in refused.stderr and len(list((out / "shards").glob("shard-*.safetensors"))) > 1
+    restarted = run_stage("score", ["--restart", *args], nproc=1)
+    _ok(restarted)
+    assert "--restart: deleting" in restarted.stdout
+    for shard in (out / "shards").glob("shard-*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            assert f.metadata()["top_k"] == "4" and f.metadata()["recipe"] == json.loads(
+                (out / "manifest.json").read_text())["recipe"]
+
+    mixed = shutil.copytree(scored, tmp_path / "mixed")
+    shard = mixed / "shards" / "shard-00001.safetensors"
+    shutil.copy(out / "shards" / shard.name, shard)  # another scoring's shard, recorded as if it belonged
+    manifest = json.loads((mixed / "manifest.json").read_text())
+    entry = next(e for e in manifest["shards"] if e["file"].endswith(shard.name))
+    entry.update(size=shard.stat().st_size, sha256=file_digest(shard))
+    (mixed / "manifest.json").write_text(json.dumps(manifest))
+    result = _distill(mixed, prepared_dir, base_model_dir, tmp_path / "distill")
+    assert result.returncode == 2 and "shards of another scoring are mixed in: shards/shard-00001" in result.stderr, \
+        result.stderr[-2000:]
+
+
 # --- what stages are pointed at ---------------------------------------------------------------------------
 
 

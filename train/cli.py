@@ -215,6 +215,11 @@ def _add_stage(sub, name: str) -> None:
         p.add_argument("--require-all", action="store_true", default=None,
                        help="fail (exit 2) when any question failed after every retry (sample.require_all); by "
                             "default the others are written, the failed ones listed in failures.json, exit 3")
+    if name == "score":
+        p.add_argument("--restart", action="store_true", default=None,
+                       help="when engine.output_dir holds shards scored under another recipe (another teacher, "
+                            "top_k, data, prompt or max_len), delete them and score anew (score.restart); by "
+                            "default the run is refused, naming what differs")
     if name == "eval":  # the common case without a config file
         p.add_argument("--model", metavar="DIR", help="model to evaluate (eval.model): a model dir, a hub id in "
                        "the local HF cache, or a stage output (adapter/, model/ or NAT)")
@@ -359,6 +364,8 @@ def _run(args: argparse.Namespace) -> int:
                 raise TdgError("tdg sample: --output DIR is required (where rationales.jsonl is written)")
             overrides = [f"{key}={getattr(args, flag)}" for flag, key in SAMPLE_SHORTCUTS.items()
                          if getattr(args, flag) is not None] + overrides
+        if args.command == "score" and args.restart:
+            overrides = ["score.restart=true", *overrides]
         if args.command == "eval":
             if args.model and not args.output and not args.config:
                 from train.models.hub import is_hub_id

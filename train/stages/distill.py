@@ -78,12 +78,19 @@ class StoredScores:
         verify_shards(d, self.manifest)
         self.where: dict[str, tuple[int, int, int, float]] = {}  # id -> (shard, start, end, beta)
         self.shards: list[tuple[dict[str, np.ndarray], dict[str, str]]] = []
+        recipes: dict[str | None, str] = {}  # recipe id -> the first shard scored under it
         for k, shard in enumerate(self.manifest["shards"]):
             arrays, dtypes, metadata = mmap_safetensors(d / shard["file"])
+            recipes.setdefault(metadata.get("recipe"), shard["file"])
             self.shards.append((arrays, dtypes))
             offsets, beta = np.asarray(arrays["offsets"]), np.asarray(arrays["beta"])
             for s, sid in enumerate(json.loads(metadata["ids"])):
                 self.where[sid] = (k, int(offsets[s]), int(offsets[s + 1]), float(beta[s]))
+        want = self.manifest.get("recipe")
+        if len(recipes) > 1 or (want and set(recipes) != {want}):
+            mixed = ", ".join(f"{file} ({rid or 'no recipe'})" for rid, file in recipes.items() if rid != want)
+            raise InputError(str(manifest_path), None, f"shards of another scoring are mixed in: {mixed}, not "
+                             f"recipe {want}; rerun stage score with --restart", "mixed")
 
     def rows(self, sample_id: str, name: str) -> np.ndarray:
         """The stored rows of one sample for tensor `name`, read from the mapped file."""
