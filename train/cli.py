@@ -132,6 +132,12 @@ STAGES["ablation"] = ("does negative data help? train and evaluate every baselin
                       "(base, sft-pos, sft-mix, neg-then-pos, ul, dpo, redi, nat, kd, nat+nce)",
                       "train.ablation", "AblationConfig")
 
+# each command's --help example, from its own keys (tests/test_cli.py resolves every one)
+OVERRIDE_EXAMPLES = {"training": "optim.lr=1e-4 data.max_tokens=2048",
+                     "score": "score.top_k=16 data.max_len=512", "eval": "eval.n=8 eval.temperature=0.7",
+                     "sample": "sample.temperature=0.7 sample.max_new_tokens=1024",
+                     "ablation": "ablation.seeds=[0,1] ablation.nproc=4"}
+
 SAMPLE_SHORTCUTS = {"model": "sample.model", "questions": "sample.questions", "fields": "sample.fields",
                     "n": "sample.n", "temperature": "sample.temperature", "backend": "sample.backend",
                     "base_url": "sample.server.base_url", "output": "engine.output_dir",
@@ -197,7 +203,7 @@ def _add_stage(sub, name: str) -> None:
     p.add_argument("--print", metavar="KEY", dest="print_key", default=None,
                    help="print the resolved value of a config key (e.g. engine.output_dir) and exit")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotted overrides, e.g. optim.lr=1e-4 data.max_tokens=2048")
+                   help=f"dotted overrides, e.g. {OVERRIDE_EXAMPLES.get(name, OVERRIDE_EXAMPLES['training'])}")
     if name == "sample":  # the common case without a config file
         p.add_argument("--model", metavar="M", help="the teacher (sample.model): a model dir, cached hub id or "
                        "stage output (hf); the served model's name (openai)")
