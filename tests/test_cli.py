@@ -114,3 +114,6 @@ def test_errors_in_the_users_words(tmp_path, capsys):
     flat.write_text(json.dumps({"question": "q", "rationale": "\\boxed{2}", "gold": "2"}) + "\n")
     assert tdg(["prepare", "--input", str(flat), "--output", str(tmp_path / "p"), "--prompt-format", "chat"]) == 2
     assert "--prompt-format chat needs --tokenizer" in capsys.readouterr().err
+    assert tdg(["eval", "--model", "m", "--test", str(q), "--fields", "question=problem,question=prompt"]) == 2
+    assert "--fields (eval.fields): question is given twice (question=problem and question=prompt)" in \
+        capsys.readouterr().err

@@ -54,7 +54,7 @@ def test_a_cached_id_resolves_to_its_snapshot_and_a_missing_one_names_id_and_cac
     with pytest.raises(ConfigError) as e:
         resolve_model_ref("tiny-org/absent", "model.path")
     assert "model.path: tiny-org/absent" in str(e.value) and str(hf_home / "hub") in str(e.value)
-    with pytest.raises(ConfigError, match="at revision v9"):
+    with pytest.raises(ConfigError, match="at revision v9.*hf download tiny-org/tiny-llama --revision v9`"):
         resolve_model_ref("tiny-org/tiny-llama@v9", "model.path")
 
 

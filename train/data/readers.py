@@ -140,6 +140,9 @@ def parse_fields(spec: str | dict[str, str] | None, key: str = "--fields") -> di
         if ours not in FIELD_NAMES or not theirs:
             raise ConfigError(f"{key}: {ours}={theirs} is not FIELD=INPUT_FIELD with FIELD one of "
                               f"{', '.join(FIELD_NAMES)} (e.g. question=problem,rationale=response,gold=answer)")
+        if ours in out:
+            raise ConfigError(f"{key}: {ours} is given twice ({ours}={out[ours]} and {ours}={theirs}); give each "
+                              "field once")
         out[ours] = theirs
     return out
 

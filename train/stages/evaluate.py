@@ -199,7 +199,8 @@ def main(cfg: EvalConfig) -> int:
         return 0
     # every input is checked before any directory is created or model loaded
     repeats: Counter = Counter()
-    questions = read_test_questions(cfg.eval.test, parse_fields(cfg.eval.fields, "eval.fields"), repeats=repeats)
+    questions = read_test_questions(cfg.eval.test, parse_fields(cfg.eval.fields, "--fields (eval.fields)"),
+                                    repeats=repeats)
     report_repeats("eval", repeats)
     if cfg.eval.max_questions > 0:
         questions = questions[:cfg.eval.max_questions]

@@ -116,7 +116,7 @@ def main(cfg: SampleConfig) -> int:
         return 0
     s = cfg.sample
     repeats: Counter = Counter()
-    questions = read_test_questions(s.questions, parse_fields(s.fields, "sample.fields"), need_gold=False,
+    questions = read_test_questions(s.questions, parse_fields(s.fields, "--fields (sample.fields)"), need_gold=False,
                                     repeats=repeats)
     report_repeats("sample", repeats)
     if s.max_questions > 0:
