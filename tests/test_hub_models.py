@@ -78,6 +78,7 @@ def test_a_stage_trains_from_a_hub_id_and_records_the_snapshot(hf_home, tmp_path
                      nproc=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert Path(yaml.safe_load((tmp_path / "eval" / "config.yaml").read_text())["eval"]["model"]) == snapshot
+    assert f"[eval] wrote {(tmp_path / 'eval').resolve()}: metrics.md" in proc.stdout  # where the results are
     # the same id, absent from the cache the job reads: a one-line error, not a hub traceback
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty" / "hub"))

@@ -292,3 +292,4 @@ def _finish(cfg: EvalConfig, out: Path, questions: list[Question], t0: float) ->
     print(f"[eval] {metrics['overall']['unfinished']:.1f}% of the {'sampled' if cfg.eval.n else 'greedy'} "
           f"rationales hit eval.max_new_tokens="
           f"{cfg.eval.max_new_tokens} before EOS (metrics.json: unfinished)", flush=True)
+    print(f"[eval] wrote {out.resolve()}: metrics.md, metrics.json, predictions.jsonl", flush=True)
