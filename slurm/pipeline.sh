@@ -2,7 +2,7 @@
 # Submit every stage that has a config in CONFIG_DIR, each depending on the one before
 # (--dependency=afterok, and --kill-on-invalid-dep so a failure cancels what follows).
 #
-#   slurm/pipeline.sh [--dry-run] CONFIG_DIR [sbatch flags ...] [-- key=value ...]
+#   slurm/pipeline.sh [--dry-run] [--model-config FILE|SHAPE] CONFIG_DIR [sbatch flags ...] [-- key=value ...]
 #   e.g. slurm/pipeline.sh configs/llama7b -N 2 --ntasks-per-node 8 --gpus-per-node 8 \
 #            -- base_model=mistralai/Mistral-7B-v0.1 run_dir=/scratch/$USER/mistral optim.lr=2e-4
 #
@@ -20,17 +20,25 @@
 # Before submitting anything it runs `tdg plan` on every stage config with the job's size (nodes and
 # GPUs per node read from the sbatch flags; GPU memory from TDG_GPU_MEM, default 80 GiB) and stops if
 # a stage will not fit or its global batch cannot be split over the ranks. TDG_PLAN=0 skips the check;
-# TDG_MODEL_CONFIG (a config.json or a shape name such as llama-2-7b) gives the plan the shape of a model
-# path it cannot read here. Python: TDG_PYTHON, else the repository's .venv, else python3 on PATH.
+# --model-config (or TDG_MODEL_CONFIG: a config.json or a shape name such as llama-2-7b) gives the plan the
+# shape of a model path it cannot read here. Python: TDG_PYTHON, else the active virtualenv, else the
+# repository's .venv, else python3 on PATH.
 set -euo pipefail
 
 dry_run=0
-if [ "${1:-}" = "--dry-run" ]; then
-    dry_run=1
-    shift
-fi
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --dry-run) dry_run=1; shift ;;
+        --model-config)
+            [ $# -ge 2 ] || { echo "pipeline.sh: --model-config needs a config.json or a shape name" >&2; exit 2; }
+            export TDG_MODEL_CONFIG=$2; shift 2 ;;
+        --model-config=*) export TDG_MODEL_CONFIG=${1#--model-config=}; shift ;;
+        *) break ;;
+    esac
+done
 if [ $# -lt 1 ] || [ ! -d "$1" ]; then
-    echo "usage: slurm/pipeline.sh [--dry-run] CONFIG_DIR [sbatch flags ...] [-- key=value ...]" >&2
+    echo "usage: slurm/pipeline.sh [--dry-run] [--model-config FILE|SHAPE] CONFIG_DIR [sbatch flags ...]" \
+         "[-- key=value ...]" >&2
     exit 2
 fi
 config_dir=$(cd "$1" && pwd)

@@ -7,6 +7,7 @@ import pytest
 
 from tests.conftest import REPO, stage_env
 from train.cli import STAGES, build_parser
+from train.config import get_dotted
 
 
 def _help(*args) -> str:
@@ -45,6 +46,11 @@ def test_stage_help_lists_and_explains_every_config_key(stage):
     for key in keys(cls):
         m = re.search(rf"^  {re.escape(key)} \(.*\)\n      \S", text, re.M)
         assert m, f"tdg {stage} --help: {key} is missing or has no explanation"
+    # the override example names keys this command takes (sample and eval used to show optim.lr)
+    example = re.search(r"dotted overrides, e\.g\.\s+(.+?)\s*\n\s*\n", text, re.S).group(1).split()
+    assert example
+    for item in example:
+        get_dotted(cls(), item.split("=")[0])
 
 
 @pytest.mark.slow
@@ -108,3 +114,6 @@ def test_errors_in_the_users_words(tmp_path, capsys):
     flat.write_text(json.dumps({"question": "q", "rationale": "\\boxed{2}", "gold": "2"}) + "\n")
     assert tdg(["prepare", "--input", str(flat), "--output", str(tmp_path / "p"), "--prompt-format", "chat"]) == 2
     assert "--prompt-format chat needs --tokenizer" in capsys.readouterr().err
+    assert tdg(["eval", "--model", "m", "--test", str(q), "--fields", "question=problem,question=prompt"]) == 2
+    assert "--fields (eval.fields): question is given twice (question=problem and question=prompt)" in \
+        capsys.readouterr().err

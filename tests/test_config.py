@@ -94,7 +94,7 @@ def test_every_shipped_stage_config_loads():
     classes = {"neg": config.NegConfig, "nat": config.NatConfig, "sft": config.SftConfig,
                "pretrain": config.SftConfig, "score": config.ScoreConfig, "distill": config.DistillConfig,
                "ranker": config.RankerConfig, "eval": config.EvalConfig, "ablation": config.AblationConfig,
-               "dpo": config.DpoConfig, "redi": config.RediConfig}
+               "dpo": config.DpoConfig, "redi": config.RediConfig, "sample": config.SampleConfig}
     files = sorted(f for f in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml")
                    if f.name != config.RUN_VARS)
     assert len(files) >= 14

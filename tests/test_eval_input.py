@@ -31,6 +31,20 @@ def test_question_answer_style_with_plain_or_worked_answers(tmp_path):
     assert qs[0].subject == "arith" and qs[1].subject == "default" and qs[0].level == ""
 
 
+def test_repeated_questions_are_merged_counted_and_reported(tmp_path, capsys):
+    from collections import Counter
+
+    from train.data.readers import report_repeats
+
+    f = write_lines(tmp_path / "qa.jsonl", [{"question": "2+3?", "answer": "5"}, {"question": "4+4?", "answer": "8"},
+                                            {"question": "2+3?", "answer": "5"}, {"question": "2+3?", "answer": "6"}])
+    repeats: Counter = Counter()
+    qs = read_test_questions(f, repeats=repeats)
+    assert [q.question for q in qs] == ["2+3?", "4+4?"] and repeats["questions"] == 2
+    report_repeats("eval", repeats)
+    assert "[eval] 2 line(s) repeat a question an earlier line asked: merged" in capsys.readouterr().out
+
+
 def test_synthetic_test_split_in_tdg_layout(synthetic_raw):
     qs = read_test_questions(synthetic_raw / "test")
     assert len(qs) == 15 and len({q.subject for q in qs}) > 1

@@ -54,7 +54,7 @@ def test_a_cached_id_resolves_to_its_snapshot_and_a_missing_one_names_id_and_cac
     with pytest.raises(ConfigError) as e:
         resolve_model_ref("tiny-org/absent", "model.path")
     assert "model.path: tiny-org/absent" in str(e.value) and str(hf_home / "hub") in str(e.value)
-    with pytest.raises(ConfigError, match="at revision v9"):
+    with pytest.raises(ConfigError, match="at revision v9.*hf download tiny-org/tiny-llama --revision v9`"):
         resolve_model_ref("tiny-org/tiny-llama@v9", "model.path")
 
 
@@ -78,6 +78,7 @@ def test_a_stage_trains_from_a_hub_id_and_records_the_snapshot(hf_home, tmp_path
                      nproc=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert Path(yaml.safe_load((tmp_path / "eval" / "config.yaml").read_text())["eval"]["model"]) == snapshot
+    assert f"[eval] wrote {(tmp_path / 'eval').resolve()}: metrics.md" in proc.stdout  # where the results are
     # the same id, absent from the cache the job reads: a one-line error, not a hub traceback
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty" / "hub"))

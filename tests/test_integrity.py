@@ -5,11 +5,13 @@ named. Every case here ended in a traceback or in a silent success on damaged da
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
 import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -129,13 +131,60 @@ def test_resuming_under_a_changed_recipe_is_refused_naming_what_changed(finished
         "config.optim.lr: 0.005 -> 0.0001"]
 
 
+def test_a_resume_under_the_wrong_zero_stage_stops_and_keeps_every_checkpoint(finished, tmp_path, prepared_dir,
+                                                                             base_model_dir, zero3_partitioned):
+    """A ZeRO-3 run resumed with zero2 by mistake used to fail to load, set aside every checkpoint as unusable,
+    and lose the run. Now it stops naming the setting, and the right config then resumes."""
+    out = _resumable_copy(finished, tmp_path)
+    shutil.rmtree(out / "checkpoints" / "step8")
+    wrong = run_stage("neg", _neg_args(prepared_dir, base_model_dir, out, "zero2"))
+    assert wrong.returncode != 0, wrong.stdout[-2000:]
+    assert "zero_stage 3 when saved, 2 now" in wrong.stderr and "engine.ds_config=zero2" in wrong.stderr
+    assert sorted(p.name for p in (out / "checkpoints").glob("step*/COMPLETE.json*")) == ["COMPLETE.json"] * 2
+    right = run_stage("neg", _neg_args(prepared_dir, base_model_dir, out, zero3_partitioned))
+    _ok(right)
+    assert f"resumed from {out / 'checkpoints' / 'step6'} at step 6" in right.stdout
+
+
+def _retrained_weights(model: Path) -> None:
+    from safetensors.torch import save_file
+
+    weights = load_file(model / "model.safetensors")
+    save_file({k: v + 1e-3 for k, v in weights.items()}, model / "model.safetensors", metadata={"format": "pt"})
+
+
+def _one_row_fewer(prepared: Path) -> None:
+    import pyarrow.parquet as pq
+
+    shard = next(prepared.glob("data-*.parquet"))
+    pq.write_table(pq.read_table(shard).slice(1), shard)
+
+
+@pytest.mark.parametrize("change", ["other weights, same config", "edited prepared data"])
+def test_resuming_on_changed_inputs_is_refused_by_content(change, finished, tmp_path, prepared_dir, base_model_dir,
+                                                          zero3_partitioned):
+    out = _resumable_copy(finished, tmp_path)
+    data = shutil.copytree(prepared_dir, tmp_path / "data")
+    model = shutil.copytree(base_model_dir, tmp_path / "model")
+    if change == "edited prepared data":
+        _one_row_fewer(data)
+        named = "the prepared data at data.path (by content)"
+    else:
+        _retrained_weights(model)
+        named = "the weights at model.path (by content)"
+    refused = run_stage("neg", _neg_args(data, model, out, zero3_partitioned))
+    assert refused.returncode != 0 and named in refused.stderr, refused.stderr[-2000:]
+    assert not (out / "DONE.json").exists()
+
+
 def test_resuming_with_only_monitoring_and_memory_settings_changed_continues(finished, tmp_path, prepared_dir,
                                                                             base_model_dir, zero3_partitioned):
     """Loggers, logging cadence, checkpoint retention and gradient checkpointing are not the recipe: a resume
     that changes them continues (the same adapter as the uninterrupted run) instead of being refused."""
     out = _resumable_copy(finished, tmp_path)
     shutil.rmtree(out / "checkpoints" / "step8")  # steps 7 and 8 train again under the new settings
-    args = _neg_args(prepared_dir, base_model_dir, out, zero3_partitioned, "engine.report_to=[]",
+    moved = shutil.copytree(prepared_dir, tmp_path / "moved" / "data")  # inputs count by content, not path
+    args = _neg_args(moved, base_model_dir, out, zero3_partitioned, "engine.report_to=[]",
                      "engine.log_every=3", "engine.keep_last=3", "model.gradient_checkpointing=true")
     result = run_stage("neg", args)
     _ok(result)
@@ -202,6 +251,73 @@ def test_a_stop_signal_during_start_up_requeues_instead_of_failing(tmp_path, pre
     assert not (out / "DONE.json").exists()
 
 
+def test_a_build_killed_midway_leaves_no_lock_that_hangs_the_next_run(tmp_path, prepared_dir, base_model_dir):
+    """A build of DeepSpeed's CPU op killed while compiling leaves torch's `lock` file; the next start used to
+    wait on it forever, silently. Now it removes the lock (no live build holds the flock), names it, and, as
+    no compiler is there either, trains on plain gloo with one warning."""
+    ext = tmp_path / "extensions"
+    compiler = tmp_path / "slow-c++"  # compiles anything but the op's sources, which take forever
+    compiler.write_text('#!/bin/sh\ncase "$*" in *shm*) sleep 600;; esac\nexec c++ "$@"\n')
+    compiler.chmod(0o755)
+    env = {**stage_env(), "TORCH_EXTENSIONS_DIR": str(ext)}
+    build = subprocess.Popen([sys.executable, "-c", "from train.engine.op_build import build_cpu_comm_op as b; b()"],
+                             env={**env, "CXX": str(compiler)}, cwd=REPO, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock, deadline = ext / "deepspeed_shm_comm" / "lock", time.time() + 180
+    while not (lock.exists() and any(p.name() == "sleep" for p in _children(build.pid))):
+        assert build.poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    os.killpg(build.pid, signal.SIGKILL)  # the build, ninja and the compiler: as preemption kills a job
+    build.wait()
+    assert lock.exists()
+    no_compiler = {**env, "CXX": "/bin/false", "CC": "/bin/false"}
+    r = subprocess.run(stage_cmd("neg", _neg_args(prepared_dir, base_model_dir, tmp_path / "neg", "zero2",
+                                                  "optim.max_steps=2")),
+                       env=no_compiler, capture_output=True, text=True, timeout=300, cwd=REPO)
+    _ok(r)
+    assert f"removed {lock}" in r.stderr and not lock.exists()
+    assert (r.stdout + r.stderr).count("collectives run on plain gloo") == 1, r.stderr[-3000:]
+
+
+def _children(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_plan_export_and_score_without_zero_need_no_compiler(finished, teacher, prepared_dir, tmp_path):
+    """As on a login node without a C++ compiler: what does not train builds no DeepSpeed op."""
+    ext = tmp_path / "extensions"
+    env = {**stage_env(), "CXX": "/bin/false", "CC": "/bin/false", "TORCH_EXTENSIONS_DIR": str(ext)}
+    runs = {
+        "plan": ["plan", "--config", "configs/llama7b/neg.yaml", "--gpus-per-node", "8"],
+        "export": ["export", "--from", str(finished), "--output", str(tmp_path / "merged")],
+        "score": ["score", f"score.nat_dir={teacher}", f"data.path={prepared_dir}", "data.max_len=384",
+                  "data.max_tokens=2048", "score.shard_size=64", "engine.ds_config=none", "engine.progress=false",
+                  f"engine.output_dir={tmp_path / 'score'}"],
+    }
+    for name, args in runs.items():
+        r = subprocess.run([sys.executable, "-m", "train", *args], env=env, capture_output=True, text=True,
+                           timeout=300, cwd=REPO)
+        assert r.returncode == 0, f"{name}: {r.stderr[-3000:]}"
+        assert "plain gloo" not in r.stderr and not ext.exists(), name
+    assert (tmp_path / "merged" / "config.json").is_file() and (tmp_path / "score" / "DONE.json").is_file()
+
+
+def test_jit_ops_build_in_a_dir_of_their_own_environment(monkeypatch):
+    from train.engine.op_build import extensions_root
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    root = extensions_root()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(root)
+    assert root == Path(sys.prefix) / "torch_extensions" or str(Path.home() / ".cache") in str(root)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/elsewhere")
+    assert extensions_root() == Path("/elsewhere")  # the user's choice stands
+
+
 def test_a_dir_finished_by_another_stage_is_not_taken_as_done(finished, capsys):
     from train.cli import main as tdg
 
@@ -213,7 +329,7 @@ def test_a_dir_finished_by_another_stage_is_not_taken_as_done(finished, capsys):
 
 def test_a_second_run_into_the_same_output_dir_is_refused(tmp_path, prepared_dir, base_model_dir):
     out = tmp_path / "shared"
-    args = _neg_args(prepared_dir, base_model_dir, out, "zero2", "optim.max_steps=40", "engine.save_every=0")
+    args = _neg_args(prepared_dir, base_model_dir, out, "zero2", "optim.max_steps=150", "engine.save_every=0")
     first = subprocess.Popen(stage_cmd("neg", args), env=stage_env(), cwd=REPO, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
@@ -221,10 +337,66 @@ def test_a_second_run_into_the_same_output_dir_is_refused(tmp_path, prepared_dir
         assert first.poll() is None and time.time() < deadline
         time.sleep(0.05)
     second = run_stage("neg", args)
+    (out / ".lock").unlink()  # the directory's own lock still keeps a third run out
+    third = run_stage("neg", args)
     stdout, _ = first.communicate(timeout=600)
     assert second.returncode != 0 and f"engine.output_dir {out} is in use by PID" in second.stderr, second.stderr
+    assert third.returncode != 0 and "in use by another run (its .lock file was deleted)" in third.stderr, third.stderr
     assert first.returncode == 0, stdout[-3000:]
     assert len(list((out / "tb").glob("events.*"))) == 1  # one run wrote it
+
+
+# --- one clear line per failure -------------------------------------------------------------------------
+
+
+def _two_ranks(stage: str, args: list[str], timeout: int = 300) -> tuple[list[int], str]:
+    """Run a stage as srun does (two processes, rendezvous from the environment, no torchrun wrapping their
+    output): the exit codes and everything both printed."""
+    from train.engine.distributed import free_port
+
+    env = {**stage_env(), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    procs = [subprocess.Popen([sys.executable, "-m", "train", stage, *args], cwd=REPO, text=True,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    return [p.returncode for p in procs], "".join(outputs)
+
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    path.write_bytes(path.read_bytes()[:int(path.stat().st_size * keep)])
+
+
+def _retype_label(prepared: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shard = next(prepared.glob("data-*.parquet"))
+    table = pq.read_table(shard)
+    pq.write_table(table.set_column(table.schema.get_field_index("label"), "label",
+                                    pa.array(range(len(table)), pa.int64())), shard)
+
+
+MODEL_DAMAGE = {
+    "truncated parquet": ("data", lambda d: _truncate(next(d.glob("data-*.parquet"))), "unreadable prepared shard"),
+    "mistyped parquet": ("data", _retype_label, "column 'label' is int64, not string"),
+    "truncated safetensors": ("model", lambda d: _truncate(d / "model.safetensors", 0.7),
+                              "damaged or truncated weights"),
+    "no weights": ("model", lambda d: (d / "model.safetensors").unlink(), "has config.json but no weights"),
+}
+
+
+@pytest.mark.parametrize("case", list(MODEL_DAMAGE))
+def test_a_damaged_input_is_one_named_line_from_two_ranks_and_exit_2(case, tmp_path, prepared_dir, base_model_dir):
+    which, damage, message = MODEL_DAMAGE[case]
+    data, model = tmp_path / "data", tmp_path / "model"
+    shutil.copytree(prepared_dir, data)
+    shutil.copytree(base_model_dir, model)
+    damage(data if which == "data" else model)
+    codes, output = _two_ranks("neg", _neg_args(data, model, tmp_path / "neg", "zero2"))
+    assert 2 in codes and set(codes) <= {1, 2}, (codes, output[-3000:])
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], output[-3000:]
+    assert "Traceback" not in output and "Connection closed" not in output, output[-3000:]
 
 
 # --- scores ---------------------------------------------------------------------------------------------
@@ -245,18 +417,30 @@ def _distill(scores, prepared, base, out):
                                  "engine.progress=false", f"engine.output_dir={out}"], nproc=1)
 
 
-@pytest.mark.parametrize("damage", ["values overwritten", "truncated"])
-def test_distill_refuses_a_damaged_score_shard_by_name(damage, scored, tmp_path, prepared_dir, base_model_dir):
+SCORE_DAMAGE = {
+    "values overwritten": (lambda d: _overwrite_16_values(d / "shards" / "shard-00001.safetensors"),
+                           "shard-00001.safetensors: does not match its sha256"),
+    "truncated": (lambda d: _truncate(d / "shards" / "shard-00001.safetensors", 0.9),
+                  "in manifest.json (truncated or replaced)"),
+    "garbled manifest": (lambda d: (d / "manifest.json").write_text('{"shards": [{"file": "sh'),
+                         "manifest.json: not a score manifest"),
+}
+
+
+@pytest.mark.parametrize("damage", list(SCORE_DAMAGE))
+def test_distill_refuses_damaged_scores_in_one_named_line(damage, scored, tmp_path, prepared_dir, base_model_dir):
+    """On two ranks (as srun runs them): the rank that finds the damage names it once, exit 2, no traceback."""
     scores = tmp_path / "score"
     shutil.copytree(scored, scores)
-    shard = scores / "shards" / "shard-00001.safetensors"
-    if damage == "truncated":
-        shard.write_bytes(shard.read_bytes()[:-100])
-    else:
-        _overwrite_16_values(shard)
-    result = _distill(scores, prepared_dir, base_model_dir, tmp_path / "distill")
-    assert result.returncode == 2 and str(shard) in result.stderr, result.stderr[-2000:]
-    assert ("truncated" if damage == "truncated" else "sha256") in result.stderr
+    how, message = SCORE_DAMAGE[damage]
+    how(scores)
+    codes, output = _two_ranks("distill", [f"model.path={base_model_dir}", f"data.path={prepared_dir}",
+                                           "data.max_len=384", "data.max_tokens=2048", "optim.max_steps=2",
+                                           f"distill.scores={scores}", "engine.progress=false",
+                                           f"engine.output_dir={tmp_path / 'distill'}"])
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert 2 in codes and len(errors) == 1 and message in errors[0], (codes, output[-3000:])
+    assert "Traceback" not in output and "Connection closed" not in output, output[-3000:]
     assert not (tmp_path / "distill" / "DONE.json").exists()
 
 
@@ -281,7 +465,68 @@ def test_score_restarted_over_a_damaged_shard_scores_it_again(scored, tmp_path, 
     assert len(shard.read_bytes()) == len(original)
 
 
+def test_scores_of_two_recipes_are_never_mixed(scored, tmp_path, teacher, prepared_dir, base_model_dir):
+    """An interrupted score rerun with another top_k used to keep the old shards beside new ones of another
+    width, and distill trained on the mixture, exit 0. Now the rerun is refused naming the change, --restart
+    scores anew, and distill refuses shards of two scorings even where the manifest's digests match them."""
+    from safetensors import safe_open
+
+    from train.manifest import file_digest
+
+    out = shutil.copytree(scored, tmp_path / "score")
+    for name in ("DONE.json", "manifest.json"):  # as if stopped before the end
+        (out / name).unlink()
+    args = [f"score.nat_dir={teacher}", f"data.path={prepared_dir}", "data.max_len=384", "data.max_tokens=2048",
+            "score.shard_size=64", "score.top_k=4", "engine.progress=false", f"engine.output_dir={out}"]
+    refused = run_stage("score", args, nproc=1)
+    assert refused.returncode == 2 and "top_k: 8 -> 4" in refused.stderr, refused.stderr[-2000:]
+    assert "--restart" in refused.stderr and len(list((out / "shards").glob("shard-*.safetensors"))) > 1
+    restarted = run_stage("score", ["--restart", *args], nproc=1)
+    _ok(restarted)
+    assert "--restart: deleting" in restarted.stdout
+    for shard in (out / "shards").glob("shard-*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            assert f.metadata()["top_k"] == "4" and f.metadata()["recipe"] == json.loads(
+                (out / "manifest.json").read_text())["recipe"]
+
+    mixed = shutil.copytree(scored, tmp_path / "mixed")
+    shard = mixed / "shards" / "shard-00001.safetensors"
+    shutil.copy(out / "shards" / shard.name, shard)  # another scoring's shard, recorded as if it belonged
+    manifest = json.loads((mixed / "manifest.json").read_text())
+    entry = next(e for e in manifest["shards"] if e["file"].endswith(shard.name))
+    entry.update(size=shard.stat().st_size, sha256=file_digest(shard))
+    (mixed / "manifest.json").write_text(json.dumps(manifest))
+    result = _distill(mixed, prepared_dir, base_model_dir, tmp_path / "distill")
+    assert result.returncode == 2 and "shards of another scoring are mixed in: shards/shard-00001" in result.stderr, \
+        result.stderr[-2000:]
+
+
 # --- what stages are pointed at ---------------------------------------------------------------------------
+
+
+def test_nat_refuses_a_neg_adapter_trained_on_another_base(finished, tmp_path, prepared_dir, base_model_dir):
+    """Same shapes, other weights: the adapter used to load and NAT trained garbage, exit 0."""
+    other = shutil.copytree(base_model_dir, tmp_path / "other-base")
+    _retrained_weights(other)
+    result = run_stage("nat", [f"model.path={other}", f"data.path={prepared_dir}", "data.max_len=384",
+                               "data.max_tokens=2048", f"nat.neg_adapter={finished}", "engine.progress=false",
+                               f"engine.output_dir={tmp_path / 'nat'}"], nproc=1)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"nat.neg_adapter: {finished} was trained on other base weights than model.path {other}" in result.stderr
+    assert str(base_model_dir) in result.stderr  # the base it was trained on
+
+
+def test_export_refuses_to_merge_into_a_base_replaced_since_training(finished, tmp_path, base_model_dir):
+    from train.export import export
+
+    src = shutil.copytree(finished, tmp_path / "neg")
+    replaced = shutil.copytree(base_model_dir, tmp_path / "base")  # the adapter's base path, other weights now
+    _retrained_weights(replaced)
+    config = src / "adapter" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": str(replaced)}))
+    with pytest.raises(TdgError, match=f"trained on other weights than those now at {replaced}"):
+        export(src, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
 
 
 def test_nat_refuses_a_distill_output_as_its_negative_teacher(tmp_path, prepared_dir, base_model_dir, scored):

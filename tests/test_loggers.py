@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import run_stage
 
-from train.engine.loggers import check_available
+from train.engine.loggers import ScalarLoggers, check_available
 from train.errors import ConfigError
 
 
@@ -87,3 +87,47 @@ def test_every_logger_gets_the_same_scalars(tmp_path, monkeypatch, prepared_dir,
     assert set(tb) == set(wb) == set(ml) and len(tb) > 10
     for key, value in tb.items():  # TensorBoard stores float32
         assert wb[key] == pytest.approx(value, rel=1e-6) and ml[key] == pytest.approx(value, rel=1e-6), key
+
+
+@pytest.mark.parametrize("store", ["no URI", "no URI, no SQLAlchemy", "file", "sqlite"])
+def test_mlflow_logs_to_the_stores_users_start_with(store, tmp_path, monkeypatch):
+    """MLflow 3 with no URI writes sqlite:///mlflow.db (SQLAlchemy needed), and refuses a file store unless
+    MLFLOW_ALLOW_FILE_STORE is set: both failed after the model had loaded. Settled before any load now."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    if store == "file":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "store").as_uri())
+    if store == "sqlite":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'runs.db'}")
+    if store in ("no URI", "sqlite"):
+        pytest.importorskip("sqlalchemy")
+    if store == "no URI, no SQLAlchemy":
+        import importlib.util
+
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "sqlalchemy" else real(name))
+    check_available(["mlflow"])
+    (tmp_path / "run").mkdir()
+    log = ScalarLoggers(tmp_path / "run", ["mlflow"], "neg run", {"optim": {"lr": 0.5}})
+    log.scalars({"neg/loss": 1.25}, step=3)
+    log.close()
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("tdg").experiment_id])
+    assert run.data.metrics == {"neg/loss": 1.25} and run.data.params == {"optim.lr": "0.5"}
+    where = {"no URI": tmp_path / "mlflow.db", "no URI, no SQLAlchemy": tmp_path / "mlruns",
+             "file": tmp_path / "store", "sqlite": tmp_path / "runs.db"}[store]
+    assert where.exists()
+
+
+def test_a_database_store_without_sqlalchemy_is_named_before_anything_loads(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "alembic" else real(name))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql+psycopg2://db/mlflow")
+    with pytest.raises(ConfigError, match="needs SQLAlchemy and Alembic: pip install 'tdg-trainer\\[mlflow\\]'"):
+        check_available(["tensorboard", "mlflow"])

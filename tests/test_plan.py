@@ -65,7 +65,7 @@ def test_large_teacher_nat_on_two_nodes_matches_hand_arithmetic():
 @pytest.mark.parametrize("family,nodes", [("llama7b", 1), ("large-teacher", 2)])
 def test_every_shipped_cluster_config_fits_on_80_gb_gpus(family, nodes, capsys):
     files = sorted((REPO / "configs" / family).glob("*.yaml"))
-    args = [a for f in files if f.stem not in ("ablation", "run") for a in ("--config", str(f))]
+    args = [a for f in files if f.stem not in ("ablation", "run", "sample") for a in ("--config", str(f))]
     assert tdg(["plan", *args, "--nodes", str(nodes), "--gpus-per-node", "8", "--gpu-mem", "80"]) == 0
     out = capsys.readouterr().out
     assert out.count("fits") == len(args) // 2 and "DOES NOT FIT" not in out and "PROBLEM" not in out
@@ -148,6 +148,20 @@ def test_pipeline_passes_tdg_model_config_to_the_plan(tmp_path):
                        cwd=REPO, timeout=300)
     assert "[plan] neg: 1 node(s) x 8 GPU(s) of 80 GiB" in r.stdout and "preset llama-2-7b" in r.stdout, r.stderr
     assert "pipeline: not submitted (tdg plan" not in r.stderr  # past the plan (sbatch is not on PATH here)
+    flag = [*cmd[:2], "--model-config", "llama-2-7b", *cmd[2:]]  # the same, as a flag
+    r = subprocess.run(flag, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert "preset llama-2-7b" in r.stdout and "pipeline: not submitted (tdg plan" not in r.stderr, r.stderr
+
+
+def test_the_slurm_scripts_take_the_active_virtualenvs_python(tmp_path):
+    """TDG_PYTHON unset: the activated environment's Python comes before the checkout's .venv."""
+    env = {k: v for k, v in os.environ.items() if k != "TDG_PYTHON"}
+    r = subprocess.run(["bash", "-c", f". {REPO / 'slurm' / 'python.sh'}; tdg_python {REPO}"], capture_output=True,
+                       text=True, env={**env, "VIRTUAL_ENV": sys.prefix}, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == f"{sys.prefix}/bin/python", r.stderr
+    r = subprocess.run(["bash", "-c", f". {REPO / 'slurm' / 'python.sh'}; tdg_python {REPO}"], capture_output=True,
+                       text=True, env={**env, "VIRTUAL_ENV": str(tmp_path / "no-such-env")}, timeout=120)
+    assert r.returncode == 0 and "no-such-env" not in r.stdout  # a stale VIRTUAL_ENV falls through
 
 
 def _hand_total(family: str, stage: str, world: int) -> float:

@@ -47,10 +47,11 @@ def test_sample_prepare_neg_end_to_end_and_resume(tmp_path, synthetic_raw, base_
     assert all(r["gold"] == q.gold for r, q in zip(recs[::3], qs, strict=True))
     done = json.loads((out / "DONE.json").read_text())
     assert done["stage"] == "sample" and done["metrics"]["rationales"] == 15 and done["metrics"]["backend"] == "hf"
+    assert not list(out.glob("*.part"))  # the ranks' part files went into rationales.jsonl
     # a run killed mid-write: the torn question is asked again, nothing is duplicated
     (out / "DONE.json").unlink()
-    (out / "rationales.jsonl").unlink()
     part = out / "part-rank0.jsonl.part"
+    (out / "rationales.jsonl").rename(part)  # as a run killed before the merge leaves them (in one part)
     part.write_bytes(part.read_bytes()[:-40])
     r = run_stage("sample", args, nproc=1)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -12,6 +12,7 @@ import sys
 
 from train.data.prompt import DEFAULT_TEMPLATE
 from train.demo_options import DemoOptions
+from train.engine import rank_errors
 from train.engine.signals import EXIT_CHECKPOINTED
 from train.errors import StageStopped, TdgError
 from train.plan import PLANNED_STAGES
@@ -131,6 +132,12 @@ STAGES["ablation"] = ("does negative data help? train and evaluate every baselin
                       "(base, sft-pos, sft-mix, neg-then-pos, ul, dpo, redi, nat, kd, nat+nce)",
                       "train.ablation", "AblationConfig")
 
+# each command's --help example, from its own keys (tests/test_cli.py resolves every one)
+OVERRIDE_EXAMPLES = {"training": "optim.lr=1e-4 data.max_tokens=2048",
+                     "score": "score.top_k=16 data.max_len=512", "eval": "eval.n=8 eval.temperature=0.7",
+                     "sample": "sample.temperature=0.7 sample.max_new_tokens=1024",
+                     "ablation": "ablation.seeds=[0,1] ablation.nproc=4"}
+
 SAMPLE_SHORTCUTS = {"model": "sample.model", "questions": "sample.questions", "fields": "sample.fields",
                     "n": "sample.n", "temperature": "sample.temperature", "backend": "sample.backend",
                     "base_url": "sample.server.base_url", "output": "engine.output_dir",
@@ -196,7 +203,7 @@ def _add_stage(sub, name: str) -> None:
     p.add_argument("--print", metavar="KEY", dest="print_key", default=None,
                    help="print the resolved value of a config key (e.g. engine.output_dir) and exit")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotted overrides, e.g. optim.lr=1e-4 data.max_tokens=2048")
+                   help=f"dotted overrides, e.g. {OVERRIDE_EXAMPLES.get(name, OVERRIDE_EXAMPLES['training'])}")
     if name == "sample":  # the common case without a config file
         p.add_argument("--model", metavar="M", help="the teacher (sample.model): a model dir, cached hub id or "
                        "stage output (hf); the served model's name (openai)")
@@ -214,6 +221,11 @@ def _add_stage(sub, name: str) -> None:
         p.add_argument("--require-all", action="store_true", default=None,
                        help="fail (exit 2) when any question failed after every retry (sample.require_all); by "
                             "default the others are written, the failed ones listed in failures.json, exit 3")
+    if name == "score":
+        p.add_argument("--restart", action="store_true", default=None,
+                       help="when engine.output_dir holds shards scored under another recipe (another teacher, "
+                            "top_k, data, prompt or max_len), delete them and score anew (score.restart); by "
+                            "default the run is refused, naming what differs")
     if name == "eval":  # the common case without a config file
         p.add_argument("--model", metavar="DIR", help="model to evaluate (eval.model): a model dir, a hub id in "
                        "the local HF cache, or a stage output (adapter/, model/ or NAT)")
@@ -358,6 +370,8 @@ def _run(args: argparse.Namespace) -> int:
                 raise TdgError("tdg sample: --output DIR is required (where rationales.jsonl is written)")
             overrides = [f"{key}={getattr(args, flag)}" for flag, key in SAMPLE_SHORTCUTS.items()
                          if getattr(args, flag) is not None] + overrides
+        if args.command == "score" and args.restart:
+            overrides = ["score.restart=true", *overrides]
         if args.command == "eval":
             if args.model and not args.output and not args.config:
                 from train.models.hub import is_hub_id
@@ -421,5 +435,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped: {e}", file=sys.stderr)
         return EXIT_CHECKPOINTED
     except TdgError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank_errors.first_to_report(str(e)):  # once, not once per rank
+            print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Exception as e:
+        if rank_errors.lost_peer_after_failure(e):
+            return 1  # another rank failed first and said why: no gloo traceback on top of it
+        rank_errors.mark_failed()
+        raise

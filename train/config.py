@@ -492,6 +492,7 @@ class ScoreSection:
     top_k: int = 32  # teacher log-probs kept per rationale token
     shard_size: int = 256  # samples per output shard (the unit of resume and of work per rank)
     logprob_dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # storage type of the top-k log-probs
+    restart: bool = False  # shards of another recipe in engine.output_dir (tdg score --restart): delete, score anew
 
     def validate(self) -> None:
         if not self.nat_dir:

@@ -55,6 +55,17 @@ def _card(src: Path, kind: str, base: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_trained_base(src: Path, base: str) -> None:
+    """The base an adapter is merged into is the one it was trained on, by content (DONE.json records it): a base
+    replaced at the same path since would merge into garbage without a word."""
+    from train.manifest import weights_fingerprint
+
+    trained_on = ((read_done(src) or {}).get("inputs") or {}).get("weights")
+    if trained_on and Path(base).is_dir() and trained_on != weights_fingerprint(base):
+        raise TdgError(f"{src}: its adapter was trained on other weights than those now at {base} (the base changed "
+                       "since training); restore that base, or train again")
+
+
 def _save(model, tokenizer_dir: str, out: Path, max_shard_size: str, dtype: str) -> None:
     from transformers import AutoTokenizer, GenerationConfig
 
@@ -98,6 +109,7 @@ def export(src: str | Path, out: str | Path, max_shard_size: str = "2GB", dtype:
         from peft import PeftModel
 
         base = json.loads((src / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+        check_trained_base(src, base)
         merged = PeftModel.from_pretrained(_load(base), src / "adapter").merge_and_unload()
         _save(merged, base, tmp, max_shard_size, dtype)
         (tmp / "README.md").write_text(_card(src, "LoRA adapter merged into its base", base))

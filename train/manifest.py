@@ -40,6 +40,36 @@ def dir_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def prepared_digest(path: str | Path) -> str:
+    """Prepared data by content: the sha256 of its parquet shards (not of DONE.json, which records paths), so
+    a moved copy is the same data and an edited shard is not."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).glob("data-*.parquet")):
+        h.update(f.name.encode())
+        h.update(file_digest(f).encode())
+    return h.hexdigest()
+
+
+SAMPLE = 1 << 20  # bytes read at each of three places of a weight file
+
+
+def weights_fingerprint(model_dir: str | Path) -> str:
+    """A model dir's weights by content, cheaply: config.json, and per weight file its size and three 1 MiB
+    blocks (start, which holds the safetensors header, middle, end). Two checkpoints of one architecture
+    differ in every block, so this tells them apart without hashing 14-140 GB at every start."""
+    d = Path(model_dir)
+    h = hashlib.sha256()
+    files = sorted(f for pattern in ("config.json", "*.safetensors", "*.bin") for f in d.glob(pattern))
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            for offset in sorted({0, max(0, size // 2 - SAMPLE // 2), max(0, size - SAMPLE)}):
+                fh.seek(offset)
+                h.update(fh.read(SAMPLE))
+    return h.hexdigest()
+
+
 def write_done(out_dir: str | Path, config: Any, inputs: dict[str, str], metrics: dict, stage: str) -> Path:
     """Write DONE.json atomically (temp + fsync + rename) so a crash never leaves a half manifest."""
     out = Path(out_dir)

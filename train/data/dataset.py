@@ -37,6 +37,14 @@ from train.manifest import read_done
 IGNORE = -100
 OVERLONG_POLICIES = ("drop", "truncate")
 PREPARED_FORMAT = 2  # 2: questions and rationales stored bare (no `Problem:`/`Solution:` labels)
+# What `tdg prepare` writes and every reader of prepared data expects, column by column.
+SCHEMA = pa.schema([
+    ("id", pa.string()), ("qid", pa.string()), ("subject", pa.string()), ("level", pa.string()),
+    ("question", pa.string()), ("rationale", pa.string()), ("gold", pa.string()),
+    ("pred", pa.string()),  # extracted final answer; null when the rationale has no boxed answer
+    ("label", pa.string()),  # pos | neg
+    ("status", pa.string()),  # graded | given | no_boxed | timeout | error
+])
 
 
 def target_mask(batch: dict):
@@ -105,8 +113,25 @@ def read_prepared(path: str | Path, labels: tuple[str, ...] = ("pos", "neg"), co
     if done.get("metrics", {}).get("format", 1) < PREPARED_FORMAT:
         raise InputError(str(p), None, "prepared by an older version (its questions keep their `Problem:` label, "
                          "which the prompt template adds again); run `tdg prepare` again", "not_prepared")
-    table = pq.read_table(shards, columns=columns)
+    table = pa.concat_tables([_read_shard(shard, columns) for shard in shards])
     return table.filter(pc.is_in(table["label"], value_set=pa.array(list(labels))))
+
+
+def _read_shard(path: Path, columns: list[str] | None) -> pa.Table:
+    """One prepared shard, or a named error: a truncated, garbled or retyped file is not read as data."""
+    try:
+        table = pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as e:
+        raise InputError(str(path), None, f"unreadable prepared shard ({str(e).strip().splitlines()[0]}); "
+                         "run `tdg prepare` again", "damaged") from None
+    for name in [c for c in columns or SCHEMA.names if c in SCHEMA.names]:
+        if name not in table.column_names:
+            raise InputError(str(path), None, f"prepared shard has no column {name!r}; run `tdg prepare` again",
+                             "damaged")
+        if table.schema.field(name).type != SCHEMA.field(name).type:
+            raise InputError(str(path), None, f"column {name!r} is {table.schema.field(name).type}, not "
+                             f"{SCHEMA.field(name).type}; run `tdg prepare` again", "damaged")
+    return table
 
 
 @dataclass

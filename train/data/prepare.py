@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from train.data.answers import last_boxed
-from train.data.dataset import PREPARED_FORMAT, encode
+from train.data.dataset import PREPARED_FORMAT, SCHEMA, encode
 from train.data.grading import OK, grade_pairs
 from train.data.prompt import DEFAULT_TEMPLATE, Prompt, check_template, render_prompt
 from train.data.readers import Question, parse_fields, read_inputs
@@ -29,13 +29,6 @@ from train.errors import InputError, TdgError
 from train.manifest import dir_digest, file_digest, read_done, write_done
 from train.models.hub import resolve_model_ref
 
-SCHEMA = pa.schema([
-    ("id", pa.string()), ("qid", pa.string()), ("subject", pa.string()), ("level", pa.string()),
-    ("question", pa.string()), ("rationale", pa.string()), ("gold", pa.string()),
-    ("pred", pa.string()),  # extracted final answer; null when the rationale has no boxed answer
-    ("label", pa.string()),  # pos | neg
-    ("status", pa.string()),  # graded | given | no_boxed | timeout | error
-])
 ROWS_PER_SHARD = 50_000
 LENGTH_QUANTILES = (50, 90, 95, 98, 99)
 MAX_LEN_CHOICES = (256, 512, 1024, 2048)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -139,6 +140,9 @@ def parse_fields(spec: str | dict[str, str] | None, key: str = "--fields") -> di
         if ours not in FIELD_NAMES or not theirs:
             raise ConfigError(f"{key}: {ours}={theirs} is not FIELD=INPUT_FIELD with FIELD one of "
                               f"{', '.join(FIELD_NAMES)} (e.g. question=problem,rationale=response,gold=answer)")
+        if ours in out:
+            raise ConfigError(f"{key}: {ours} is given twice ({ours}={out[ours]} and {ours}={theirs}); give each "
+                              "field once")
         out[ours] = theirs
     return out
 
@@ -243,11 +247,19 @@ def _parse_test_line(rec: object, subject: str, where: Where, need_gold: bool = 
                     level=str(rec.get("level", "")))
 
 
-def read_test_questions(path: str | Path, fields: dict[str, str] | None = None, need_gold: bool = True
-                        ) -> list[Question]:
+def report_repeats(stage: str, repeats: Counter) -> None:
+    """Say that repeated questions were merged, each asked once (from the first rank only)."""
+    if repeats["questions"] and os.environ.get("RANK", "0") == "0":
+        print(f"[{stage}] {repeats['questions']} line(s) repeat a question an earlier line asked: merged, each "
+              "question is asked once", flush=True)
+
+
+def read_test_questions(path: str | Path, fields: dict[str, str] | None = None, need_gold: bool = True,
+                        repeats: Counter | None = None) -> list[Question]:
     """Every question of a test file or directory (first occurrence of each), in file order.
     A directory's subdirectory names are subjects (the TDG layout); bad lines raise InputError.
-    need_gold=False (tdg sample): a question without a gold answer has gold ''."""
+    need_gold=False (tdg sample): a question without a gold answer has gold ''. `repeats` counts the lines
+    whose question an earlier line already asked (merged into it), under "questions"."""
     import functools
 
     root = Path(path)
@@ -257,6 +269,8 @@ def read_test_questions(path: str | Path, fields: dict[str, str] | None = None, 
         for q in _read_file(f, subject, functools.partial(_parse_test_line, need_gold=need_gold), fields):
             if isinstance(q, InputError):
                 raise q
+            if repeats is not None and q.qid in seen:
+                repeats["questions"] += 1
             seen.setdefault(q.qid, q)
     if not seen:
         raise InputError(str(root), None, "no test questions", "empty_input")

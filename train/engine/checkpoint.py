@@ -100,13 +100,15 @@ def hash_my_files(tag_dir: Path, rank: int, world: int) -> dict[str, dict]:
 
 
 def mark_complete(root: Path, pos: Position, files: dict[str, dict], recipe: dict,
-                  eval_history: list[dict]) -> None:
+                  eval_history: list[dict], layout: dict | None = None) -> None:
     """Write COMPLETE.json (fsynced, then renamed into place, then the directory fsynced). `eval_history`: the
-    held-out evaluations up to this step, so a resumed run's DONE.json lists those of the runs before it."""
+    held-out evaluations up to this step, so a resumed run's DONE.json lists those of the runs before it;
+    `layout`: how DeepSpeed laid the files out (the ZeRO stage), which a resume must match to load them."""
     tag_dir = root / pos.tag
     tmp = tag_dir / f".{COMPLETE}.tmp"
     with open(tmp, "w") as f:
-        f.write(json.dumps({**asdict(pos), "files": files, "recipe": recipe, "eval_history": eval_history}))
+        f.write(json.dumps({**asdict(pos), "files": files, "recipe": recipe, "eval_history": eval_history,
+                            "layout": layout or {}}))
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(tag_dir / COMPLETE)

@@ -70,6 +70,10 @@ def setup(timeout_minutes: float = 60, use_deepspeed: bool = True) -> torch.devi
     # peft reads model.is_gradient_checkpointing, which transformers 5 deprecates: once per rank and load
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing. is deprecated", category=FutureWarning)
     if not dist.is_initialized():
+        if on_cpu():  # its CPU op is built here, under a lock a killed build cannot leave behind
+            from train.engine.op_build import build_cpu_comm_op
+
+            build_cpu_comm_op(announce=launch_rank() == 0)
         timeout = datetime.timedelta(minutes=timeout_minutes)
         deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl", verbose=False, timeout=timeout)
         _clone_world_group(timeout)

@@ -21,13 +21,37 @@ _PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}
 
 
 def check_available(report_to: list[str], key: str = "engine.report_to") -> None:
-    """Refuse, before any work, a logger whose package is not installed."""
+    """Refuse, before any work (no model loaded yet), a logger whose package is not installed; settle MLflow's
+    store."""
     import importlib.util
 
     for name in report_to:
         if name in _PACKAGES and importlib.util.find_spec(_PACKAGES[name]) is None:
             raise ConfigError(f"{key} includes {name}, which is not installed: pip install 'tdg-trainer[{name}]' "
                               f"(or remove it from {key})")
+    if "mlflow" in report_to:
+        _settle_mlflow_store()
+
+
+SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def _settle_mlflow_store() -> None:
+    """MLflow as its users first run it. With no MLFLOW_TRACKING_URI, MLflow 3 writes sqlite:///mlflow.db, which
+    needs SQLAlchemy (the `[mlflow]` extra has it); without it, a local ./mlruns file store is used instead. A
+    file store needs MLFLOW_ALLOW_FILE_STORE in MLflow 3: set here, since the user chose it. A database URI
+    without SQLAlchemy is a named error, not a registry traceback after the model has loaded."""
+    import importlib.util
+
+    has_sql = all(importlib.util.find_spec(m) is not None for m in ("sqlalchemy", "alembic"))
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri and not has_sql:
+        uri = os.environ["MLFLOW_TRACKING_URI"] = Path("mlruns").resolve().as_uri()
+    if uri.startswith("file:") or "://" not in uri and uri:
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    if uri.split(":", 1)[0].split("+", 1)[0] in SQL_SCHEMES and not has_sql:
+        raise ConfigError(f"MLFLOW_TRACKING_URI {uri} needs SQLAlchemy and Alembic: pip install "
+                          "'tdg-trainer[mlflow]' (or use a file:// or http:// URI)")
 
 
 def _flat(config: dict, prefix: str = "") -> dict[str, object]:

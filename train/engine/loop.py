@@ -35,7 +35,7 @@ from train.data.dataset import TokenizedSet, collate
 from train.engine import checkpoint as ckpt
 from train.engine import distributed as dist_
 from train.engine import precision
-from train.engine.ds_config import build_ds_config, effective_optim
+from train.engine.ds_config import build_ds_config, effective_optim, zero_stage
 from train.engine.flops import flops_per_token, peak_flops
 from train.engine.loggers import ScalarLoggers
 from train.engine.schedule import warmup_cosine
@@ -159,12 +159,33 @@ def _set_aside(root: Path, pos: ckpt.Position, problem: str, name: str) -> None:
     dist_.barrier()
 
 
+# what a changed input digest means, in the user's words
+INPUT_NAMES = {"inputs.weights": "the weights at model.path (by content)",
+               "inputs.prepared": "the prepared data at data.path (by content)"}
+
+
+def _check_layout(root: Path, pos: ckpt.Position, layout: dict, ds_config: str) -> None:
+    """A checkpoint saved under another ZeRO stage cannot load under this one. That is a setting to put back,
+    not damage: stop and name it, and keep the checkpoint (a failed load would set it aside as unusable)."""
+    saved = (ckpt.read_record(root / pos.tag) or {}).get("layout") or {}
+    diffs = [f"{key} {saved[key]} when saved, {value} now" for key, value in layout.items()
+             if key in saved and saved[key] != value]
+    if diffs:
+        raise TdgError(f"{root / pos.tag} was saved under another DeepSpeed layout ({'; '.join(diffs)}; "
+                       f"engine.ds_config={ds_config}). Resume with the ds_config it was saved under; "
+                       "the checkpoint is kept")
+
+
 def _recipe_changes(root: Path, resume: ckpt.Position | None, recipe: dict, cfg, name: str) -> list[str]:
     """Refuse to resume under a changed training recipe (naming what changed) unless the config allows it."""
     if resume is None:
         return []
     saved = (ckpt.read_record(root / resume.tag) or {}).get("recipe") or {}
-    changes = ckpt.recipe_changes(saved, recipe) if saved else []
+    # inputs are compared where both recorded them (an older version recorded others, by path)
+    common = set(saved.get("inputs") or {}) & set(recipe.get("inputs") or {})
+    changes = ckpt.recipe_changes({**saved, "inputs": {k: saved["inputs"][k] for k in common}},
+                                  {**recipe, "inputs": {k: recipe["inputs"][k] for k in common}}) if saved else []
+    changes = [INPUT_NAMES.get(c.split(":")[0], c.split(":")[0]) + ":" + c.split(":", 1)[1] for c in changes]
     if changes and not cfg.engine.resume_changed_config:
         raise TdgError(f"{root / resume.tag} was trained under another config: {'; '.join(changes)}. Resuming "
                        "would continue the old run under new settings; use a new engine.output_dir, or set "
@@ -236,6 +257,9 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
     universal = resume is not None and resume.world_size != world
     prec = precision.resolve(cfg.engine.precision, dist_.on_cpu())
     ds_cfg = build_ds_config(cfg.engine.ds_config, optim, world, bf16=prec == "bf16", load_universal=universal)
+    layout = {"zero_stage": zero_stage(ds_cfg)}
+    if resume is not None:
+        _check_layout(root, resume, layout, cfg.engine.ds_config)
     named_trainable = [(n, p) for n, p in task.model.named_parameters() if p.requires_grad]
     trainable = [p for _, p in named_trainable]
     check_one_dtype(named_trainable, precision.DTYPES[prec])
@@ -277,6 +301,7 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
             raise TdgError(f"{root}: no checkpoint could be loaded ({'; '.join(failures)}); the model may be "
                            "partly loaded, so this run stops instead of training from the start")
         changed = _recipe_changes(root, older, recipe, cfg, task.name)
+        _check_layout(root, older, layout, cfg.engine.ds_config)
         resume = older
     pos = resume or ckpt.Position(world_size=world)
 
@@ -308,7 +333,7 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
         every_file = {k: v for part in dist_.all_gather_object(files) for k, v in part.items()}
         if dist_.is_main():
             try:
-                ckpt.mark_complete(root, pos, every_file, recipe, eval_history)
+                ckpt.mark_complete(root, pos, every_file, recipe, eval_history, layout)
                 ckpt.prune(root, cfg.engine.keep_last)
             except OSError as e:
                 problem = write_failure(root / pos.tag, e)

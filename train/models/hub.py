@@ -37,5 +37,6 @@ def resolve_model_ref(ref: str, key: str) -> str:
         raise ConfigError(
             f"{key}: {ref} is not a local directory, and the Hugging Face cache {constants.HF_HUB_CACHE} has no "
             f"snapshot of it{' at revision ' + revision if revision else ''}. Nothing is downloaded here: run "
-            f"`hf download {repo_id}` on a machine with internet, into the cache this job reads "
+            f"`hf download {repo_id}{' --revision ' + revision if revision else ''}` on a machine with internet, "
+            "into the cache this job reads "
             "(HF_HOME or HF_HUB_CACHE)") from None

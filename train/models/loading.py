@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from train.config import ModelConfig
-from train.errors import ConfigError
+from train.errors import ConfigError, InputError
 
 _DS_HOOK = None  # HfDeepSpeedConfig must stay referenced while ZeRO-3 models are built
 
@@ -27,6 +27,7 @@ def check_model_dir(path: str, key: str = "model.path") -> Path:
     """A local Hugging Face model dir, or an error that says what `path` is instead."""
     p = Path(path)
     if (p / "config.json").is_file():
+        check_weights(p, key)
         return p
     if not p.exists():
         raise ConfigError(f"{key}: {path} does not exist (give a local model directory, or a hub id org/name "
@@ -43,6 +44,35 @@ def check_model_dir(path: str, key: str = "model.path") -> Path:
         raise ConfigError(f"{key}: {path} is a PEFT adapter, not a model directory; give its base model "
                           "(adapter_config.json: base_model_name_or_path) or merge it with `tdg export`")
     raise ConfigError(f"{key}: {path} is not a local Hugging Face model directory (no config.json)")
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def check_weights(p: Path, key: str = "model.path") -> None:
+    """The model dir's weight files are there and their safetensors headers whole (a truncated copy or a
+    half-finished download), read from the headers only: a named error here instead of a loader's traceback."""
+    from safetensors import safe_open
+
+    if not any((p / name).is_file() for name in WEIGHT_FILES):
+        raise ConfigError(f"{key}: {p} has config.json but no weights (none of {', '.join(WEIGHT_FILES)})")
+    files = [p / "model.safetensors"] if (p / "model.safetensors").is_file() else []
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files += [p / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise InputError(str(index), None, f"not a safetensors index ({e})", "damaged") from None
+    for f in files:
+        if not f.is_file():
+            raise InputError(str(f), None, f"missing: {index.name} lists it", "damaged")
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for every kind of damage
+            raise InputError(str(f), None, f"damaged or truncated weights ({e}); copy or export the model again",
+                             "damaged") from None
 
 
 def load_base_model(mcfg: ModelConfig, dtype: torch.dtype, ds_config: dict | None = None, scalar_head: bool = False,

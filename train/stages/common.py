@@ -20,7 +20,7 @@ from train.engine.ds_config import build_ds_config, effective_optim
 from train.engine.loggers import check_available
 from train.engine.loop import TrainTask, run_training
 from train.errors import ConfigError, InputError
-from train.manifest import dir_digest, file_digest, read_done
+from train.manifest import prepared_digest, read_done, weights_fingerprint
 from train.models.hub import resolve_model_ref
 from train.models.loading import check_model_dir, tokenizer_dir
 
@@ -222,6 +222,7 @@ def run_stage(name: str, cfg: TrainStageConfig, build: Callable[[TrainStageConfi
     # torch seeds from entropy in every new process: seed it so every run and every rank builds the same
     torch.manual_seed(cfg.engine.seed)
     task = build(cfg, ds_cfg)
-    inputs = {"data": dir_digest(cfg.data.path), "model_config": file_digest(Path(cfg.model.path) / "config.json"),
+    # by content, not path: a moved run resumes, changed weights or edited data do not
+    inputs = {"prepared": prepared_digest(cfg.data.path), "weights": weights_fingerprint(cfg.model.path),
               **(extra_inputs or {})}
     return run_training(task, cfg, device, inputs).exit_code

@@ -31,7 +31,7 @@ from train.data.dataset import TokenizedSet, collate, target_mask
 from train.data.mmap_tensors import mmap_safetensors, to_torch
 from train.data.prompt import Prompt, check_same_prompt
 from train.engine.loop import TrainTask
-from train.errors import ConfigError, TdgError
+from train.errors import ConfigError, InputError, TdgError
 from train.manifest import check_stage_output, dir_digest, file_digest
 from train.models.nat import NAT_JSON
 from train.stages.common import load_stage_data, run_stage
@@ -74,16 +74,23 @@ class StoredScores:
         check_stage_output(d, "distill.scores", ("score",))
         if not manifest_path.is_file():
             raise ConfigError(f"distill.scores: {d} is not a finished stage-score output (no manifest.json)")
-        self.manifest = json.loads(manifest_path.read_text())
+        self.manifest = read_manifest(manifest_path)
         verify_shards(d, self.manifest)
         self.where: dict[str, tuple[int, int, int, float]] = {}  # id -> (shard, start, end, beta)
         self.shards: list[tuple[dict[str, np.ndarray], dict[str, str]]] = []
+        recipes: dict[str | None, str] = {}  # recipe id -> the first shard scored under it
         for k, shard in enumerate(self.manifest["shards"]):
             arrays, dtypes, metadata = mmap_safetensors(d / shard["file"])
+            recipes.setdefault(metadata.get("recipe"), shard["file"])
             self.shards.append((arrays, dtypes))
             offsets, beta = np.asarray(arrays["offsets"]), np.asarray(arrays["beta"])
             for s, sid in enumerate(json.loads(metadata["ids"])):
                 self.where[sid] = (k, int(offsets[s]), int(offsets[s + 1]), float(beta[s]))
+        want = self.manifest.get("recipe")
+        if len(recipes) > 1 or (want and set(recipes) != {want}):
+            mixed = ", ".join(f"{file} ({rid or 'no recipe'})" for rid, file in recipes.items() if rid != want)
+            raise InputError(str(manifest_path), None, f"shards of another scoring are mixed in: {mixed}, not "
+                             f"recipe {want}; rerun stage score with --restart", "mixed")
 
     def rows(self, sample_id: str, name: str) -> np.ndarray:
         """The stored rows of one sample for tensor `name`, read from the mapped file."""
@@ -104,6 +111,19 @@ class StoredScores:
                 raise ConfigError(f"distill.scores: sample {sid} has {end - start} scored tokens but {n_targets} "
                                   "here; use the same data.max_len, data.overlong and tokenizer as stage score "
                                   f"(score used max_len {self.manifest['max_len']})")
+
+
+def read_manifest(path: Path) -> dict:
+    """A score output's manifest.json, or a named error for a garbled one (not a JSON traceback)."""
+    try:
+        manifest = json.loads(path.read_text())
+        if all(isinstance(s, dict) and {"file", "sha256"} <= s.keys() for s in manifest["shards"]):
+            return manifest
+        problem = "a shard entry lacks its file or sha256"
+    except (ValueError, KeyError, TypeError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    raise InputError(str(path), None, f"not a score manifest ({problem}); delete DONE.json beside it and rerun "
+                     "stage score", "damaged")
 
 
 def verify_shards(scores_dir: Path, manifest: dict) -> None:

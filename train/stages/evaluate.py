@@ -25,6 +25,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from train.config import EvalConfig
 from train.data.answers import last_boxed
 from train.data.grading import grade_inline
 from train.data.prompt import DEFAULT_TEMPLATE, Prompt, recorded_prompt, render_prompt
-from train.data.readers import Question, parse_fields, read_test_questions
+from train.data.readers import Question, parse_fields, read_test_questions, report_repeats
 from train.engine import distributed as dist_
 from train.engine import precision
 from train.engine.loggers import check_available
@@ -197,7 +198,10 @@ def main(cfg: EvalConfig) -> int:
     if already_done("eval", out):
         return 0
     # every input is checked before any directory is created or model loaded
-    questions = read_test_questions(cfg.eval.test, parse_fields(cfg.eval.fields, "eval.fields"))
+    repeats: Counter = Counter()
+    questions = read_test_questions(cfg.eval.test, parse_fields(cfg.eval.fields, "--fields (eval.fields)"),
+                                    repeats=repeats)
+    report_repeats("eval", repeats)
     if cfg.eval.max_questions > 0:
         questions = questions[:cfg.eval.max_questions]
     if not is_served(cfg.eval.backend, cfg.eval.server.base_url):
@@ -288,3 +292,4 @@ def _finish(cfg: EvalConfig, out: Path, questions: list[Question], t0: float) ->
     print(f"[eval] {metrics['overall']['unfinished']:.1f}% of the {'sampled' if cfg.eval.n else 'greedy'} "
           f"rationales hit eval.max_new_tokens="
           f"{cfg.eval.max_new_tokens} before EOS (metrics.json: unfinished)", flush=True)
+    print(f"[eval] wrote {out.resolve()}: metrics.md, metrics.json, predictions.jsonl", flush=True)

@@ -16,7 +16,7 @@ from train.config import NatConfig
 from train.data.prompt import Prompt, check_same_prompt
 from train.engine.loop import TrainTask
 from train.errors import ConfigError
-from train.manifest import check_stage_output, dir_digest
+from train.manifest import check_stage_output, dir_digest, read_done, weights_fingerprint
 from train.models.adapters import expected_lora_shapes
 from train.models.loading import check_target_modules, load_base_model
 from train.models.nat import add_nat_layers, gate_shapes, load_lora_branch, save_nat_dir
@@ -44,11 +44,23 @@ def _check_matches_neg(cfg: NatConfig, neg_dir: Path) -> None:
                               f"{neg_dir}; both branches of a NAT layer share r, alpha and target modules")
 
 
+def _check_same_base(cfg: NatConfig, neg_out: Path) -> None:
+    """The neg adapter was trained on the weights at model.path (by content: its DONE.json records them). An
+    adapter from another base loads without complaint into any model of the same shape, and trains garbage."""
+    done = read_done(neg_out) or {}
+    trained_on = (done.get("inputs") or {}).get("weights")
+    if trained_on and trained_on != weights_fingerprint(cfg.model.path):
+        raise ConfigError(f"nat.neg_adapter: {neg_out} was trained on other base weights than model.path "
+                          f"{cfg.model.path} (it records {done.get('config', {}).get('model', {}).get('path')}); "
+                          "NAT's two branches must share one base: give the base the neg stage trained on")
+
+
 def build(cfg: NatConfig, ds_cfg: dict) -> TrainTask:
     neg_dir = neg_adapter_dir(cfg)
     check_stage_output(neg_dir.parent if neg_dir.name == "adapter" else neg_dir, "nat.neg_adapter", ("neg", "sft"),
                        required=False)
     _check_matches_neg(cfg, neg_dir)
+    _check_same_base(cfg, neg_dir.parent if neg_dir.name == "adapter" else neg_dir)
     check_same_prompt(Prompt.of(cfg.data), neg_dir.parent if neg_dir.name == "adapter" else neg_dir, "the neg stage")
     data, tok = load_stage_data("nat", cfg, labels=("pos",))
     base = load_base_model(cfg.model, model_dtype(cfg), ds_config=ds_cfg)

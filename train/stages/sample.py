@@ -8,7 +8,8 @@ in the flat layout `tdg prepare` reads and grades (`id`, `question`, `rationale`
 Resumable like eval: each rank appends a question's n rationales as one write, flushed, to
 `part-rank<r>.jsonl.part` after each batch, so a killed run loses at most the questions in flight;
 a rerun skips every question with its n rationales on file and splits the rest over the ranks it
-has. SIGUSR1/SIGTERM (the Slurm launcher's stop) is agreed on after a batch: exit 75, requeue.
+has; once the run is done they are merged into rationales.jsonl and deleted.
+SIGUSR1/SIGTERM (the Slurm launcher's stop) is agreed on after a batch: exit 75, requeue.
 Questions the server never answered (after `sample.server.max_retries` retries) are listed in
 `failures.json` and the run exits with an error and no DONE.json: rerunning retries them.
 """
@@ -36,7 +37,7 @@ from train.backends import (
 )
 from train.config import SampleConfig
 from train.data.prompt import Prompt, recorded_prompt
-from train.data.readers import Question, parse_fields, read_test_questions
+from train.data.readers import Question, parse_fields, read_test_questions, report_repeats
 from train.engine import distributed as dist_
 from train.engine import precision
 from train.engine.signals import EXIT_CHECKPOINTED, StopRequest
@@ -114,7 +115,10 @@ def main(cfg: SampleConfig) -> int:
     if already_done("sample", out):
         return 0
     s = cfg.sample
-    questions = read_test_questions(s.questions, parse_fields(s.fields, "sample.fields"), need_gold=False)
+    repeats: Counter = Counter()
+    questions = read_test_questions(s.questions, parse_fields(s.fields, "--fields (sample.fields)"), need_gold=False,
+                                    repeats=repeats)
+    report_repeats("sample", repeats)
     if s.max_questions > 0:
         questions = questions[:s.max_questions]
     if not is_served(s.backend, s.server.base_url):
@@ -203,6 +207,8 @@ def _finish(cfg: SampleConfig, out: Path, questions: list[Question], retries: in
         return
     write_done(out, stage="sample", config=asdict(cfg), metrics=metrics,
                inputs={"questions": file_digest(src) if src.is_file() else dir_digest(src)})
+    for part in out.glob("part-rank*.jsonl.part"):  # merged into OUTPUT: nothing left beside it
+        part.unlink()
     print(f"[sample] done: {len(lines)} rationales for {len(questions)} questions in {metrics['seconds']:.0f} s "
           f"({retries} retries; {100 * metrics['unfinished_fraction']:.1f}% hit sample.max_new_tokens); "
           f"wrote {out / OUTPUT} (next: tdg prepare --input {out / OUTPUT})", flush=True)

@@ -17,7 +17,7 @@ round ranks with less work run padding batches whose results are dropped. A stop
 shard on disk, and the rerun continues. At the end rank 0 checks that every positive sample id
 appears exactly once and writes `manifest.json` and `DONE.json`.
 
-Shard format (safetensors; metadata: `ids` JSON list, `top_k`):
+Shard format (safetensors; metadata: `ids` JSON list, `top_k`, `recipe`: the id of recipe.json beside shards/):
     offsets        int64  [S+1]   token range of sample s: offsets[s]:offsets[s+1]
     beta, kl_mean  float32 [S]
     topk_ids       int16 (vocabulary <= 32,768) / int32  [T, k]
@@ -27,6 +27,7 @@ Shard format (safetensors; metadata: `ids` JSON list, `top_k`):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -50,12 +51,49 @@ from train.engine import output_lock, precision
 from train.engine.ds_config import build_ds_config
 from train.engine.signals import EXIT_CHECKPOINTED, StopRequest
 from train.errors import TdgError
-from train.manifest import check_stage_output, dir_digest, file_digest, write_done
+from train.manifest import check_stage_output, dir_digest, file_digest, prepared_digest, write_done
 from train.models.nat import NAT_JSON, load_nat_teacher, set_mode
 from train.progress import progress
 from train.stages.common import already_done
 
 FORMAT = "tdg-scores-1"
+
+
+RECIPE_JSON = "recipe.json"
+
+
+def score_recipe(cfg: ScoreConfig, nat_dir: Path) -> dict:
+    """What the stored scores depend on, the inputs by content: shards of two recipes must never be mixed."""
+    return {"teacher": dir_digest(nat_dir), "data": prepared_digest(cfg.data.path), "top_k": cfg.score.top_k,
+            "logprob_dtype": cfg.score.logprob_dtype, "shard_size": cfg.score.shard_size,
+            "max_len": cfg.data.max_len, "overlong": cfg.data.overlong,
+            "precision": precision.resolve(cfg.engine.precision, dist_.on_cpu()), **Prompt.of(cfg.data).record()}
+
+
+def recipe_id(recipe: dict) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _adopt_recipe(out: Path, recipe: dict, restart: bool) -> str | None:
+    """Rank 0: record this run's recipe, or find the one the shards already in `out` were scored under. Another
+    recipe is refused, naming what differs, unless `restart` (then those shards are deleted first)."""
+    path = out / RECIPE_JSON
+    shards = sorted((out / "shards").glob("shard-*.safetensors")) if (out / "shards").is_dir() else []
+    saved = json.loads(path.read_text()) if path.is_file() else ({"written by": "an older version"} if shards else None)
+    if saved is not None and saved != recipe:
+        changed = [f"{k}: {saved.get(k)!r} -> {recipe.get(k)!r}" for k in sorted(set(saved) | set(recipe))
+                   if saved.get(k) != recipe.get(k)]
+        if not restart:
+            return (f"{out}: its {len(shards)} shard(s) were scored under another recipe ({'; '.join(changed)}); "
+                    "distill must never mix two: rerun with the old settings to continue them, or pass "
+                    "--restart (score.restart=true) to delete them and score anew, or use a new engine.output_dir")
+        print(f"[score] --restart: deleting {len(shards)} shard(s) of another recipe ({'; '.join(changed)})",
+              flush=True)
+        shutil.rmtree(out / "shards", ignore_errors=True)
+        (out / "manifest.json").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, json.dumps(recipe, indent=1, sort_keys=True))
+    return None
 
 
 def shard_path(out: Path, index: int) -> Path:
@@ -111,7 +149,7 @@ def score_batch(model, batch: dict, top_k: int) -> list[dict]:
 
 
 def _write_shard(path: Path, ids: list[str], results: list[dict], top_k: int, dtype: torch.dtype,
-                 ids_dtype: torch.dtype) -> None:
+                 ids_dtype: torch.dtype, recipe: str) -> None:
     lengths = [len(r["tail_logprob"]) for r in results]
     tensors: dict[str, torch.Tensor] = {
         "offsets": torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64),
@@ -123,7 +161,8 @@ def _write_shard(path: Path, ids: list[str], results: list[dict], top_k: int, dt
     }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file(tensors, str(tmp), metadata={"ids": json.dumps(ids), "top_k": str(top_k), "format": FORMAT})
+        save_file(tensors, str(tmp), metadata={"ids": json.dumps(ids), "top_k": str(top_k), "format": FORMAT,
+                                                   "recipe": recipe})
         os.replace(tmp, path)
         _write_atomic(_digest_path(path), json.dumps({"size": path.stat().st_size, "sha256": file_digest(path)}))
     except Exception as e:  # noqa: BLE001 -- safetensors reports a full disk as its own error type
@@ -180,7 +219,8 @@ def main(cfg: ScoreConfig) -> int:
     check_stage_output(nat_dir, "score.nat_dir", ("nat",), required=False)  # nat.json is checked next
     if not (nat_dir / NAT_JSON).is_file():
         raise TdgError(f"score.nat_dir: {nat_dir} is not a finished stage-nat output (no {NAT_JSON})")
-    device = dist_.setup(cfg.engine.dist_timeout_minutes)
+    zero3 = cfg.engine.ds_config != "none"
+    device = dist_.setup(cfg.engine.dist_timeout_minutes, use_deepspeed=zero3)  # without ZeRO: no DeepSpeed
     output_lock.hold(out, "score")
     world, rank = dist_.world(), dist_.rank()
     t0 = time.time()
@@ -193,11 +233,15 @@ def main(cfg: ScoreConfig) -> int:
         raise TdgError(f"{cfg.data.path}: no positive sample fits data.max_len={cfg.data.max_len}: {data.describe()}")
     lengths = data.lengths
     plans = plan_shards(lengths, cfg.score.shard_size, cfg.data.max_tokens)
+    recipe = score_recipe(cfg, nat_dir)
+    problem = None
     if dist_.is_main():
         print(f"[score] pos: {data.describe()}", flush=True)
-        (out / "shards").mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    dist_.barrier()
+        problem = _adopt_recipe(out, recipe, cfg.score.restart)
+        if problem is None:
+            (out / "shards").mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / "config.yaml")
+    dist_.raise_if_any(problem)
     existing = [i for i in range(len(plans)) if shard_path(out, i).is_file()]
     checks = dist_.all_gather_object([(i, shard_problem(shard_path(out, i))) for i in existing[rank::world]])
     bad = sorted((i, problem) for per_rank in checks for i, problem in per_rank if problem)
@@ -212,7 +256,6 @@ def main(cfg: ScoreConfig) -> int:
     mine = todo[rank::world]
     rounds = -(-len(todo) // world)  # round k: rank r scores shard todo[k * world + r], if there is one
 
-    zero3 = cfg.engine.ds_config != "none"
     bf16 = precision.resolve(cfg.engine.precision, dist_.on_cpu()) == "bf16"
     ds_cfg = build_ds_config(cfg.engine.ds_config, OptimConfig(), world, bf16=bf16) if zero3 else None
     model = load_nat_teacher(nat_dir, "nat", precision.dtype(cfg.engine.precision, dist_.on_cpu()), ds_cfg,
@@ -240,7 +283,7 @@ def main(cfg: ScoreConfig) -> int:
                         results[int(sample)] = res
                 order = sorted(results)
                 _write_shard(shard_path(out, i), [data.ids[s] for s in order], [results[s] for s in order],
-                             cfg.score.top_k, lp_dtype, ids_dtype)
+                             cfg.score.top_k, lp_dtype, ids_dtype, recipe_id(recipe))
                 bar.update(1)
             if zero3:  # under ZeRO-3 every rank makes as many forward calls in a round as the busiest one
                 round_calls = [len(plans[todo[j]]) for j in range(k * world, min((k + 1) * world, len(todo)))]
@@ -287,6 +330,7 @@ def _finish(cfg: ScoreConfig, out: Path, nat_dir: Path, data: TokenizedSet, n_sh
                        f"{len(twice)} scored twice (e.g. {twice[:3]}), {len(extra)} unknown (e.g. {extra[:3]})")
     beta = np.concatenate(betas)
     manifest = {"format": FORMAT, "samples": len(expected_ids), "shards": shards, "top_k": cfg.score.top_k,
+                "recipe": recipe_id(score_recipe(cfg, nat_dir)),
                 "max_len": cfg.data.max_len, "nat_dir": str(nat_dir.resolve()),
                 "tokenizer": json.loads((nat_dir / NAT_JSON).read_text())["base_model"],
                 **Prompt.of(cfg.data).record(), "data": data.report()}
