@@ -16,6 +16,7 @@ from train.engine import rank_errors
 from train.engine.signals import EXIT_CHECKPOINTED
 from train.errors import StageStopped, TdgError
 from train.plan import PLANNED_STAGES
+from train.stage_table import STAGES
 
 EXIT_USER_ERROR = 2
 
@@ -104,33 +105,6 @@ def _add_demo(sub) -> None:
     p.add_argument("--ablation-questions", type=int, default=0, metavar="N",
                    help="evaluate the ablation on the first N test questions only (0: all)")
 
-
-STAGES = {
-    "sft": ("fine-tune on chosen rationales (LoRA or full): the usual distillation baseline, or pre-training",
-            "train.stages.sft", "SftConfig"),
-    "neg": ("train the negative teacher: a LoRA adapter on the NEGATIVE rationales",
-            "train.stages.neg", "NegConfig"),
-    "nat": ("train NAT: a positive LoRA + attention gate over the frozen neg adapter, on POSITIVE rationales",
-            "train.stages.nat", "NatConfig"),
-    "score": ("score every positive sample with the NAT teacher once: NCE weights (beta) and top-k log-probs",
-              "train.stages.score", "ScoreConfig"),
-    "distill": ("NCE distillation: a student trained with CE + beta-weighted KD from the NAT teacher",
-                "train.stages.distill", "DistillConfig"),
-    "dpo": ("DPO baseline: a LoRA on a merged SFT model, trained on (pos, neg) pairs against the SFT model",
-            "train.stages.dpo", "DpoConfig"),
-    "redi": ("REDI baseline: a LoRA on a merged SFT model, trained with the reference-free REDI objective",
-             "train.stages.redi", "RediConfig"),
-    "ranker": ("train the ASC ranker: a scalar head (LoRA body) scoring positive above negative rationales",
-               "train.stages.ranker", "RankerConfig"),
-    "eval": ("evaluate a model: greedy, self-consistency and ranker-weighted (ASC) accuracy on test questions",
-             "train.stages.evaluate", "EvalConfig"),
-}
-
-STAGES["sample"] = ("sample n rationales per question from a teacher (in-process or an OpenAI-compatible server), "
-                    "written in the flat layout tdg prepare grades", "train.stages.sample", "SampleConfig")
-STAGES["ablation"] = ("does negative data help? train and evaluate every baseline and variant over seeds "
-                      "(base, sft-pos, sft-mix, neg-then-pos, ul, dpo, redi, nat, kd, nat+nce)",
-                      "train.ablation", "AblationConfig")
 
 # each command's --help example, from its own keys (tests/test_cli.py resolves every one)
 OVERRIDE_EXAMPLES = {"training": "optim.lr=1e-4 data.max_tokens=2048",

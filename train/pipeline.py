@@ -12,6 +12,7 @@ from pathlib import Path
 
 from train import config
 from train.errors import ConfigError
+from train.stage_table import STAGES
 
 # config file name -> stage, in submission order (pretrain.yaml is stage sft on the gold solutions)
 PIPELINE = [("pretrain", "sft"), ("sft", "sft"), ("neg", "neg"), ("nat", "nat"), ("score", "score"),
@@ -22,8 +23,6 @@ PATH_KEYS = ("model.path", "model.tokenizer", "data.path", "nat.neg_adapter", "s
 
 
 def config_class(stage: str) -> type:
-    from train.cli import STAGES
-
     return getattr(config, STAGES[stage][2])
 
 
