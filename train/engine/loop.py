@@ -38,9 +38,9 @@ from train.engine import precision
 from train.engine.ds_config import build_ds_config, effective_optim, zero_stage
 from train.engine.flops import flops_per_token, peak_flops
 from train.engine.loggers import ScalarLoggers
+from train.engine.resume import check_layout, load_with_fallback, next_intact, recipe_changes
 from train.engine.schedule import warmup_cosine
 from train.engine.signals import EXIT_CHECKPOINTED, StopRequest
-from train.errors import TdgError
 from train.manifest import write_done
 from train.progress import progress
 
@@ -138,64 +138,6 @@ def write_failure(path: Path, error: Exception) -> str:
     return f"{path}: cannot write ({getattr(error, 'strerror', None) or error}){free}"
 
 
-def _next_intact(candidates, root: Path, name: str) -> ckpt.Position | None:
-    """The next checkpoint (newest first) whose recorded files every rank found intact. A damaged one is named in
-    the log and set aside (COMPLETE.json renamed), so neither this run nor a later one picks it again."""
-    for candidate in candidates:
-        problems = [p for p in dist_.all_gather_object(
-            ckpt.check_my_files(root / candidate.tag, dist_.rank(), dist_.world())) if p]
-        if not problems:
-            return candidate
-        _set_aside(root, candidate, problems[0], name)
-    return None
-
-
-def _set_aside(root: Path, pos: ckpt.Position, problem: str, name: str) -> None:
-    if dist_.is_main():
-        print(f"[{name}] checkpoint {root / pos.tag} is unusable ({problem}); falling back to the next older "
-              "complete checkpoint, if any", flush=True)
-        complete = root / pos.tag / ckpt.COMPLETE
-        complete.rename(complete.with_name(ckpt.COMPLETE + ".unusable"))
-    dist_.barrier()
-
-
-# what a changed input digest means, in the user's words
-INPUT_NAMES = {"inputs.weights": "the weights at model.path (by content)",
-               "inputs.prepared": "the prepared data at data.path (by content)"}
-
-
-def _check_layout(root: Path, pos: ckpt.Position, layout: dict, ds_config: str) -> None:
-    """A checkpoint saved under another ZeRO stage cannot load under this one. That is a setting to put back,
-    not damage: stop and name it, and keep the checkpoint (a failed load would set it aside as unusable)."""
-    saved = (ckpt.read_record(root / pos.tag) or {}).get("layout") or {}
-    diffs = [f"{key} {saved[key]} when saved, {value} now" for key, value in layout.items()
-             if key in saved and saved[key] != value]
-    if diffs:
-        raise TdgError(f"{root / pos.tag} was saved under another DeepSpeed layout ({'; '.join(diffs)}; "
-                       f"engine.ds_config={ds_config}). Resume with the ds_config it was saved under; "
-                       "the checkpoint is kept")
-
-
-def _recipe_changes(root: Path, resume: ckpt.Position | None, recipe: dict, cfg, name: str) -> list[str]:
-    """Refuse to resume under a changed training recipe (naming what changed) unless the config allows it."""
-    if resume is None:
-        return []
-    saved = (ckpt.read_record(root / resume.tag) or {}).get("recipe") or {}
-    # inputs are compared where both recorded them (an older version recorded others, by path)
-    common = set(saved.get("inputs") or {}) & set(recipe.get("inputs") or {})
-    changes = ckpt.recipe_changes({**saved, "inputs": {k: saved["inputs"][k] for k in common}},
-                                  {**recipe, "inputs": {k: recipe["inputs"][k] for k in common}}) if saved else []
-    changes = [INPUT_NAMES.get(c.split(":")[0], c.split(":")[0]) + ":" + c.split(":", 1)[1] for c in changes]
-    if changes and not cfg.engine.resume_changed_config:
-        raise TdgError(f"{root / resume.tag} was trained under another config: {'; '.join(changes)}. Resuming "
-                       "would continue the old run under new settings; use a new engine.output_dir, or set "
-                       "engine.resume_changed_config=true to continue anyway (DONE.json then records both)")
-    if changes and dist_.is_main():
-        print(f"[{name}] resuming under a changed config (engine.resume_changed_config): {'; '.join(changes)}",
-              flush=True)
-    return changes
-
-
 def heldout_loss(task: TrainTask, module: torch.nn.Module, heldout: np.ndarray, lengths: np.ndarray, units,
                  collate_fn, cfg: TrainStageConfig, device: torch.device) -> dict[str, float]:
     """The task's own loss and terms (CE; CE and KD for distill), per unit, on the held-out samples, split over
@@ -223,109 +165,203 @@ def _seed_for(seed: int, step: int, batch_in_step: int) -> int:
 
 
 def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, inputs: dict[str, str]) -> TrainResult:
-    import deepspeed
+    """Train `task` under `cfg` from its latest intact checkpoint (if any) to the end or a stop signal; then the
+    final checkpoint, the result and DONE.json. Each part is a Trainer method, in the order it runs here."""
+    trainer = Trainer(task, cfg, device, inputs)
+    trainer.resume()
+    exit_code = trainer.train()
+    trainer.close()
+    if exit_code:
+        if dist_.is_main():
+            print(f"[{task.name}] stop requested: checkpointed at step {trainer.pos.global_step}; exit {exit_code} "
+                  "(resubmit to continue)", flush=True)
+        return TrainResult(exit_code, {"global_step": trainer.pos.global_step})
+    trainer.save_checkpoint()
+    metrics = trainer.metrics()
+    trainer.save_result(metrics)
+    return TrainResult(0, metrics)
 
-    out = Path(cfg.engine.output_dir)
-    world, rank = dist_.world(), dist_.rank()
-    optim = effective_optim(cfg.optim, cfg.data.max_tokens, world)
-    accum = optim.grad_accum
-    root = out / "checkpoints"
-    if dist_.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    dist_.barrier()
 
-    lengths = task.data.lengths  # a property that walks every sample: read it once
-    heldout = getattr(task.data, "heldout", None)  # TokenizedSet: samples of held-out questions (or None)
-    heldout = heldout if heldout is not None and heldout.any() else None
-    batcher = TokenBudgetBatcher(lengths, cfg.data.max_tokens, seed=cfg.data.seed,
-                                 packing=cfg.data.packing, group_size=cfg.data.group_size,
-                                 index=None if heldout is None else np.flatnonzero(~heldout))
-    units = task.units or _target_tokens(task.data)
-    collate_fn = task.collate_fn or (lambda idx: collate(task.data, idx, task.pad_id, cfg.data.packing,
-                                                         cfg.data.mask_prompt))
-    recipe = ckpt.recipe_of(asdict(cfg), inputs)
-    candidates = iter(reversed(ckpt.complete_checkpoints(root)))
-    resume = _next_intact(candidates, root, task.name)
-    changed = _recipe_changes(root, resume, recipe, cfg, task.name)
-    pos = resume or ckpt.Position(world_size=world)
-    total_steps = _plan_total_steps(batcher, pos, cfg.optim.epochs, world, accum, cfg.optim.max_steps)
-    if total_steps <= pos.global_step and resume is None:
-        raise ValueError(f"{task.name}: no full optimizer step fits the data: {len(batcher.batches(0))} batches "
-                         f"for {world} ranks x {accum} accumulation; lower data.max_tokens or optim.grad_accum")
+class Trainer:
+    """One training run's state, shared by its parts: resume, the step, periodic checkpoints, evaluation and
+    its history, the final save. A contributor changes one part at a time; run_training says the order."""
 
-    universal = resume is not None and resume.world_size != world
-    prec = precision.resolve(cfg.engine.precision, dist_.on_cpu())
-    ds_cfg = build_ds_config(cfg.engine.ds_config, optim, world, bf16=prec == "bf16", load_universal=universal)
-    layout = {"zero_stage": zero_stage(ds_cfg)}
-    if resume is not None:
-        _check_layout(root, resume, layout, cfg.engine.ds_config)
-    named_trainable = [(n, p) for n, p in task.model.named_parameters() if p.requires_grad]
-    trainable = [p for _, p in named_trainable]
-    check_one_dtype(named_trainable, precision.DTYPES[prec])
-    n_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable)
-    schedule = lambda step: warmup_cosine(step, cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio,  # noqa: E731
-                                           cfg.optim.decay)
-    client_opt = None
-    if "optimizer" not in ds_cfg:
-        client_opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                       weight_decay=cfg.optim.weight_decay)
-    engine, _, _, _ = deepspeed.initialize(
-        model=task.model, model_parameters=trainable, optimizer=client_opt, config=ds_cfg,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-    )
-    failures: list[str] = []
-    while resume is not None:
-        tag = resume.tag
-        if universal:
-            if dist_.is_main():
-                tag = ckpt.to_universal(root, resume)
-            tag = dist_.broadcast_object(tag)
-        problem = None
-        try:
-            load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=False)
-            if load_path is None:
-                problem = f"{root / tag}: DeepSpeed found nothing to load"
-        except Exception as e:  # noqa: BLE001 -- whatever broke the load, an older checkpoint may still do
-            problem = f"{root / tag}: loading failed: {type(e).__name__}: {e}"
-        problems = [p for p in dist_.all_gather_object(problem) if p]
-        if not problems:
-            if dist_.is_main():
-                how = f" (converted from {resume.world_size} to {world} ranks)" if universal else ""
-                print(f"[{task.name}] resumed from {root / resume.tag} at step {resume.global_step}{how}", flush=True)
-            break
-        failures.append(problems[0])
-        _set_aside(root, resume, problems[0], task.name)
-        older = _next_intact(candidates, root, task.name)
-        if older is None or (older.world_size != world) != universal:
-            raise TdgError(f"{root}: no checkpoint could be loaded ({'; '.join(failures)}); the model may be "
-                           "partly loaded, so this run stops instead of training from the start")
-        changed = _recipe_changes(root, older, recipe, cfg, task.name)
-        _check_layout(root, older, layout, cfg.engine.ds_config)
-        resume = older
-    pos = resume or ckpt.Position(world_size=world)
+    def __init__(self, task: TrainTask, cfg: TrainStageConfig, device: torch.device, inputs: dict[str, str]):
+        self.task, self.cfg, self.device, self.inputs = task, cfg, device, inputs
+        self.out = Path(cfg.engine.output_dir)
+        self.root = self.out / "checkpoints"
+        self.world, self.rank = dist_.world(), dist_.rank()
+        self.optim = effective_optim(cfg.optim, cfg.data.max_tokens, self.world)
+        self.accum = self.optim.grad_accum
+        if dist_.is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+        dist_.barrier()
+        self.lengths = task.data.lengths  # a property that walks every sample: read it once
+        heldout = getattr(task.data, "heldout", None)  # TokenizedSet: samples of held-out questions (or None)
+        self.heldout = heldout if heldout is not None and heldout.any() else None
+        self.batcher = TokenBudgetBatcher(self.lengths, cfg.data.max_tokens, seed=cfg.data.seed,
+                                          packing=cfg.data.packing, group_size=cfg.data.group_size,
+                                          index=None if self.heldout is None else np.flatnonzero(~self.heldout))
+        self.units = task.units or _target_tokens(task.data)
+        self.collate_fn = task.collate_fn or (lambda idx: collate(task.data, idx, task.pad_id, cfg.data.packing,
+                                                                  cfg.data.mask_prompt))
+        self.recipe = ckpt.recipe_of(asdict(cfg), inputs)
+        self.losses: list[float] = []  # per optimizer step, for the start/end summary in DONE.json
+        self.step_seconds: list[float] = []  # wall time of each optimizer step (benchmarks compare the median)
+        self.step_rates: list[float] = []  # tokens/s of each optimizer step, all ranks together
+        self.term_history: dict[str, list[float]] = {"loss": self.losses}  # every loss term's per-step mean
+        self.tokens_seen = 0
+        self.last_eval: dict[str, float] = {}
+        self.evaluated_at = -1
 
-    log = ScalarLoggers(out, cfg.engine.report_to, f"{task.name} {out}", asdict(cfg), dist_.is_main())
-    fpt = flops_per_token(engine.module, n_trainable, float(np.mean(lengths)))
-    peak = peak_flops(cfg.engine.peak_tflops)
-    bar = progress(total_steps, task.name, "step", initial=pos.global_step,
-                   enabled=dist_.is_main() and cfg.engine.progress)
+    # --- resume: find, verify, build the engine, load, fall back ------------------------------------------------
 
-    saved_at = resume.global_step if resume is not None else -1
+    def resume(self) -> None:
+        cfg, name = self.cfg, self.task.name
+        candidates = iter(reversed(ckpt.complete_checkpoints(self.root)))
+        found = next_intact(candidates, self.root, name)
+        self.changed = recipe_changes(self.root, found, self.recipe, cfg, name)
+        pos = found or ckpt.Position(world_size=self.world)
+        self.total_steps = _plan_total_steps(self.batcher, pos, cfg.optim.epochs, self.world, self.accum,
+                                             cfg.optim.max_steps)
+        if self.total_steps <= pos.global_step and found is None:
+            raise ValueError(f"{name}: no full optimizer step fits the data: {len(self.batcher.batches(0))} batches "
+                             f"for {self.world} ranks x {self.accum} accumulation; lower data.max_tokens or "
+                             "optim.grad_accum")
+        universal = found is not None and found.world_size != self.world
+        self._build_engine(found, universal)
+        if found is not None:
+            found, self.changed = load_with_fallback(self.engine, self.root, found, self.changed, candidates,
+                                                     self.world, universal, self.recipe, cfg, self.layout, name)
+        self.pos = found or ckpt.Position(world_size=self.world)
+        self.saved_at = found.global_step if found is not None else -1
+        # every evaluation up to now, those of the runs before a resume included (kept in the checkpoint)
+        self.eval_history: list[dict] = [] if found is None else \
+            (ckpt.read_record(self.root / found.tag) or {}).get("eval_history", [])
+        self.log = ScalarLoggers(self.out, cfg.engine.report_to, f"{name} {self.out}", asdict(cfg), dist_.is_main())
+        self.fpt = flops_per_token(self.engine.module, self.n_trainable, float(np.mean(self.lengths)))
+        self.peak = peak_flops(cfg.engine.peak_tflops)
+        self.bar = progress(self.total_steps, name, "step", initial=self.pos.global_step,
+                            enabled=dist_.is_main() and cfg.engine.progress)
 
-    def save_checkpoint() -> None:
+    def _build_engine(self, found: ckpt.Position | None, universal: bool) -> None:
+        import deepspeed
+
+        cfg = self.cfg
+        self.prec = precision.resolve(cfg.engine.precision, dist_.on_cpu())
+        ds_cfg = build_ds_config(cfg.engine.ds_config, self.optim, self.world, bf16=self.prec == "bf16",
+                                 load_universal=universal)
+        self.layout = {"zero_stage": zero_stage(ds_cfg)}
+        if found is not None:
+            check_layout(self.root, found, self.layout, cfg.engine.ds_config)
+        self.named_trainable = [(n, p) for n, p in self.task.model.named_parameters() if p.requires_grad]
+        self.trainable = [p for _, p in self.named_trainable]
+        check_one_dtype(self.named_trainable, precision.DTYPES[self.prec])
+        self.n_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.trainable)
+        total = self.total_steps
+        schedule = lambda step: warmup_cosine(step, cfg.optim.warmup_steps, total, cfg.optim.min_lr_ratio,  # noqa: E731
+                                               cfg.optim.decay)
+        client_opt = None
+        if "optimizer" not in ds_cfg:
+            client_opt = torch.optim.AdamW(self.trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                           weight_decay=cfg.optim.weight_decay)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.task.model, model_parameters=self.trainable, optimizer=client_opt, config=ds_cfg,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        )
+
+    # --- the loop and the step ------------------------------------------------------------------------------------
+
+    def train(self) -> int:
+        """Optimizer steps to the end of the data or max_steps; 0, or EXIT_CHECKPOINTED after a stop signal."""
+        cfg, pos, per_step = self.cfg, self.pos, self.world * self.accum
+        self.t_start = time.time()
+        self.engine.train()
+        with StopRequest() as stop:
+            if dist_.any_rank(stop.requested, self.device):  # signalled while starting up: nothing new to save
+                return EXIT_CHECKPOINTED
+            while pos.epoch < cfg.optim.epochs and pos.global_step < self.total_steps:
+                batches = self.batcher.batches(pos.epoch)
+                cursor = self.batcher.batch_index_at(pos.epoch, pos.samples_in_epoch)
+                while cursor + per_step <= len(batches) and pos.global_step < self.total_steps:
+                    self.step(batches[cursor:cursor + per_step])
+                    cursor += per_step
+                    pos.samples_in_epoch = self.batcher.samples_before(pos.epoch, cursor)
+                    if cfg.engine.save_every and pos.global_step % cfg.engine.save_every == 0:
+                        self.save_checkpoint()
+                    if dist_.any_rank(stop.requested, self.device):
+                        self.save_checkpoint()
+                        return EXIT_CHECKPOINTED
+                if cursor + per_step > len(batches):  # this epoch's data is used up
+                    pos.epoch, pos.samples_in_epoch = pos.epoch + 1, 0
+                    self.evaluate()
+        self.evaluate()  # the last step did not end an epoch (max_steps), or nothing was left to train
+        return 0
+
+    def step(self, step_batches: list[np.ndarray]) -> None:
+        """One optimizer step over the global batch `step_batches` (this rank's share of them): forward, backward
+        and DeepSpeed's step per micro-batch; then the step's mean loss terms, logged."""
+        t0, pos, engine = time.time(), self.pos, self.engine
+        per_step = self.world * self.accum
+        global_units = max(1, sum(self.units(b) for b in step_batches))
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(self.accum):
+            index = micro * self.world + self.rank  # this batch's position within the step
+            torch.manual_seed(_seed_for(self.cfg.engine.seed, pos.global_step, index))
+            batch = {k: v.to(self.device) for k, v in self.collate_fn(step_batches[index]).items()}
+            loss_sum, terms = self.task.loss_fn(engine, batch)
+            engine.backward(loss_sum * (per_step / global_units))
+            engine.step()
+            for k, v in {"loss": loss_sum, **terms}.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+        pos.global_step += 1
+        step_tokens = int(sum(self.lengths[b].sum() for b in step_batches))
+        self.tokens_seen += step_tokens
+        names = sorted(sums)
+        reduced = torch.stack([sums[k] for k in names]).to(self.device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(reduced)
+        means = {k: float(v) / global_units for k, v in zip(names, reduced.tolist(), strict=True)}
+        for k, v in means.items():  # "loss" goes to `losses`
+            self.term_history.setdefault(k, []).append(v)
+        dt = max(time.time() - t0, 1e-9)
+        self.step_seconds.append(dt)
+        self.step_rates.append(step_tokens / dt)
+        if pos.global_step % self.cfg.engine.log_every == 0:
+            self._log_step(means, step_batches, step_tokens, dt)
+        self.bar.set_postfix(loss=f"{self.losses[-1]:.4f}", lr=f"{engine.get_lr()[0]:.2e}")
+        self.bar.update(1)
+
+    def _log_step(self, means: dict[str, float], step_batches: list[np.ndarray], step_tokens: int, dt: float) -> None:
+        engine = self.engine
+        grad_norm = engine.get_global_grad_norm()
+        scalars = {f"{self.task.name}/{k}": v for k, v in means.items()}
+        scalars.update({"train/lr": engine.get_lr()[0], "train/tokens_per_s": step_tokens / dt,
+                        "train/samples_per_s": sum(len(b) for b in step_batches) / dt, "train/epoch": self.pos.epoch})
+        if grad_norm is not None:
+            scalars["train/grad_norm"] = float(grad_norm)
+        if self.peak > 0:
+            scalars["train/mfu"] = self.fpt * step_tokens / dt / (self.peak * self.world)
+        if self.task.scalars_fn is not None:
+            scalars.update(self.task.scalars_fn(engine.module))
+        self.log.scalars(scalars, self.pos.global_step)
+
+    # --- periodic checkpoint ----------------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> None:
         """Every rank saves and hashes its files; rank 0 records them in COMPLETE.json. A rank that cannot write
         (a full disk) makes every rank stop with its message, instead of leaving the others in a collective."""
-        nonlocal saved_at
-        if pos.global_step == saved_at:  # nothing trained since the last checkpoint
+        pos, root = self.pos, self.root
+        if pos.global_step == self.saved_at:  # nothing trained since the last checkpoint
             return
-        saved_at = pos.global_step
-        pos.tag, pos.world_size = f"step{pos.global_step}", world
+        self.saved_at = pos.global_step
+        pos.tag, pos.world_size = f"step{pos.global_step}", self.world
         problem, files = None, {}
         try:
-            engine.save_checkpoint(str(root), tag=pos.tag, client_state={"tdg_position": asdict(pos)},
-                                   exclude_frozen_parameters=True)
-            files = ckpt.hash_my_files(root / pos.tag, rank, world)
+            self.engine.save_checkpoint(str(root), tag=pos.tag, client_state={"tdg_position": asdict(pos)},
+                                        exclude_frozen_parameters=True)
+            files = ckpt.hash_my_files(root / pos.tag, self.rank, self.world)
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError (iostream error)
             problem = write_failure(root / pos.tag, e)
             dist_.barrier()  # the one DeepSpeed's save ends with, which this rank did not reach
@@ -333,141 +369,73 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
         every_file = {k: v for part in dist_.all_gather_object(files) for k, v in part.items()}
         if dist_.is_main():
             try:
-                ckpt.mark_complete(root, pos, every_file, recipe, eval_history, layout)
-                ckpt.prune(root, cfg.engine.keep_last)
+                ckpt.mark_complete(root, pos, every_file, self.recipe, self.eval_history, self.layout)
+                ckpt.prune(root, self.cfg.engine.keep_last)
             except OSError as e:
                 problem = write_failure(root / pos.tag, e)
         dist_.raise_if_any(problem)
 
-    last_eval: dict[str, float] = {}
-    # every evaluation up to now, those of the runs before a resume included (kept in the checkpoint), for DONE.json
-    eval_history: list[dict] = [] if resume is None else \
-        (ckpt.read_record(root / resume.tag) or {}).get("eval_history", [])
-    evaluated_at = -1
+    # --- evaluation and its history ---------------------------------------------------------------------------------
 
-    def evaluate() -> None:
-        nonlocal last_eval, evaluated_at
-        if (task.evaluate_fn is None and heldout is None) or evaluated_at == pos.global_step:
+    def evaluate(self) -> None:
+        task, pos, engine = self.task, self.pos, self.engine
+        if (task.evaluate_fn is None and self.heldout is None) or self.evaluated_at == pos.global_step:
             return
         engine.eval()
         with torch.no_grad():
-            last_eval = task.evaluate_fn(engine.module) if task.evaluate_fn is not None else {}
-            if heldout is not None:
-                last_eval.update(heldout_loss(task, engine.module, heldout, lengths, units, collate_fn, cfg, device))
+            self.last_eval = task.evaluate_fn(engine.module) if task.evaluate_fn is not None else {}
+            if self.heldout is not None:
+                self.last_eval.update(heldout_loss(task, engine.module, self.heldout, self.lengths, self.units,
+                                                   self.collate_fn, self.cfg, self.device))
         engine.train()
-        evaluated_at = pos.global_step
-        eval_history.append({"step": pos.global_step, "epoch": pos.epoch,
-                             **{k.rsplit("/", 1)[-1]: v for k, v in last_eval.items()}})
-        log.scalars(last_eval, pos.global_step)
+        self.evaluated_at = pos.global_step
+        self.eval_history.append({"step": pos.global_step, "epoch": pos.epoch,
+                                  **{k.rsplit("/", 1)[-1]: v for k, v in self.last_eval.items()}})
+        self.log.scalars(self.last_eval, pos.global_step)
         if dist_.is_main():
-            print(f"[{task.name}] step {pos.global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()),
-                  flush=True)
+            print(f"[{task.name}] step {pos.global_step}: " +
+                  ", ".join(f"{k} {v:.4f}" for k, v in self.last_eval.items()), flush=True)
 
-    per_step = world * accum
-    losses: list[float] = []  # per optimizer step, for the start/end summary in DONE.json
-    step_seconds: list[float] = []  # wall time of each optimizer step (benchmarks compare the median)
-    step_rates: list[float] = []  # tokens/s of each optimizer step, all ranks together
-    term_history = {"loss": losses}  # every loss term's per-step mean (DONE.json: first and final)
-    t_start, tokens_seen = time.time(), 0
-    exit_code = 0
-    engine.train()
-    with StopRequest() as stop:
-        if dist_.any_rank(stop.requested, device):  # signalled while starting up: nothing new to save
-            exit_code = EXIT_CHECKPOINTED
-        while not exit_code and pos.epoch < cfg.optim.epochs and pos.global_step < total_steps:
-            batches = batcher.batches(pos.epoch)
-            cursor = batcher.batch_index_at(pos.epoch, pos.samples_in_epoch)
-            while cursor + per_step <= len(batches) and pos.global_step < total_steps:
-                t0 = time.time()
-                step_batches = batches[cursor:cursor + per_step]
-                global_units = max(1, sum(units(b) for b in step_batches))
-                sums: dict[str, torch.Tensor] = {}
-                for micro in range(accum):
-                    index = micro * world + rank  # this batch's position within the step
-                    torch.manual_seed(_seed_for(cfg.engine.seed, pos.global_step, index))
-                    batch = {k: v.to(device) for k, v in collate_fn(step_batches[index]).items()}
-                    loss_sum, terms = task.loss_fn(engine, batch)
-                    engine.backward(loss_sum * (per_step / global_units))
-                    engine.step()
-                    for k, v in {"loss": loss_sum, **terms}.items():
-                        sums[k] = sums.get(k, 0.0) + v.detach().float()
-                cursor += per_step
-                pos.global_step += 1
-                pos.samples_in_epoch = batcher.samples_before(pos.epoch, cursor)
-                step_tokens = int(sum(lengths[b].sum() for b in step_batches))
-                tokens_seen += step_tokens
-                names = sorted(sums)
-                reduced = torch.stack([sums[k] for k in names]).to(device)
-                if torch.distributed.is_initialized():
-                    torch.distributed.all_reduce(reduced)
-                means = {k: float(v) / global_units for k, v in zip(names, reduced.tolist(), strict=True)}
-                for k, v in means.items():  # "loss" goes to `losses`
-                    term_history.setdefault(k, []).append(v)
-                dt = max(time.time() - t0, 1e-9)
-                step_seconds.append(dt)
-                step_rates.append(step_tokens / dt)
-                if pos.global_step % cfg.engine.log_every == 0:
-                    grad_norm = engine.get_global_grad_norm()
-                    scalars = {f"{task.name}/{k}": v for k, v in means.items()}
-                    scalars.update({"train/lr": engine.get_lr()[0], "train/tokens_per_s": step_tokens / dt,
-                                    "train/samples_per_s": sum(len(b) for b in step_batches) / dt,
-                                    "train/epoch": pos.epoch})
-                    if grad_norm is not None:
-                        scalars["train/grad_norm"] = float(grad_norm)
-                    if peak > 0:
-                        scalars["train/mfu"] = fpt * step_tokens / dt / (peak * world)
-                    if task.scalars_fn is not None:
-                        scalars.update(task.scalars_fn(engine.module))
-                    log.scalars(scalars, pos.global_step)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{engine.get_lr()[0]:.2e}")
-                bar.update(1)
-                if cfg.engine.save_every and pos.global_step % cfg.engine.save_every == 0:
-                    save_checkpoint()
-                if dist_.any_rank(stop.requested, device):
-                    save_checkpoint()
-                    exit_code = EXIT_CHECKPOINTED
-                    break
-            if exit_code:
-                break
-            if cursor + per_step > len(batches):  # this epoch's data is used up
-                pos.epoch, pos.samples_in_epoch = pos.epoch + 1, 0
-                evaluate()
-    if not exit_code:
-        evaluate()  # the last step did not end an epoch (max_steps), or nothing was left to train
-    bar.close()
-    log.close()
-    if exit_code:
-        if dist_.is_main():
-            print(f"[{task.name}] stop requested: checkpointed at step {pos.global_step}; exit {exit_code} "
-                  "(resubmit to continue)", flush=True)
-        return TrainResult(exit_code, {"global_step": pos.global_step})
+    # --- the final save ---------------------------------------------------------------------------------------------
 
-    save_checkpoint()
-    window = max(1, min(5, len(losses) // 2))  # single steps are noisy: average a few
-    metrics = {"global_step": pos.global_step,
-               "first_loss": float(np.mean(losses[:window])) if losses else math.nan,
-               "final_loss": float(np.mean(losses[-window:])) if losses else math.nan,
-               "tokens": tokens_seen, "seconds": round(time.time() - t_start, 2), "world_size": world,
-               "grad_accum": accum, "precision": prec, "trainable_params": n_trainable, "data": task.data.report(),
-               **({"changed_on_resume": changed} if changed else {}),
-               **_throughput(step_seconds, step_rates, fpt, peak * world),
-               **{k.rsplit("/", 1)[-1]: v for k, v in last_eval.items()},
-               **({"eval_history": eval_history} if eval_history else {}),
-               "terms": {k: {"first": float(np.mean(v[:window])), "final": float(np.mean(v[-window:]))}
-                         for k, v in term_history.items() if k != "loss"}}
-    if task.full_weights:
-        state = precision.consolidated_weights(engine)  # every rank: a collective; the whole state on rank 0 only
-        if dist_.is_main():
-            metrics.update(task.save_fn(engine.module, out, state=state) or {})
-    else:
-        masters = precision.fp32_masters(named_trainable)  # every rank: assembling them is a collective
-        with deepspeed.zero.GatheredParameters(trainable, modifier_rank=None):
+    def close(self) -> None:
+        self.bar.close()
+        self.log.close()
+
+    def metrics(self) -> dict:
+        """DONE.json's metrics: losses at the start and the end, throughput, evaluations, the recipe's changes."""
+        losses, term_history = self.losses, self.term_history
+        window = max(1, min(5, len(losses) // 2))  # single steps are noisy: average a few
+        return {"global_step": self.pos.global_step,
+                "first_loss": float(np.mean(losses[:window])) if losses else math.nan,
+                "final_loss": float(np.mean(losses[-window:])) if losses else math.nan,
+                "tokens": self.tokens_seen, "seconds": round(time.time() - self.t_start, 2), "world_size": self.world,
+                "grad_accum": self.accum, "precision": self.prec, "trainable_params": self.n_trainable,
+                "data": self.task.data.report(),
+                **({"changed_on_resume": self.changed} if self.changed else {}),
+                **_throughput(self.step_seconds, self.step_rates, self.fpt, self.peak * self.world),
+                **{k.rsplit("/", 1)[-1]: v for k, v in self.last_eval.items()},
+                **({"eval_history": self.eval_history} if self.eval_history else {}),
+                "terms": {k: {"first": float(np.mean(v[:window])), "final": float(np.mean(v[-window:]))}
+                          for k, v in term_history.items() if k != "loss"}}
+
+    def save_result(self, metrics: dict) -> None:
+        """The trained weights (a full model, or the trainable parameters in fp32), then DONE.json."""
+        import deepspeed
+
+        task, out = self.task, self.out
+        if task.full_weights:
+            state = precision.consolidated_weights(self.engine)  # every rank: a collective; whole on rank 0 only
             if dist_.is_main():
-                with precision.master_weights(named_trainable, masters):  # saves write the fp32 masters
-                    metrics.update(task.save_fn(engine.module, out) or {})
-    dist_.barrier()
-    if dist_.is_main():
-        write_done(out, config=asdict(cfg), inputs=inputs, metrics=metrics, stage=task.name)
-        print(_done_line(task.name, metrics, out), flush=True)
-    dist_.barrier()
-    return TrainResult(0, metrics)
+                metrics.update(task.save_fn(self.engine.module, out, state=state) or {})
+        else:
+            masters = precision.fp32_masters(self.named_trainable)  # every rank: assembling them is a collective
+            with deepspeed.zero.GatheredParameters(self.trainable, modifier_rank=None):
+                if dist_.is_main():
+                    with precision.master_weights(self.named_trainable, masters):  # saves write the fp32 masters
+                        metrics.update(task.save_fn(self.engine.module, out) or {})
+        dist_.barrier()
+        if dist_.is_main():
+            write_done(out, config=asdict(self.cfg), inputs=self.inputs, metrics=metrics, stage=task.name)
+            print(_done_line(task.name, metrics, out), flush=True)
+        dist_.barrier()
