@@ -5,7 +5,7 @@ same student; the only difference is where the KD targets come from. Online runs
 twice per batch (modes nat and neg, as the reference did) and takes KD over the full vocabulary;
 offline reads the stored top-k. The metric is the median optimizer-step time (first step excluded),
 median over alternating runs. By matmul count the ratio is at most about 2x for a LoRA student of
-the teacher's size (README, Performance).
+the teacher's size (docs/performance.md).
 Usage: python bench/distill_modes.py [--demo demo_out] [--steps 30] [--repeats 3]
 """
 

@@ -170,7 +170,7 @@ def test_cluster_configs_keep_their_batch_on_any_number_of_nodes():
 
 def test_shipped_configs_choose_the_zero_stage_by_the_rule():
     """LoRA on a base that fits one GPU: ZeRO-2 (frozen base replicated); a teacher that does not: ZeRO-3,
-    scored as ZeRO-3 inference; a teacher that fits: scored without ZeRO (README, "Choosing the ZeRO stage")."""
+    scored as ZeRO-3 inference; a teacher that fits: scored without ZeRO (docs/stages.md, "Choosing the ZeRO stage")."""
     cfg = {(p.parent.name, p.stem): _shipped(p) for p in SHIPPED}
     for name in ("sft", "neg", "nat", "distill", "ranker", "dpo", "redi"):
         assert cfg["llama7b", name].engine.ds_config == "zero2"

@@ -80,7 +80,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--questions", type=int, default=600, help="training questions to generate (8 rationales each)")
     p.add_argument("--test-questions", type=int, default=1500,
                    help="held-out test questions to generate (1500: a 95%% CI of about +-1.8 points near 82%% "
-                        "accuracy, +-2.3 near 60%%; the README's ablation used 2400 for +-2 everywhere)")
+                        "accuracy, +-2.3 near 60%%; the ablation in docs/experiments.md used 2400 for +-2 everywhere)")
     p.add_argument("--pretrain-questions", type=int, default=DemoOptions.pretrain_questions,
                    help="fresh questions whose gold solutions pre-train the tiny base model")
     p.add_argument("--pretrain-levels", default=",".join(map(str, DemoOptions.pretrain_levels)), metavar="L,L",

@@ -139,7 +139,7 @@ def run_demo(opts: DemoOptions) -> dict:
          f"({out / 'eval-test'}; nat+nce by subject and level: {out / 'eval-test' / 'nat+nce' / 'metrics.md'}):")
     print(results_table(results, _eval_n(), True, 1), flush=True)
     _log("one training seed: another machine's run differs like another seed does (its float rounding differs); "
-         "README: the range to expect, from the ablation's seeds")
+         "docs/demo.md: the range to expect, from the ablation's seeds")
     (out / "results.json").write_text(json.dumps(results, indent=1))
     if opts.ablation:
         run_demo_ablation(opts, out)
