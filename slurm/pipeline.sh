@@ -95,21 +95,21 @@ if [ "${TDG_PLAN:-1}" != 0 ] && [ ${#configs[@]} -gt 0 ]; then
 fi
 
 prev=""
-info=$(mktemp)
-trap 'rm -f "${info}"' EXIT
-for entry in pretrain:sft sft:sft neg:neg nat:nat score:score distill:distill ranker:ranker eval:eval; do
-    name=${entry%%:*}
-    stage=${entry##*:}
+info=$(mktemp -d)
+trap 'rm -rf "${info}"' EXIT
+# every stage resolved in one Python process: its stage, output dir and overrides, and its paths
+if ! (cd "${repo}" && "${python}" -m train pipeline-stages --into "${info}" "${config_dir}" -- "${overrides[@]}"); then
+    echo "pipeline: not submitted (see the error above)" >&2
+    exit 2
+fi
+mapfile -t names <"${info}/order"
+for name in "${names[@]}"; do
     cfg="${config_dir}/${name}.yaml"
-    [ -f "${cfg}" ] || continue
-    # NUL-separated: engine.output_dir, then the overrides that are for this stage (values may hold newlines)
-    if ! (cd "${repo}" && "${python}" -m train pipeline-stage "${stage}" "${cfg}" -- "${overrides[@]}") >"${info}"; then
-        echo "pipeline: not submitted (${name}.yaml: see the error above)" >&2
-        exit 2
-    fi
-    mapfile -d '' fields <"${info}"
-    out=${fields[0]}
-    stage_overrides=("${fields[@]:1}")
+    # NUL-separated: the stage, engine.output_dir, then the overrides that are for it (values may hold newlines)
+    mapfile -d '' fields <"${info}/${name}.fields"
+    stage=${fields[0]}
+    out=${fields[1]}
+    stage_overrides=("${fields[@]:2}")
     case "${out}" in /*) ;; *) out="${repo}/${out}" ;; esac
     dep=()
     if [ -n "${prev}" ]; then
@@ -120,7 +120,7 @@ for entry in pretrain:sft sft:sft neg:neg nat:nat score:score distill:distill ra
     if [ "${dry_run}" = 1 ]; then
         echo "${name}:"
         printf '  %s\n' "$(printf '%q ' "${cmd[@]}")"
-        (cd "${repo}" && "${python}" -m train pipeline-stage --describe "${stage}" "${cfg}" -- "${overrides[@]}")
+        cat "${info}/${name}.paths"
         prev="<${name} job>"
         continue
     fi

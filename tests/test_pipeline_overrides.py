@@ -78,7 +78,10 @@ def dry_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     fake.mkdir(exist_ok=True)
     (fake / "sbatch").write_text(f"#!/bin/sh\necho called >> {tmp_path / 'sbatch_called'}\necho 1\n")
     (fake / "sbatch").chmod(0o755)
-    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "TDG_PYTHON": sys.executable, "TDG_PLAN": "0"}
+    python = fake / "python"  # counts the Python processes the dry run starts
+    python.write_text(f'#!/bin/sh\necho "$*" >> {tmp_path / "python_calls"}\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "TDG_PYTHON": str(python), "TDG_PLAN": "0"}
     return subprocess.run(["bash", str(REPO / "slurm" / "pipeline.sh"), "--dry-run", *args], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
 
@@ -104,6 +107,10 @@ def test_dry_run_over_llama7b_with_one_base_model_override_changes_every_model_p
         if stage not in ("score", "eval"):
             assert "model.path: mistralai/Mistral-7B-v0.1\n" in block, block
     assert "eval.model: /scratch/me/run1/distill" in blocks["eval"]
+    # one Python process resolves every stage (besides the check that this Python imports the trainer): the
+    # dry run took 28-45 s when each stage started two
+    calls = (tmp_path / "python_calls").read_text().splitlines()
+    assert len(calls) == 2 and calls[1].startswith("-m train pipeline-stages --into"), calls
     # without the override, the run.yaml values
     r = dry_run(tmp_path, str(REPO / "configs" / "llama7b"))
     assert "model.path: /models/llama-7b" in stage_blocks(r.stdout)["neg"]

@@ -256,16 +256,16 @@ def _add_plan(sub) -> None:
                         "of the config's sections)")
 
 
-def _add_pipeline_stage(sub) -> None:
+def _add_pipeline_stages(sub) -> None:
     p = sub.add_parser(
-        "pipeline-stage", help="(used by slurm/pipeline.sh) one stage's overrides, output dir and paths",
-        description="Resolve one stage config of a pipeline directory (its run.yaml shared values and the "
-                    "pipeline's overrides) and print, NUL-separated, its engine.output_dir followed by the "
-                    "overrides that are for this stage; with --describe, its resolved model, input and output "
-                    "paths. An override that no stage config of the directory takes is an error.")
-    p.add_argument("stage", choices=[s for s in STAGES if s != "ablation"], help="the stage the config is for")
-    p.add_argument("config", metavar="FILE", help="the stage config")
-    p.add_argument("--describe", action="store_true", help="print the resolved paths instead")
+        "pipeline-stages", help="(used by slurm/pipeline.sh) every stage's overrides, output dir and paths",
+        description="Resolve every stage config of a pipeline directory (its run.yaml shared values and the "
+                    "pipeline's overrides), in one process, and write per config NAME.yaml: INTO/NAME.fields "
+                    "(NUL-separated: the stage, its engine.output_dir, the overrides that are for it) and "
+                    "INTO/NAME.paths (its resolved model, input and output paths); INTO/order lists the names in "
+                    "submission order. An override that no stage config of the directory takes is an error.")
+    p.add_argument("config_dir", metavar="DIR", help="the pipeline's config directory")
+    p.add_argument("--into", metavar="DIR", required=True, help="where the files go (an existing directory)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="the pipeline's overrides")
 
 
@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_export(sub)
     _add_plan(sub)
-    _add_pipeline_stage(sub)
+    _add_pipeline_stages(sub)
     for name in STAGES:
         _add_stage(sub, name)
     return parser
@@ -327,10 +327,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "plan":
         return _plan(args)
-    if args.command == "pipeline-stage":
-        from train.pipeline import stage_info
+    if args.command == "pipeline-stages":
+        from train.pipeline import write_stage_files
 
-        sys.stdout.write(stage_info(args.stage, args.config, args.overrides, args.describe))
+        write_stage_files(args.config_dir, args.overrides, args.into)
         return 0
     if args.command in STAGES:
         import importlib

@@ -56,11 +56,20 @@ def resolved_paths(cfg) -> list[tuple[str, str]]:
     return out
 
 
-def stage_info(stage: str, config_file: str, overrides: list[str], describe: bool) -> str:
-    """For slurm/pipeline.sh. Default: NUL-separated engine.output_dir, then this stage's overrides.
-    describe: the resolved paths, one `key: value` line each."""
-    mine = overrides_for(stage, config_file, overrides)
-    cfg = config.load_config(config_class(stage), config_file, mine)
-    if describe:
-        return "".join(f"    {key}: {value}\n" for key, value in resolved_paths(cfg))
-    return "\0".join([cfg.engine.output_dir, *mine]) + "\0"
+def write_stage_files(config_dir: str | Path, overrides: list[str], into: str | Path) -> list[str]:
+    """For slurm/pipeline.sh, in one process: every stage config of `config_dir` resolved with the overrides for
+    it. Writes, per config NAME.yaml, `into/NAME.fields` (NUL-separated: the stage, engine.output_dir, then its
+    overrides) and `into/NAME.paths` (its resolved paths, one `key: value` line each), and `into/order` (the
+    names in submission order). Any config or override error stops before a file is written."""
+    into = Path(into)
+    resolved = []
+    for name, stage in PIPELINE:
+        file = Path(config_dir) / f"{name}.yaml"
+        if file.is_file():
+            mine = overrides_for(stage, file, overrides)
+            resolved.append((name, stage, mine, config.load_config(config_class(stage), file, mine)))
+    for name, stage, mine, cfg in resolved:
+        (into / f"{name}.fields").write_text("\0".join([stage, cfg.engine.output_dir, *mine]) + "\0")
+        (into / f"{name}.paths").write_text("".join(f"    {key}: {value}\n" for key, value in resolved_paths(cfg)))
+    (into / "order").write_text("".join(f"{name}\n" for name, *_ in resolved))
+    return [name for name, *_ in resolved]
