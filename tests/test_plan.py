@@ -237,3 +237,17 @@ def test_the_plan_matches_longloras_measured_lora_peak():
     plan = make_plan("sft", cfg, nodes=1, gpn=8, gpu_mem=80, model="llama-2-7b")
     planned_gb = (plan.total + 2 * GIB) / 1e9  # with the CUDA context, as a GPU's own counter reports it
     assert planned_gb == pytest.approx(25.7, rel=0.10)
+
+
+def test_a_hub_id_missing_from_the_cache_is_named_as_such(tmp_path, monkeypatch):
+    """On a login node without the model: the plan's error says the id is not in the cache it reads."""
+    from train.errors import ConfigError
+    from train.plan import shape_of
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ConfigError, match=rf"a hub id, not in the Hugging Face cache {tmp_path / 'hub'} here"):
+        shape_of("my-org/my-finetune")
+    assert shape_of("mistralai/Mistral-7B-Instruct-v0.2")[1] == "preset mistral-7b"  # the name still gives a shape

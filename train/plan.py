@@ -21,7 +21,6 @@ A GPU keeps CONTEXT_GIB free for the CUDA context, NCCL buffers and allocator sl
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -91,9 +90,15 @@ def shape_of(model: str) -> tuple[Shape, str]:
     mistralai/Mistral-7B-Instruct-v0.2: mistral-7b). A hub id in the local HF cache is read from its snapshot."""
     from train.models.hub import is_hub_id, resolve_model_ref
 
+    not_cached = ""
     if is_hub_id(model):
-        with contextlib.suppress(ConfigError):  # not cached on this (login) node: its name may still give the shape
+        try:
             model = resolve_model_ref(model, "model.path")
+        except ConfigError:  # not cached on this (login) node: its name may still give the shape
+            from huggingface_hub import constants
+
+            not_cached = (f" (a hub id, not in the Hugging Face cache {constants.HF_HUB_CACHE} here: set HF_HOME to "
+                          "the cache the cluster shares, or download it there)")
     p = Path(model)
     cfg_file = p if p.name == "config.json" else p / "config.json"
     if cfg_file.is_file():
@@ -106,8 +111,9 @@ def shape_of(model: str) -> tuple[Shape, str]:
     for preset in sorted(PRESETS, key=len, reverse=True):  # llama-2-7b-chat-hf: llama-2-7b
         if name == preset or name.startswith(preset + "-"):
             return PRESETS[preset], f"preset {preset}"
-    raise ConfigError(f"{model}: no config.json there and not a known shape; pass --model-config (slurm/pipeline.sh: "
-                      f"TDG_MODEL_CONFIG) with a config.json or one of {', '.join(sorted(PRESETS))}")
+    raise ConfigError(f"{model}: no config.json there and not a known shape{not_cached}; pass --model-config "
+                      f"(slurm/pipeline.sh --model-config, or TDG_MODEL_CONFIG) with a config.json or one of "
+                      f"{', '.join(sorted(PRESETS))}")
 
 
 def _base_of(output_dir: str) -> str | None:
