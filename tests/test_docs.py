@@ -54,3 +54,13 @@ def test_every_tdg_command_in_the_docs_parses(page):
 
 def test_the_docs_show_commands_at_all():
     assert sum(len(shown_commands(p)) for p in PAGES) >= 8  # 9 when written
+
+
+def test_the_docs_commands_that_need_only_this_checkout_run():
+    """`tdg plan` over the shipped configs needs nothing but the repository: run as shown."""
+    from train.cli import main
+
+    runnable = [(p.name, line, argv) for p in PAGES for line, argv in shown_commands(p) if argv[0] == "plan"]
+    assert runnable
+    for page, line, argv in runnable:
+        assert main(argv) == 0, f"{page}:{line}: tdg {' '.join(argv)}"
