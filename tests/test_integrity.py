@@ -376,12 +376,10 @@ def _retype_label(prepared: Path) -> None:
                                     pa.array(range(len(table)), pa.int64())), shard)
 
 
-MODEL_DAMAGE = {
+MODEL_DAMAGE = {  # found after the ranks start (the data) and before (the weights): two ranks each
     "truncated parquet": ("data", lambda d: _truncate(next(d.glob("data-*.parquet"))), "unreadable prepared shard"),
-    "mistyped parquet": ("data", _retype_label, "column 'label' is int64, not string"),
     "truncated safetensors": ("model", lambda d: _truncate(d / "model.safetensors", 0.7),
                               "damaged or truncated weights"),
-    "no weights": ("model", lambda d: (d / "model.safetensors").unlink(), "has config.json but no weights"),
 }
 
 
@@ -397,6 +395,21 @@ def test_a_damaged_input_is_one_named_line_from_two_ranks_and_exit_2(case, tmp_p
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and message in errors[0], output[-3000:]
     assert "Traceback" not in output and "Connection closed" not in output, output[-3000:]
+
+
+def test_a_retyped_parquet_and_a_model_dir_without_weights_are_named(tmp_path, prepared_dir, base_model_dir):
+    """The same path as above (a named error, printed once), checked where it is raised."""
+    from train.data.dataset import read_prepared
+    from train.models.loading import check_model_dir
+
+    data = shutil.copytree(prepared_dir, tmp_path / "data")
+    _retype_label(data)
+    with pytest.raises(InputError, match="column 'label' is int64, not string; run `tdg prepare` again"):
+        read_prepared(data)
+    model = shutil.copytree(base_model_dir, tmp_path / "model")
+    (model / "model.safetensors").unlink()
+    with pytest.raises(TdgError, match="has config.json but no weights"):
+        check_model_dir(str(model))
 
 
 # --- scores ---------------------------------------------------------------------------------------------
@@ -417,9 +430,23 @@ def _distill(scores, prepared, base, out):
                                  "engine.progress=false", f"engine.output_dir={out}"], nproc=1)
 
 
+def test_distill_refuses_damaged_scores_in_one_named_line(scored, tmp_path, prepared_dir, base_model_dir):
+    """On two ranks (as srun runs them): the rank that finds the damage names it once, exit 2, no traceback."""
+    scores = tmp_path / "score"
+    shutil.copytree(scored, scores)
+    _overwrite_16_values(scores / "shards" / "shard-00001.safetensors")
+    codes, output = _two_ranks("distill", [f"model.path={base_model_dir}", f"data.path={prepared_dir}",
+                                           "data.max_len=384", "data.max_tokens=2048", "optim.max_steps=2",
+                                           f"distill.scores={scores}", "engine.progress=false",
+                                           f"engine.output_dir={tmp_path / 'distill'}"])
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert 2 in codes and len(errors) == 1, (codes, output[-3000:])
+    assert "shard-00001.safetensors: does not match its sha256" in errors[0]
+    assert "Traceback" not in output and "Connection closed" not in output, output[-3000:]
+    assert not (tmp_path / "distill" / "DONE.json").exists()
+
+
 SCORE_DAMAGE = {
-    "values overwritten": (lambda d: _overwrite_16_values(d / "shards" / "shard-00001.safetensors"),
-                           "shard-00001.safetensors: does not match its sha256"),
     "truncated": (lambda d: _truncate(d / "shards" / "shard-00001.safetensors", 0.9),
                   "in manifest.json (truncated or replaced)"),
     "garbled manifest": (lambda d: (d / "manifest.json").write_text('{"shards": [{"file": "sh'),
@@ -428,20 +455,14 @@ SCORE_DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", list(SCORE_DAMAGE))
-def test_distill_refuses_damaged_scores_in_one_named_line(damage, scored, tmp_path, prepared_dir, base_model_dir):
-    """On two ranks (as srun runs them): the rank that finds the damage names it once, exit 2, no traceback."""
-    scores = tmp_path / "score"
-    shutil.copytree(scored, scores)
+def test_damaged_scores_are_named_before_anything_is_read(damage, scored, tmp_path):
+    from train.stages.distill import StoredScores
+
+    scores = shutil.copytree(scored, tmp_path / "score")
     how, message = SCORE_DAMAGE[damage]
     how(scores)
-    codes, output = _two_ranks("distill", [f"model.path={base_model_dir}", f"data.path={prepared_dir}",
-                                           "data.max_len=384", "data.max_tokens=2048", "optim.max_steps=2",
-                                           f"distill.scores={scores}", "engine.progress=false",
-                                           f"engine.output_dir={tmp_path / 'distill'}"])
-    errors = [line for line in output.splitlines() if line.startswith("error: ")]
-    assert 2 in codes and len(errors) == 1 and message in errors[0], (codes, output[-3000:])
-    assert "Traceback" not in output and "Connection closed" not in output, output[-3000:]
-    assert not (tmp_path / "distill" / "DONE.json").exists()
+    with pytest.raises(TdgError, match=re.escape(message)):
+        StoredScores(scores)
 
 
 def test_score_restarted_over_a_damaged_shard_scores_it_again(scored, tmp_path, teacher, prepared_dir):
