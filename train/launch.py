@@ -24,7 +24,11 @@ SHUTDOWN_SECONDS = "600"
 
 def launch_stage(stage: str, config: str | Path, overrides: list[str], nproc: int, label: str,
                  rerun_hint: str, cpu: bool = True) -> None:
-    """Run `stage` with `nproc` processes (CPU/gloo if `cpu`, else the environment's accelerator)."""
+    """Run `stage` with `nproc` processes (CPU/gloo if `cpu`, else the environment's accelerator). A stage whose
+    output dir is already finished is not launched: a resumed demo or ablation skips it in no time, instead of
+    starting `nproc` processes to find DONE.json."""
+    if _finished(stage, config, overrides):
+        return
     args = ["-m", "train", stage, "--config", str(config), *overrides]
     cmd = [sys.executable, *args]
     if nproc > 1:
@@ -41,6 +45,15 @@ def launch_stage(stage: str, config: str | Path, overrides: list[str], nproc: in
         raise StageStopped(f"{label} (stage {stage}) stopped on request (exit status {code}); {rerun_hint}")
     if code != 0:
         raise TdgError(f"{label} (stage {stage}) failed with exit status {code} (its log is above); {rerun_hint}")
+
+
+def _finished(stage: str, config: str | Path, overrides: list[str]) -> bool:
+    from train import config as configs
+    from train.stage_table import STAGES
+    from train.stages.common import already_done
+
+    cfg = configs.load_config(getattr(configs, STAGES[stage][2]), config, overrides)
+    return already_done(stage, Path(cfg.engine.output_dir))
 
 
 def _run_forwarding_stop(cmd: list[str], env: dict[str, str], to_torchrun: bool) -> tuple[int, bool]:
