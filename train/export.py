@@ -58,10 +58,9 @@ def _card(src: Path, kind: str, base: str) -> str:
 def check_trained_base(src: Path, base: str) -> None:
     """The base an adapter is merged into is the one it was trained on, by content (DONE.json records it): a base
     replaced at the same path since would merge into garbage without a word."""
-    from train.manifest import weights_fingerprint
+    from train.manifest import trained_on_other_weights
 
-    trained_on = ((read_done(src) or {}).get("inputs") or {}).get("weights")
-    if trained_on and Path(base).is_dir() and trained_on != weights_fingerprint(base):
+    if trained_on_other_weights(src, base):
         raise TdgError(f"{src}: its adapter was trained on other weights than those now at {base} (the base changed "
                        "since training); restore that base, or train again")
 

@@ -70,6 +70,13 @@ def weights_fingerprint(model_dir: str | Path) -> str:
     return h.hexdigest()
 
 
+def trained_on_other_weights(stage_dir: str | Path, model_dir: str | Path) -> bool:
+    """Whether the stage output at `stage_dir` recorded (DONE.json inputs) base weights other than those now at
+    `model_dir`. False where nothing was recorded (an older version) or the base is not a local dir."""
+    trained_on = ((read_done(stage_dir) or {}).get("inputs") or {}).get("weights")
+    return bool(trained_on) and Path(model_dir).is_dir() and trained_on != weights_fingerprint(model_dir)
+
+
 def write_done(out_dir: str | Path, config: Any, inputs: dict[str, str], metrics: dict, stage: str) -> Path:
     """Write DONE.json atomically (temp + fsync + rename) so a crash never leaves a half manifest."""
     out = Path(out_dir)

@@ -33,7 +33,6 @@ PRETRAIN_LEVELS = (1, 2)  # the base model learns the short chains only; the tea
 # chains: gold worked solutions; drills: answers alone + the bare arithmetic; cued (the demo's): gold worked
 # solutions behind a cue sentence, and the task's own questions answered without a chain (bench/RESULTS.md)
 PRETRAIN_STYLE = "cued"
-PRETRAIN_STYLES = ("chains", "drills", "cued")
 CUE = "Show every step. "  # the `cued` style's worked solutions follow this sentence; the task's questions lack it
 ANSWER_ONLY_EVERY = 3  # `cued`: every third pre-training question is also written answer-only, uncued
 PRETRAIN_WORDING = "task"  # the pre-training questions' wording: the task's own, or `other` sentences

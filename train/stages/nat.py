@@ -16,7 +16,7 @@ from train.config import NatConfig
 from train.data.prompt import Prompt, check_same_prompt
 from train.engine.loop import TrainTask
 from train.errors import ConfigError
-from train.manifest import check_stage_output, dir_digest, read_done, weights_fingerprint
+from train.manifest import check_stage_output, dir_digest, read_done, trained_on_other_weights
 from train.models.adapters import expected_lora_shapes
 from train.models.loading import check_target_modules, load_base_model
 from train.models.nat import add_nat_layers, gate_shapes, load_lora_branch, save_nat_dir
@@ -47,9 +47,8 @@ def _check_matches_neg(cfg: NatConfig, neg_dir: Path) -> None:
 def _check_same_base(cfg: NatConfig, neg_out: Path) -> None:
     """The neg adapter was trained on the weights at model.path (by content: its DONE.json records them). An
     adapter from another base loads without complaint into any model of the same shape, and trains garbage."""
-    done = read_done(neg_out) or {}
-    trained_on = (done.get("inputs") or {}).get("weights")
-    if trained_on and trained_on != weights_fingerprint(cfg.model.path):
+    if trained_on_other_weights(neg_out, cfg.model.path):
+        done = read_done(neg_out) or {}
         raise ConfigError(f"nat.neg_adapter: {neg_out} was trained on other base weights than model.path "
                           f"{cfg.model.path} (it records {done.get('config', {}).get('model', {}).get('path')}); "
                           "NAT's two branches must share one base: give the base the neg stage trained on")

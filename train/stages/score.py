@@ -300,13 +300,13 @@ def main(cfg: ScoreConfig) -> int:
     loop_seconds = time.time() - t_loop
     dist_.barrier()
     if dist_.is_main():
-        _finish(cfg, out, nat_dir, data, len(plans), t0, loop_seconds)
+        _finish(cfg, out, nat_dir, data, len(plans), t0, loop_seconds, recipe_id(recipe))
     dist_.barrier()
     return 0
 
 
 def _finish(cfg: ScoreConfig, out: Path, nat_dir: Path, data: TokenizedSet, n_shards: int, t0: float,
-            loop_seconds: float) -> None:
+            loop_seconds: float, recipe: str) -> None:
     """Check every positive sample was scored exactly once; write manifest.json and DONE.json."""
     expected_ids = data.ids
     seen: dict[str, int] = {}
@@ -330,7 +330,7 @@ def _finish(cfg: ScoreConfig, out: Path, nat_dir: Path, data: TokenizedSet, n_sh
                        f"{len(twice)} scored twice (e.g. {twice[:3]}), {len(extra)} unknown (e.g. {extra[:3]})")
     beta = np.concatenate(betas)
     manifest = {"format": FORMAT, "samples": len(expected_ids), "shards": shards, "top_k": cfg.score.top_k,
-                "recipe": recipe_id(score_recipe(cfg, nat_dir)),
+                "recipe": recipe,
                 "max_len": cfg.data.max_len, "nat_dir": str(nat_dir.resolve()),
                 "tokenizer": json.loads((nat_dir / NAT_JSON).read_text())["base_model"],
                 **Prompt.of(cfg.data).record(), "data": data.report()}
