@@ -339,8 +339,9 @@ def _finish(cfg: ScoreConfig, out: Path, nat_dir: Path, data: TokenizedSet, n_sh
                "beta_std": float(beta.std()), "beta_min": float(beta.min()), "beta_max": float(beta.max()),
                "seconds": round(time.time() - t0, 2), "world_size": dist_.world(),
                "rank0_scoring_seconds": round(loop_seconds, 2)}  # its shards only: no load, tokenizing or checks
+    scored_under = json.loads((out / RECIPE_JSON).read_text())
     write_done(out, stage="score", config=asdict(cfg),
-               inputs={"data": dir_digest(cfg.data.path), "nat": dir_digest(nat_dir)},
+               inputs={"prepared": scored_under["data"], "nat": scored_under["teacher"]},
                metrics=metrics)
     print(f"[score] {len(expected_ids)} samples in {n_shards} shards; beta mean {metrics['beta_mean']:.4f} "
           f"(min {metrics['beta_min']:.4f}, max {metrics['beta_max']:.4f})", flush=True)
