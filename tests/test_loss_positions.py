@@ -68,6 +68,41 @@ def test_head_at_targets_gives_the_log_probs_and_gradients_of_full_logits(full, 
     assert sum(rows[2:]) == targets and max(rows[2:]) == (chunk or targets)  # rows[1]: the once-per-model check
 
 
+@pytest.mark.parametrize("chunk", [0, 5])
+@pytest.mark.parametrize("top_k", [4, 0], ids=["sparse", "whole-vocabulary"])
+def test_distills_nce_at_targets_in_chunks_matches_full_logits(chunk, top_k):
+    """Distill's CE + KD terms from the head at target positions, whole or in chunks, against the loss
+    computed from full logits at every position (what distill did before): same value, same gradients."""
+    from train.stages.distill import full_kd, nce_loss, sparse_kd, student_terms
+
+    batch, model = _batch(), _model(False)
+    mask = batch["labels"][:, 1:] != IGNORE
+    n = int(mask.sum())
+    g = torch.Generator().manual_seed(2)
+    t_lp = torch.log_softmax(torch.randn(n, 300, generator=g), -1)  # a teacher's log-probs at the targets
+    weight = 0.5 + torch.rand(n, generator=g)
+    if top_k:
+        values, ids = t_lp.topk(top_k, -1)
+        rows = (ids, values, torch.log1p(-values.exp().sum(-1)))
+        kd_fn = lambda lg, *r: sparse_kd(lg, *r, 2.0)  # noqa: E731
+    else:
+        rows, kd_fn = (t_lp,), lambda lg, t: full_kd(lg, t, 2.0)  # noqa: E731
+    ce, kd = student_terms(model, batch, chunk, kd_fn, *rows)
+    loss, terms = nce_loss(ce, kd, weight, 0.3)
+    loss.backward()
+    ours = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    logits = model(input_ids=batch["input_ids"], use_cache=False).logits[:, :-1][mask].float()
+    ref_ce = F.cross_entropy(logits, batch["labels"][:, 1:][mask], reduction="sum")
+    ref = 0.7 * ref_ce + 0.3 * (kd_fn(logits, *rows) * weight).sum()
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(terms["ce"], ref_ce.detach(), rtol=1e-5, atol=1e-5)
+    assert ours
+    for name, grad in ours.items():
+        torch.testing.assert_close(grad, model.get_parameter(name).grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_a_head_whose_logits_are_capped_after_it_is_refused():
     """Gemma 2 soft-caps its logits after the head: log-probs from the head alone would be wrong, silently."""
     from transformers import Gemma2Config, Gemma2ForCausalLM

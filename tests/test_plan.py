@@ -279,3 +279,13 @@ def test_a_hub_id_missing_from_the_cache_is_named_as_such(tmp_path, monkeypatch)
     with pytest.raises(ConfigError, match=rf"a hub id, not in the Hugging Face cache {tmp_path / 'hub'} here"):
         shape_of("my-org/my-finetune")
     assert shape_of("mistralai/Mistral-7B-Instruct-v0.2")[1] == "preset mistral-7b"  # the name still gives a shape
+
+
+def test_distill_plans_its_kd_logits_by_chunk():
+    """Distill's head and KD run in model.loss_chunk_tokens chunks too: the plan counts one chunk's
+    14 bytes per logit (bf16 logits, the student's fp32 log-softmax, loss and gradient)."""
+    from train.config import DistillConfig
+
+    cfg = load_config(DistillConfig, LLAMA / "distill.yaml", ["model.loss_chunk_tokens=256"])
+    plan = make_plan("distill", cfg, nodes=1, gpn=8, gpu_mem=80, model="llama-2-7b")
+    assert _memory(plan)["logits"] == 14 * 256 * 32000

@@ -308,9 +308,9 @@ def plan_training(stage: str, cfg, nodes: int, gpn: int, gpu_mem: float, model: 
     kernel = "eager attention" if eager else "fused attention (sdpa/flash)"
     plan.memory.append((f"activations, {tokens:,} tokens, {'with' if ckpt else 'without'} gradient checkpointing, "
                         f"{kernel}", tokens * shape.activation_bytes(ckpt, eager)))
-    chunk = cfg.model.loss_chunk_tokens if stage not in ("distill", "ranker") else 0
-    if stage != "ranker":
-        per_entry = 14 if stage == "distill" else 10
+    chunk = cfg.model.loss_chunk_tokens if stage != "ranker" else 0
+    per_entry = {"distill": 14, "ranker": 0}.get(stage, 10)  # bytes per logit (see the module docstring)
+    if per_entry:
         rows = min(chunk, tokens) if chunk else tokens  # the head runs at target positions: at most every token
         what = f"{chunk:,}-position chunks (model.loss_chunk_tokens)" if chunk else f"{tokens:,} tokens"
         plan.memory.append((f"logits, {what} x {shape.vocab:,}", per_entry * rows * shape.vocab))
@@ -346,9 +346,9 @@ def plan_training(stage: str, cfg, nodes: int, gpn: int, gpu_mem: float, model: 
     if eager:
         plan.advice.append("model.attn_implementation=auto (fused attention: no [L x L] matrix per head)")
     plan.advice.append(f"a smaller data.max_tokens (now {tokens:,}; raise grad accumulation to keep the batch)")
-    if zero != 3 and stage not in ("distill", "ranker") and not chunk and tokens > 1024:
-        plan.advice.append(f"model.loss_chunk_tokens=1024 (logits {10 * tokens * shape.vocab / GIB:.1f} -> "
-                           f"{10 * 1024 * shape.vocab / GIB:.1f} GiB)")
+    if zero != 3 and per_entry and not chunk and tokens > 1024:
+        plan.advice.append(f"model.loss_chunk_tokens=1024 (logits {per_entry * tokens * shape.vocab / GIB:.1f} -> "
+                           f"{per_entry * 1024 * shape.vocab / GIB:.1f} GiB)")
     if buckets > GIB:
         plan.advice.append(f"a ds_config with a smaller zero_optimization.reduce_bucket_size, or overlap_comm false "
                            f"(the gradient buckets take {buckets / GIB:.1f} GiB)")

@@ -86,19 +86,29 @@ def causal_lm_loss(module: torch.nn.Module, batch: dict, chunk: int = 0) -> tupl
 def token_logprobs(module: torch.nn.Module, batch: dict, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """([B, L-1] fp32 log p of each next token, 0 off target; [B, L-1] bool target mask).
 
-    The LM head runs at target positions only: prompt and pad positions (about 38% of the tokens of the MATH
-    rationales) get no vocabulary-wide logits. The model's own forward computes logits at one position
-    (`logits_to_keep=1`, so ZeRO-3's hooks see the usual forward) and returns the LM head's input, the last
-    hidden state. With `chunk` > 0 (model.loss_chunk_tokens) the head and the loss run over that many
-    positions at a time and are recomputed in backward, so the [targets, vocab] fp32 logits never exist at once."""
+    The LM head runs at target positions only (`target_hidden`). With `chunk` > 0 (model.loss_chunk_tokens)
+    the head and the loss run over that many positions at a time and are recomputed in backward, so the
+    [targets, vocab] fp32 logits never exist at once."""
+    hidden, labels, mask, head = target_hidden(module, batch)
+    lp = target_logprobs(hidden, labels, head, chunk)
+    return torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device).masked_scatter(mask, lp), mask
+
+
+def target_hidden(module: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                  torch.nn.Module]:
+    """([N, H] the LM head's input at the N target positions, row-major; [N] their next tokens; [B, L-1] bool
+    target mask; the LM head).
+
+    Prompt and pad positions (about 38% of the tokens of the MATH rationales) get no vocabulary-wide logits.
+    The model's own forward computes logits at one position (`logits_to_keep=1`, so ZeRO-3's hooks see the
+    usual forward) and returns the last hidden state, which the caller sends through the head."""
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE
     out = module(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                  position_ids=batch.get("position_ids"), use_cache=False, output_hidden_states=True, logits_to_keep=1)
     hidden, head = out.hidden_states[-1], module.get_output_embeddings()
     _check_head_input(module, head, hidden[:, -1], out.logits[:, -1])
-    lp = target_logprobs(hidden[:, :-1][mask], labels[mask], head, chunk)
-    return torch.zeros(mask.shape, dtype=lp.dtype, device=lp.device).masked_scatter(mask, lp), mask
+    return hidden[:, :-1][mask], labels[mask], mask, head
 
 
 _CHECKED_HEADS: weakref.WeakSet = weakref.WeakSet()  # heads already checked (a new model is checked again)
@@ -121,17 +131,27 @@ def _check_head_input(module: torch.nn.Module, head: torch.nn.Module, last_hidde
 
 
 def target_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, chunk: int = 0) -> torch.Tensor:
-    """[N] fp32 log p(target) from [N, H] hidden states through `head`, `chunk` rows at a time when > 0 (each
-    chunk's logits recomputed in backward instead of kept: one chunk's [chunk, vocab] logits at a time)."""
-    def piece(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return -F.cross_entropy(head(h).float(), y, reduction="none")
+    """[N] fp32 log p(target) from [N, H] hidden states through `head`, in chunks (`head_chunks`)."""
+    return head_chunks(hidden, head, chunk, lambda logits, y: (-F.cross_entropy(logits, y, reduction="none"),),
+                       targets)[0]
+
+
+def head_chunks(hidden: torch.Tensor, head: torch.nn.Module, chunk: int,
+                fn: Callable[..., tuple[torch.Tensor, ...]], *rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`fn(fp32 logits [n, V], *rows[i:i+n])` -> per-position [n] tensors, over [N, H] `hidden` sent through
+    `head` `chunk` rows at a time when `chunk` > 0, each chunk recomputed in backward instead of kept: one
+    chunk's [chunk, V] logits (and whatever `fn` derives from them) at a time. Concatenated over chunks."""
+    def piece(h: torch.Tensor, *r: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return fn(head(h).float(), *r)
 
     if chunk <= 0 or hidden.shape[0] <= chunk:
-        return piece(hidden, targets)
-    parts = zip(hidden.split(chunk), targets.split(chunk), strict=True)
-    if not torch.is_grad_enabled():
-        return torch.cat([piece(h, y) for h, y in parts])
-    return torch.cat([torch.utils.checkpoint.checkpoint(piece, h, y, use_reentrant=False) for h, y in parts])
+        return piece(hidden, *rows)
+    parts = zip(hidden.split(chunk), *(r.split(chunk) for r in rows), strict=True)
+    if torch.is_grad_enabled():
+        outs = [torch.utils.checkpoint.checkpoint(piece, *p, use_reentrant=False) for p in parts]
+    else:
+        outs = [piece(*p) for p in parts]
+    return tuple(torch.cat(o) for o in zip(*outs, strict=True))
 
 
 def sequence_logprobs(module: torch.nn.Module, batch: dict, chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

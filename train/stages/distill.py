@@ -34,7 +34,7 @@ from train.engine.loop import TrainTask
 from train.errors import ConfigError, InputError, TdgError
 from train.manifest import check_stage_output, dir_digest, file_digest
 from train.models.nat import NAT_JSON
-from train.stages.common import load_stage_data, run_stage
+from train.stages.common import head_chunks, load_stage_data, run_stage, target_hidden
 from train.stages.sft import full_model, lora_model
 
 
@@ -170,25 +170,36 @@ def _offline_collate(data: TokenizedSet, scores: StoredScores, cfg: DistillConfi
     return collate_fn
 
 
-def nce_loss(student_logits: torch.Tensor, labels: torch.Tensor, kd: torch.Tensor, kd_weight: torch.Tensor,
+def full_kd(student_logits: torch.Tensor, t_lp: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) per position over the whole vocabulary (online distill, top_k 0). [N, V] -> [N]."""
+    s_lp = F.log_softmax(student_logits.float() / temperature, -1)
+    t = F.log_softmax(t_lp / temperature, -1) if temperature != 1.0 else t_lp
+    return (t.exp() * (t - s_lp)).sum(-1) * temperature**2
+
+
+def nce_loss(ce: torch.Tensor, kd: torch.Tensor, kd_weight: torch.Tensor,
              lam: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Sums over target positions (row-major): (1 - lam) CE + lam sum_t (0.5 + beta) KD_t."""
-    ce = F.cross_entropy(student_logits.float(), labels, reduction="sum")
-    weighted = (kd * kd_weight).sum()
-    return (1 - lam) * ce + lam * weighted, {"ce": ce.detach(), "kd": kd.sum().detach(),
-                                             "kd_weighted": weighted.detach()}
+    """From per-target-position [N] CE and KD: (1 - lam) sum_t CE_t + lam sum_t (0.5 + beta) KD_t."""
+    ce_sum, weighted = ce.sum(), (kd * kd_weight).sum()
+    return (1 - lam) * ce_sum + lam * weighted, {"ce": ce_sum.detach(), "kd": kd.sum().detach(),
+                                                 "kd_weighted": weighted.detach()}
 
 
-def _student_targets(module, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    logits = module(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                    position_ids=batch.get("position_ids"), use_cache=False).logits[:, :-1]
-    mask = target_mask(batch)
-    return logits[mask], batch["labels"][:, 1:][mask], mask
+def student_terms(module, batch: dict, chunk: int, kd_fn, *rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """([N] CE, [N] `kd_fn(logits, *rows)`) at the student's target positions (row-major), the LM head run
+    there only, `chunk` positions at a time when > 0 (model.loss_chunk_tokens): the [targets, vocab] fp32
+    log-softmax that KD needs never exists whole."""
+    hidden, labels, _, head = target_hidden(module, batch)
+
+    def terms(logits: torch.Tensor, y: torch.Tensor, *r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return F.cross_entropy(logits, y, reduction="none"), kd_fn(logits, *r)
+
+    return head_chunks(hidden, head, chunk, terms, labels, *rows)
 
 
 def build(cfg: DistillConfig, ds_cfg: dict) -> TrainTask:
     data, tok = load_stage_data("distill", cfg, labels=("pos",))
-    lam, temp = cfg.distill.lam, cfg.distill.temperature
+    lam, temp, chunk = cfg.distill.lam, cfg.distill.temperature, cfg.model.loss_chunk_tokens
     teacher_dir = cfg.distill.scores if cfg.distill.mode == "offline" else cfg.distill.nat_dir
     check_same_prompt(Prompt.of(cfg.data), teacher_dir,
                       "the scores" if cfg.distill.mode == "offline" else "the NAT teacher")
@@ -199,9 +210,9 @@ def build(cfg: DistillConfig, ds_cfg: dict) -> TrainTask:
         collate_fn = _offline_collate(data, scores, cfg, tok.pad_token_id)
 
         def loss_fn(module, batch):
-            logits, labels, _ = _student_targets(module, batch)
-            kd = sparse_kd(logits, batch["kd_ids"], batch["kd_lp"], batch["kd_tail"], temp)
-            return nce_loss(logits, labels, kd, batch["kd_weight"], lam)
+            ce, kd = student_terms(module, batch, chunk, lambda lg, *r: sparse_kd(lg, *r, temp),
+                                   batch["kd_ids"], batch["kd_lp"], batch["kd_tail"])
+            return nce_loss(ce, kd, batch["kd_weight"], lam)
     else:
         if cfg.data.packing:
             raise ConfigError("data.packing: online distillation supports padded batches only")
@@ -225,24 +236,22 @@ def _online_loss(cfg: DistillConfig, tok):
         raise ConfigError(f"distill.nat_dir: {nat_dir} is not a finished stage-nat output (no {NAT_JSON})")
     check_same_vocabulary(tok, json.loads((nat_dir / NAT_JSON).read_text())["base_model"])
     teacher = load_nat_teacher(nat_dir, "nat", precision.dtype(cfg.engine.precision, dist_.on_cpu()))
-    lam, temp, k = cfg.distill.lam, cfg.distill.temperature, cfg.distill.top_k
+    lam, temp, k, chunk = cfg.distill.lam, cfg.distill.temperature, cfg.distill.top_k, cfg.model.loss_chunk_tokens
 
     def loss_fn(module, batch):
         teacher.to(batch["input_ids"].device)
         fixed = cfg.distill.fixed_beta
-        t_lp, kl = teacher_logprobs(teacher, batch, target_mask(batch), with_kl=fixed is None)
-        logits, labels, mask = _student_targets(module, batch)
+        mask = target_mask(batch)
+        t_lp, kl = teacher_logprobs(teacher, batch, mask, with_kl=fixed is None)
         beta = sample_beta(kl, mask)[0] if fixed is None else torch.full((mask.shape[0],), fixed, device=mask.device)
         weight = (0.5 + beta)[:, None].expand_as(mask)[mask]
         if k > 0:
             values, ids = t_lp.topk(k, -1)
             tail = torch.log1p(-values.exp().sum(-1).clamp(max=1.0 - 1e-7))
-            kd = sparse_kd(logits, ids, values, tail, temp)
+            ce, kd = student_terms(module, batch, chunk, lambda lg, *r: sparse_kd(lg, *r, temp), ids, values, tail)
         else:
-            s_lp = F.log_softmax(logits.float() / temp, -1)
-            t = F.log_softmax(t_lp / temp, -1) if temp != 1.0 else t_lp
-            kd = (t.exp() * (t - s_lp)).sum(-1) * temp**2
-        return nce_loss(logits, labels, kd, weight, lam)
+            ce, kd = student_terms(module, batch, chunk, lambda lg, t: full_kd(lg, t, temp), t_lp)
+        return nce_loss(ce, kd, weight, lam)
 
     return loss_fn
 
