@@ -189,7 +189,7 @@ def _hand_total(family: str, stage: str, world: int) -> float:
                 "ranker": lora7[4] + h7, "dpo": lora7[2], "redi": lora7[2]}
         tokens = {"neg": 4096, "sft": 4096, "nat": 4096, "distill": 1024, "ranker": 8192, "dpo": 4096, "redi": 4096}
         if stage == "score":
-            return 2 * p7 + 8192 * act7 + 10 * 8192 * v
+            return 2 * p7 + 8192 * act7 + 10 * 1024 * v  # a whole teacher: chunks of 1,024 target positions
         if stage == "eval":
             weights = 2 * p7 + 2 * (p7 - v * h7 + h7)  # the ranker: a scalar head instead of the LM head
             kv = 2 * 32 * h7 * 2

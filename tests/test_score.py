@@ -86,6 +86,29 @@ def test_beta_and_topk_match_a_direct_computation(zero3_scores, teacher, prepare
         torch.testing.assert_close(mass, torch.ones_like(mass), atol=5e-3, rtol=0)
 
 
+def test_scoring_in_chunks_of_target_positions_gives_the_whole_batch_scores(teacher, prepared_dir, base_model_dir):
+    """A whole teacher scores chunks of target positions (SCORE_CHUNK): the same beta, top-k and tail as one
+    pass over every target at once, and as the direct computation from full logits."""
+    from train.data.dataset import collate
+    from train.models.nat import load_nat_teacher
+    from train.stages.score import score_batch
+
+    data = _expected_ids(prepared_dir, base_model_dir)
+    model = load_nat_teacher(teacher, "nat")
+    batch = collate(data, np.arange(3), load_tokenizer(base_model_dir).pad_token_id, packing=False)
+    whole, chunked = score_batch(model, batch, 8, chunk=0), score_batch(model, batch, 8, chunk=5)
+    targets = sum(len(r["tail_logprob"]) for r in whole)
+    assert targets > 5 * 3  # several chunks, one crossing each row boundary
+    for a, b in zip(whole, chunked, strict=True):
+        assert a["beta"] == pytest.approx(b["beta"], abs=1e-6) and torch.equal(a["topk_ids"], b["topk_ids"])
+        torch.testing.assert_close(a["topk_logprobs"], b["topk_logprobs"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a["tail_logprob"], b["tail_logprob"], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        x = torch.from_numpy(data.input_ids[0].astype(np.int64))[None]
+        lp_nat = F.log_softmax(model(input_ids=x).logits[0, :-1], -1)[int(data.prompt_lens[0]) - 1:]
+    assert torch.equal(chunked[0]["topk_ids"].long(), lp_nat.topk(8, -1)[1])
+
+
 def test_killed_after_first_shard_rerun_skips_it_and_scores_every_sample_once(tmp_path, teacher, prepared_dir,
                                                                                base_model_dir):
     out = tmp_path / "killed"

@@ -378,8 +378,11 @@ def plan_score(cfg, nodes: int, gpn: int, gpu_mem: float, model: str | None, con
     tokens = cfg.data.max_tokens
     plan.memory.append((f"one layer's activations, {tokens:,} tokens (no backward)",
                         tokens * shape.activation_bytes(False) // shape.layers))
-    plan.memory.append((f"logits of the nat and neg passes, {tokens:,} tokens x {shape.vocab:,}",
-                        10 * tokens * shape.vocab))
+    from train.stages.score import SCORE_CHUNK
+
+    rows = tokens if zero == 3 else min(SCORE_CHUNK, tokens)  # a whole teacher scores chunks of targets
+    what = f"{tokens:,} tokens" if rows == tokens else f"{rows:,}-position chunks"
+    plan.memory.append((f"logits of the nat and neg passes, {what} x {shape.vocab:,}", 10 * rows * shape.vocab))
     plan.notes.append("communication: none between ranks" if zero != 3 else
                       f"communication ~{2 * 2 * shape.params() / 1e9:,.1f} GB per GPU per batch (the teacher gathered "
                       "for the nat and the neg pass)")

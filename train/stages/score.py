@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 
 from train.config import OptimConfig, ScoreConfig, save_config
 from train.data.batching import TokenBudgetBatcher
-from train.data.dataset import TokenizedSet, collate, read_prepared, target_mask, tokenize_with
+from train.data.dataset import TokenizedSet, collate, read_prepared, tokenize_with
 from train.data.prompt import Prompt, check_same_prompt
 from train.data.tokenizer import load_tokenizer
 from train.engine import distributed as dist_
@@ -54,7 +54,7 @@ from train.errors import TdgError
 from train.manifest import check_stage_output, dir_digest, file_digest, prepared_digest, write_done
 from train.models.nat import NAT_JSON, load_nat_teacher, set_mode
 from train.progress import progress
-from train.stages.common import already_done
+from train.stages.common import already_done, head_chunks, target_hidden
 
 FORMAT = "tdg-scores-1"
 
@@ -129,15 +129,30 @@ def sample_beta(kl: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, tor
     return torch.tanh(mean), mean
 
 
+SCORE_CHUNK = 1024  # target positions per head call for a whole teacher: one chunk's [1024, vocab] fp32 at a time
+
+
 @torch.no_grad()
-def score_batch(model, batch: dict, top_k: int) -> list[dict]:
+def score_batch(model, batch: dict, top_k: int, chunk: int = SCORE_CHUNK) -> list[dict]:
     """Teacher outputs for one padded batch: one dict of CPU tensors per sample.
 
-    Everything is computed for the whole batch on the device and copied to the host once."""
-    mask = target_mask(batch)
-    lp_nat, kl = teacher_logprobs(model, batch, mask)
-    values, ids = lp_nat.topk(top_k, dim=-1)
-    tail = torch.log1p(-values.exp().sum(-1).clamp(max=1.0 - 1e-7))
+    The LM head runs at target positions only, for the nat and the neg pass, and the vocabulary-wide work
+    (log-softmax, KL, top-k) `chunk` positions at a time (0: all at once), so no [targets, vocab] fp32 tensor
+    exists whole. Everything is computed on the device and copied to the host once."""
+    set_mode(model, "nat")
+    h_nat, _, mask, head = target_hidden(model, batch)
+    set_mode(model, "neg")
+    h_neg = target_hidden(model, batch)[0]
+    set_mode(model, "nat")
+
+    def stats(logits_nat: torch.Tensor, hidden_neg: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        lp_nat = F.log_softmax(logits_nat, -1)
+        lp_neg = F.log_softmax(head(hidden_neg).float(), -1)
+        values, ids = lp_nat.topk(top_k, dim=-1)
+        tail = torch.log1p(-values.exp().sum(-1).clamp(max=1.0 - 1e-7))
+        return values, ids, tail, (lp_neg.exp() * (lp_neg - lp_nat)).sum(-1)
+
+    values, ids, tail, kl = head_chunks(h_nat, head, chunk, stats, h_neg)
     beta, kl_mean = sample_beta(kl, mask)
     counts = mask.sum(-1).tolist()
     ids, values, tail = ids.to(torch.int32).cpu(), values.cpu(), tail.cpu()
@@ -271,6 +286,9 @@ def main(cfg: ScoreConfig) -> int:
     def batch_of(indices) -> dict:
         return {k: v.to(device) for k, v in collate(data, indices, tok.pad_token_id, packing=False).items()}
 
+    # under ZeRO-3 each head call gathers the partitioned head: one call per pass, the same on every rank
+    chunk = 0 if zero3 else SCORE_CHUNK
+
     bar = progress(len(mine), "score (rank 0 shards)", "shard", enabled=dist_.is_main() and cfg.engine.progress)
     t_loop = time.time()
     with StopRequest() as stop:
@@ -279,7 +297,8 @@ def main(cfg: ScoreConfig) -> int:
                 i = mine[k]
                 results: dict[int, dict] = {}
                 for b in plans[i]:
-                    for sample, res in zip(b, score_batch(model, batch_of(b), cfg.score.top_k), strict=True):
+                    for sample, res in zip(b, score_batch(model, batch_of(b), cfg.score.top_k, chunk),
+                                           strict=True):
                         results[int(sample)] = res
                 order = sorted(results)
                 _write_shard(shard_path(out, i), [data.ids[s] for s in order], [results[s] for s in order],
@@ -288,7 +307,7 @@ def main(cfg: ScoreConfig) -> int:
             if zero3:  # under ZeRO-3 every rank makes as many forward calls in a round as the busiest one
                 round_calls = [len(plans[todo[j]]) for j in range(k * world, min((k + 1) * world, len(todo)))]
                 for _ in range(max(round_calls) - (len(plans[mine[k]]) if k < len(mine) else 0)):
-                    score_batch(model, batch_of(np.array([0])), cfg.score.top_k)
+                    score_batch(model, batch_of(np.array([0])), cfg.score.top_k, chunk)
             if dist_.any_rank(stop.requested, device):  # a signal often reaches only some ranks
                 bar.close()
                 if dist_.is_main():
