@@ -179,11 +179,11 @@ def make_question(seed: int, split: str, index: int, subject: str, rationales: i
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     start = rng.randint(5, 80)
     ops = _make_ops(rng, SUBJECT_OPS[subject], level + 1, start)
-    solution, _, _ = _solve(rng, name, item, start, ops)
+    solution, value, _ = _solve(rng, name, item, start, ops)
     teacher = Teacher(rng.uniform(0.0, SLIP_MAX),
                       rng.randrange(len(ops)) if rng.random() < TRAP_PER_LEVEL * level else -1)
     q = {"question": _question_text(name, item, start, ops, wording), "answer": solution, "level": f"Level {level}",
-         "steps": len(ops), "start": start, "ops": ops}
+         "steps": len(ops), "start": start, "ops": ops, "value": value}
     if rationales:  # a test or validation question has its gold solution only
         made = [_solve(rng, name, item, start, ops, teacher) for _ in range(rationales)]
         q.update(generated_answer=[text for text, _, _ in made], step_errors=[wrong for _, _, wrong in made])
@@ -211,7 +211,7 @@ def _questions(seed: int, split: str, n: int, rationales: int, levels: tuple[int
 def _write_split(root: Path, split: str, questions) -> None:
     by_subject: dict[str, list[dict]] = {s: [] for s in SUBJECT_OPS}
     for subject, q in questions:
-        by_subject[subject].append({k: v for k, v in q.items() if k not in ("start", "ops")})
+        by_subject[subject].append({k: v for k, v in q.items() if k not in ("start", "ops", "value")})
     for subject, qs in by_subject.items():
         d = root / split / subject
         d.mkdir(parents=True, exist_ok=True)
@@ -238,14 +238,7 @@ def drill(start: int, ops: list[Op]) -> tuple[str, str, int]:
 
 
 def _answer_only(q: dict) -> str:
-    return f"Solution:\nThe answer is \\boxed{{{_value(q)}}}."
-
-
-def _value(q: dict) -> int:
-    x = q["start"]
-    for op in q["ops"]:
-        x = _apply(x, op)
-    return x
+    return f"Solution:\nThe answer is \\boxed{{{q['value']}}}."
 
 
 def _pretrain_records(q: dict, style: str, index: int) -> list[tuple[str, str]]:
