@@ -41,6 +41,7 @@ from train.engine.loggers import ScalarLoggers
 from train.engine.resume import check_layout, load_with_fallback, next_intact, recipe_changes
 from train.engine.schedule import warmup_cosine
 from train.engine.signals import EXIT_CHECKPOINTED, StopRequest
+from train.engine.streamed_save import save_model_streamed
 from train.manifest import write_done
 from train.progress import progress
 
@@ -420,14 +421,15 @@ class Trainer:
                           for k, v in term_history.items() if k != "loss"}}
 
     def save_result(self, metrics: dict) -> None:
-        """The trained weights (a full model, or the trainable parameters in fp32), then DONE.json."""
+        """The trained weights (a full model in the training precision, or the trainable parameters in fp32), then
+        DONE.json."""
         import deepspeed
 
         task, out = self.task, self.out
-        if task.full_weights:
-            state = precision.consolidated_weights(self.engine)  # every rank: a collective; whole on rank 0 only
+        if task.full_weights:  # every rank: one gather per parameter; rank 0 writes a shard at a time
+            metrics.update(save_model_streamed(self.engine.module, out / "model"))
             if dist_.is_main():
-                metrics.update(task.save_fn(self.engine.module, out, state=state) or {})
+                metrics.update(task.save_fn(self.engine.module, out) or {})
         else:
             masters = precision.fp32_masters(self.named_trainable)  # every rank: assembling them is a collective
             with deepspeed.zero.GatheredParameters(self.trainable, modifier_rank=None):

@@ -63,16 +63,3 @@ def master_weights(named_params: list[tuple[str, torch.nn.Parameter]], masters: 
         for name, p in named_params:
             if name in saved:
                 p.data = saved[name]
-
-
-def consolidated_weights(engine) -> dict[str, torch.Tensor] | None:
-    """A full fine-tune's weights in the training precision, whole, on rank 0's CPU (None on the other ranks;
-    every rank must call it). Under ZeRO-3 DeepSpeed gathers one layer at a time (the consolidation behind
-    `save_16bit_model`, as transformers and accelerate use it); under ZeRO-0/1/2 rank 0 holds them whole."""
-    import torch.distributed as dist
-
-    if engine.zero_optimization_partition_weights():
-        return engine._zero3_consolidated_16bit_state_dict()
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return None
-    return {n: p.detach().cpu() for n, p in engine.module.named_parameters()}

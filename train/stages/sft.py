@@ -19,7 +19,7 @@ import torch
 
 from train.config import SftConfig, TrainStageConfig
 from train.engine.loop import TrainTask
-from train.models.adapters import AdapterSaveError, expected_lora_shapes, save_adapter
+from train.models.adapters import expected_lora_shapes, save_adapter
 from train.models.loading import check_target_modules, load_base_model
 from train.stages.common import (
     causal_lm_loss,
@@ -67,13 +67,9 @@ def full_model(cfg: TrainStageConfig, ds_cfg: dict, tok) -> tuple[torch.nn.Modul
     """Every parameter trains; the save writes a Hugging Face model dir `model/` with the tokenizer."""
     model = load_base_model(cfg.model, model_dtype(cfg), ds_config=ds_cfg)
     model.requires_grad_(True)
-    shapes = {n: tuple(p.ds_shape if hasattr(p, "ds_shape") else p.shape) for n, p in model.named_parameters()}
 
-    def save(module: torch.nn.Module, out: Path, state: dict[str, torch.Tensor]) -> dict:
-        bad = [n for n in shapes if n not in state or tuple(state[n].shape) != shapes[n] or state[n].numel() == 0]
-        if bad:
-            raise AdapterSaveError(f"{out / 'model'}: parameters not gathered before saving (e.g. {bad[0]})")
-        module.save_pretrained(out / "model", state_dict=state, safe_serialization=True)
+    def save(module: torch.nn.Module, out: Path, **_) -> dict:
+        """The weights are already in `model/` (the loop's streamed save, every rank); the tokenizer joins them."""
         tok.save_pretrained(out / "model")
         return {"model": str(out / "model")}
 
