@@ -246,9 +246,11 @@ def test_a_stop_signal_during_start_up_requeues_instead_of_failing(tmp_path, pre
     assert not (out / "checkpoints").exists()  # still starting up
     workers[-1].send_signal(signal.SIGUSR1)
     stdout, _ = proc.communicate(timeout=300)
-    # torchrun reports its workers' exit codes (srun, as slurm/launch.sh runs them, passes 75 on)
+    # torchrun reports its workers' exit codes (srun, as slurm/launch.sh runs them, passes 75 on). A rank still
+    # exiting when another has left with 75 may be ended by torchrun itself (SIGTERM, -15); none fails.
     codes = {int(c) for c in re.findall(r"exitcode\s*:\s*(-?\d+)", stdout)}
-    assert codes == {75} and "stop requested: checkpointed at step 0; exit 75" in stdout, stdout[-3000:]
+    assert 75 in codes and codes <= {75, -15}, stdout[-3000:]
+    assert "stop requested: checkpointed at step 0; exit 75" in stdout
     assert not (out / "DONE.json").exists()
 
 

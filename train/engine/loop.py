@@ -176,6 +176,7 @@ def run_training(task: TrainTask, cfg: TrainStageConfig, device: torch.device, i
         if dist_.is_main():
             print(f"[{task.name}] stop requested: checkpointed at step {trainer.pos.global_step}; exit {exit_code} "
                   "(resubmit to continue)", flush=True)
+        dist_.barrier()  # leave together: torchrun ends the other ranks as soon as one exits non-zero
         return TrainResult(exit_code, {"global_step": trainer.pos.global_step})
     trainer.save_checkpoint()
     metrics = trainer.metrics()
