@@ -228,7 +228,7 @@ def _online_loss(cfg: DistillConfig, tok):
     from train.engine import distributed as dist_
     from train.engine import precision
     from train.models.nat import load_nat_teacher
-    from train.stages.score import sample_beta, teacher_logprobs
+    from train.stages.score import sample_beta, tail_logprob, teacher_logprobs
 
     nat_dir = Path(cfg.distill.nat_dir)
     check_stage_output(nat_dir, "distill.nat_dir", ("nat",), required=False)  # nat.json is checked next
@@ -247,8 +247,8 @@ def _online_loss(cfg: DistillConfig, tok):
         weight = (0.5 + beta)[:, None].expand_as(mask)[mask]
         if k > 0:
             values, ids = t_lp.topk(k, -1)
-            tail = torch.log1p(-values.exp().sum(-1).clamp(max=1.0 - 1e-7))
-            ce, kd = student_terms(module, batch, chunk, lambda lg, *r: sparse_kd(lg, *r, temp), ids, values, tail)
+            ce, kd = student_terms(module, batch, chunk, lambda lg, *r: sparse_kd(lg, *r, temp), ids, values,
+                                   tail_logprob(values))
         else:
             ce, kd = student_terms(module, batch, chunk, lambda lg, t: full_kd(lg, t, temp), t_lp)
         return nce_loss(ce, kd, weight, lam)

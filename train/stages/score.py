@@ -129,6 +129,11 @@ def sample_beta(kl: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, tor
     return torch.tanh(mean), mean
 
 
+def tail_logprob(top_lp: torch.Tensor) -> torch.Tensor:
+    """[N] log of the probability mass outside the top-k, from [N, k] top-k log-probs (the KD's k + 1-th bin)."""
+    return torch.log1p(-top_lp.exp().sum(-1).clamp(max=1.0 - 1e-7))
+
+
 SCORE_CHUNK = 1024  # target positions per head call for a whole teacher: one chunk's [1024, vocab] fp32 at a time
 
 
@@ -149,8 +154,7 @@ def score_batch(model, batch: dict, top_k: int, chunk: int = SCORE_CHUNK) -> lis
         lp_nat = F.log_softmax(logits_nat, -1)
         lp_neg = F.log_softmax(head(hidden_neg).float(), -1)
         values, ids = lp_nat.topk(top_k, dim=-1)
-        tail = torch.log1p(-values.exp().sum(-1).clamp(max=1.0 - 1e-7))
-        return values, ids, tail, (lp_neg.exp() * (lp_neg - lp_nat)).sum(-1)
+        return values, ids, tail_logprob(values), (lp_neg.exp() * (lp_neg - lp_nat)).sum(-1)
 
     values, ids, tail, kl = head_chunks(h_nat, head, chunk, stats, h_neg)
     beta, kl_mean = sample_beta(kl, mask)
