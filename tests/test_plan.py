@@ -289,3 +289,19 @@ def test_distill_plans_its_kd_logits_by_chunk():
     cfg = load_config(DistillConfig, LLAMA / "distill.yaml", ["model.loss_chunk_tokens=256"])
     plan = make_plan("distill", cfg, nodes=1, gpn=8, gpu_mem=80, model="llama-2-7b")
     assert _memory(plan)["logits"] == 14 * 256 * 32000
+
+
+@pytest.mark.parametrize("top_k", [32, 0])
+def test_online_distill_plans_the_teacher_logits_by_chunk(top_k):
+    """Online distill runs the teacher's head at target positions in score's chunks (nat and neg passes), and for
+    whole-vocabulary KD beside each student chunk: no term grows with data.max_tokens past a chunk."""
+    from train.config import DistillConfig
+    from train.stages.score import SCORE_CHUNK
+
+    cfg = load_config(DistillConfig, LLAMA / "distill.yaml", ["distill.mode=online", "distill.nat_dir=/nowhere",
+                                                             f"distill.top_k={top_k}", "data.max_tokens=16384",
+                                                             "model.loss_chunk_tokens=512"])
+    memory = _memory(make_plan("distill", cfg, nodes=1, gpn=8, gpu_mem=80, model="llama-2-7b"))
+    assert memory["online teacher"] == 2 * PRESETS["llama-2-7b"].params() + 10 * SCORE_CHUNK * 32000
+    whole_vocab = [b for what, b in memory.items() if what.startswith("online teacher's fp32 log-probs")]
+    assert whole_vocab == ([8 * 512 * 32000] if top_k == 0 else [])

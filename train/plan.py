@@ -1,6 +1,7 @@
 """`tdg plan`: what a stage will need per GPU, before it waits in a queue: memory (weights, trainable
-states, activations, logits, eval's KV cache, online distill's teacher copy), the global batch, steps per
-epoch and communication per optimizer step. It exits non-zero, naming the reason, when a job will not fit.
+states, activations, logits, eval's KV cache, online distill's teacher copy and chunked logits), the global
+batch, steps per epoch and communication per optimizer step. It exits non-zero, naming the reason, when a
+job will not fit.
 
 Sizes come from the model's config.json, or from a known public shape when the path is a name like
 `/models/llama-2-70b` that does not exist here (PRESETS). The trainable states use DeepSpeed's own
@@ -315,9 +316,15 @@ def plan_training(stage: str, cfg, nodes: int, gpn: int, gpu_mem: float, model: 
         what = f"{chunk:,}-position chunks (model.loss_chunk_tokens)" if chunk else f"{tokens:,} tokens"
         plan.memory.append((f"logits, {what} x {shape.vocab:,}", per_entry * rows * shape.vocab))
     if stage == "distill" and cfg.distill.mode == "online":
+        from train.stages.score import SCORE_CHUNK
+
         teacher, teacher_source = shape_of(teacher_model or _base_of(cfg.distill.nat_dir) or model or cfg.model.path)
-        plan.memory.append((f"online teacher: a whole copy ({teacher_source}) and 2 fp32 passes of logits",
-                            2 * teacher.params() + 8 * tokens * teacher.vocab))
+        plan.memory.append((f"online teacher: a whole copy ({teacher_source}); its nat and neg logits in "
+                            f"{SCORE_CHUNK:,}-position chunks", 2 * teacher.params()
+                            + 10 * min(SCORE_CHUNK, tokens) * teacher.vocab))
+        if cfg.distill.top_k == 0:  # whole-vocabulary KD: the teacher's fp32 log-probs beside each student chunk
+            plan.memory.append(("online teacher's fp32 log-probs in the student's chunks (distill.top_k 0)",
+                                8 * rows * teacher.vocab))
     try:
         accum = effective_optim(cfg.optim, tokens, world).grad_accum
     except ConfigError as e:

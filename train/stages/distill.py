@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from train.config import DistillConfig
-from train.data.dataset import TokenizedSet, collate, target_mask
+from train.data.dataset import TokenizedSet, collate
 from train.data.mmap_tensors import mmap_safetensors, to_torch
 from train.data.prompt import Prompt, check_same_prompt
 from train.engine.loop import TrainTask
@@ -170,10 +170,11 @@ def _offline_collate(data: TokenizedSet, scores: StoredScores, cfg: DistillConfi
     return collate_fn
 
 
-def full_kd(student_logits: torch.Tensor, t_lp: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(teacher || student) per position over the whole vocabulary (online distill, top_k 0). [N, V] -> [N]."""
+def full_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) per position over the whole vocabulary (online distill, top_k 0). [N, V] -> [N].
+    `teacher_logits` may be log-probs: a log-softmax leaves them as they are."""
     s_lp = F.log_softmax(student_logits.float() / temperature, -1)
-    t = F.log_softmax(t_lp / temperature, -1) if temperature != 1.0 else t_lp
+    t = F.log_softmax(teacher_logits.float() / temperature, -1)
     return (t.exp() * (t - s_lp)).sum(-1) * temperature**2
 
 
@@ -228,7 +229,7 @@ def _online_loss(cfg: DistillConfig, tok):
     from train.engine import distributed as dist_
     from train.engine import precision
     from train.models.nat import load_nat_teacher
-    from train.stages.score import sample_beta, tail_logprob, teacher_logprobs
+    from train.stages.score import sample_beta, teacher_hidden, teacher_stats
 
     nat_dir = Path(cfg.distill.nat_dir)
     check_stage_output(nat_dir, "distill.nat_dir", ("nat",), required=False)  # nat.json is checked next
@@ -237,20 +238,26 @@ def _online_loss(cfg: DistillConfig, tok):
     check_same_vocabulary(tok, json.loads((nat_dir / NAT_JSON).read_text())["base_model"])
     teacher = load_nat_teacher(nat_dir, "nat", precision.dtype(cfg.engine.precision, dist_.on_cpu()))
     lam, temp, k, chunk = cfg.distill.lam, cfg.distill.temperature, cfg.distill.top_k, cfg.model.loss_chunk_tokens
+    fixed = cfg.distill.fixed_beta
 
     def loss_fn(module, batch):
+        """The teacher's head runs at target positions, in score's chunks (the teacher is whole on every rank);
+        for whole-vocabulary KD inside the student's own chunks, so no [targets, vocab] tensor exists whole."""
         teacher.to(batch["input_ids"].device)
-        fixed = cfg.distill.fixed_beta
-        mask = target_mask(batch)
-        t_lp, kl = teacher_logprobs(teacher, batch, mask, with_kl=fixed is None)
-        beta = sample_beta(kl, mask)[0] if fixed is None else torch.full((mask.shape[0],), fixed, device=mask.device)
+        h_nat, h_neg, mask, t_head = teacher_hidden(teacher, batch, with_neg=fixed is None)
+        stats = teacher_stats(h_nat, h_neg, t_head, k)
+        beta = sample_beta(stats[-1], mask)[0] if fixed is None else torch.full((mask.shape[0],), fixed,
+                                                                                 device=mask.device)
         weight = (0.5 + beta)[:, None].expand_as(mask)[mask]
         if k > 0:
-            values, ids = t_lp.topk(k, -1)
-            ce, kd = student_terms(module, batch, chunk, lambda lg, *r: sparse_kd(lg, *r, temp), ids, values,
-                                   tail_logprob(values))
+            ce, kd = student_terms(module, batch, chunk, lambda lg, *r: sparse_kd(lg, *r, temp), *stats[:3])
         else:
-            ce, kd = student_terms(module, batch, chunk, lambda lg, t: full_kd(lg, t, temp), t_lp)
+            def whole_kd(logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+                with torch.no_grad():
+                    t_logits = t_head(hidden).float()
+                return full_kd(logits, t_logits, temp)
+
+            ce, kd = student_terms(module, batch, chunk, whole_kd, h_nat)
         return nce_loss(ce, kd, weight, lam)
 
     return loss_fn

@@ -100,25 +100,6 @@ def shard_path(out: Path, index: int) -> Path:
     return out / "shards" / f"shard-{index:05d}.safetensors"
 
 
-@torch.no_grad()
-def teacher_logprobs(model, batch: dict, mask: torch.Tensor,
-                     with_kl: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(log p_nat [T, V], KL(p_neg || p_nat) [T]) at the `mask` positions of a padded batch.
-
-    Prompt and pad positions are dropped before the fp32 log-softmax, so the vocabulary-wide work
-    (log-softmax, KL, top-k) is done only where it is used. Without `with_kl` (beta is fixed) the
-    neg-mode forward pass is skipped and KL is None."""
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-    set_mode(model, "nat")
-    lp_nat = F.log_softmax(model(**inputs).logits[:, :-1][mask].float(), dim=-1)
-    if not with_kl:
-        return lp_nat, None
-    set_mode(model, "neg")
-    lp_neg = F.log_softmax(model(**inputs).logits[:, :-1][mask].float(), dim=-1)
-    set_mode(model, "nat")
-    return lp_nat, (lp_neg.exp() * (lp_neg - lp_nat)).sum(-1)
-
-
 def sample_beta(kl: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(beta, mean KL) per row: beta_i = tanh(mean over row i's mask positions of KL(p_neg || p_nat)).
 
@@ -138,25 +119,49 @@ SCORE_CHUNK = 1024  # target positions per head call for a whole teacher: one ch
 
 
 @torch.no_grad()
+def teacher_hidden(model, batch: dict, with_neg: bool = True) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                       torch.Tensor, torch.nn.Module]:
+    """(NAT teacher's [N, H] head input at the N target positions, the same in neg mode or None, [B, L-1] target
+    mask, the LM head). The head itself is left to the caller, to run in chunks (`teacher_stats`); without
+    `with_neg` (a fixed beta needs no KL) the neg-mode forward pass is skipped."""
+    set_mode(model, "nat")
+    h_nat, _, mask, head = target_hidden(model, batch)
+    if not with_neg:
+        return h_nat, None, mask, head
+    set_mode(model, "neg")
+    h_neg = target_hidden(model, batch)[0]
+    set_mode(model, "nat")
+    return h_nat, h_neg, mask, head
+
+
+@torch.no_grad()
+def teacher_stats(h_nat: torch.Tensor, h_neg: torch.Tensor | None, head: torch.nn.Module, top_k: int,
+                  chunk: int = SCORE_CHUNK) -> tuple[torch.Tensor, ...]:
+    """Per target position, `chunk` positions at a time (0: all at once), so that no [targets, vocab] fp32 tensor
+    exists whole: the NAT teacher's top-k log-probs [N, k], their ids [N, k] and the tail bin [N] when `top_k` > 0,
+    then KL(p_neg || p_nat) [N] when `h_neg` is given."""
+    def stats(logits_nat: torch.Tensor, *hidden_neg: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        lp_nat = F.log_softmax(logits_nat, -1)
+        out: tuple[torch.Tensor, ...] = ()
+        if top_k > 0:
+            values, ids = lp_nat.topk(top_k, dim=-1)
+            out = (values, ids, tail_logprob(values))
+        if hidden_neg:
+            lp_neg = F.log_softmax(head(hidden_neg[0]).float(), -1)
+            out += ((lp_neg.exp() * (lp_neg - lp_nat)).sum(-1),)
+        return out
+
+    return head_chunks(h_nat, head, chunk, stats, *(() if h_neg is None else (h_neg,)))
+
+
 def score_batch(model, batch: dict, top_k: int, chunk: int = SCORE_CHUNK) -> list[dict]:
     """Teacher outputs for one padded batch: one dict of CPU tensors per sample.
 
     The LM head runs at target positions only, for the nat and the neg pass, and the vocabulary-wide work
-    (log-softmax, KL, top-k) `chunk` positions at a time (0: all at once), so no [targets, vocab] fp32 tensor
-    exists whole. Everything is computed on the device and copied to the host once."""
-    set_mode(model, "nat")
-    h_nat, _, mask, head = target_hidden(model, batch)
-    set_mode(model, "neg")
-    h_neg = target_hidden(model, batch)[0]
-    set_mode(model, "nat")
-
-    def stats(logits_nat: torch.Tensor, hidden_neg: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        lp_nat = F.log_softmax(logits_nat, -1)
-        lp_neg = F.log_softmax(head(hidden_neg).float(), -1)
-        values, ids = lp_nat.topk(top_k, dim=-1)
-        return values, ids, tail_logprob(values), (lp_neg.exp() * (lp_neg - lp_nat)).sum(-1)
-
-    values, ids, tail, kl = head_chunks(h_nat, head, chunk, stats, h_neg)
+    (log-softmax, KL, top-k) `chunk` positions at a time (`teacher_stats`). Everything is computed on the device
+    and copied to the host once."""
+    h_nat, h_neg, mask, head = teacher_hidden(model, batch)
+    values, ids, tail, kl = teacher_stats(h_nat, h_neg, head, top_k, chunk)
     beta, kl_mean = sample_beta(kl, mask)
     counts = mask.sum(-1).tolist()
     ids, values, tail = ids.to(torch.int32).cpu(), values.cpu(), tail.cpu()
