@@ -7,6 +7,7 @@ be traced back, and a stage pointed at the wrong kind of output can say so (`che
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -56,14 +57,19 @@ SAMPLE = 1 << 20  # bytes read at each of three places of a weight file
 def weights_fingerprint(model_dir: str | Path) -> str:
     """A model dir's weights by content, cheaply: config.json, and per weight file its size and three 1 MiB
     blocks (start, which holds the safetensors header, middle, end). Two checkpoints of one architecture
-    differ in every block, so this tells them apart without hashing 14-140 GB at every start."""
+    differ in every block, so this tells them apart without hashing 14-140 GB at every start. Computed once
+    per process for files of unchanged size and mtime (a stage start checks the base more than once)."""
     d = Path(model_dir)
-    h = hashlib.sha256()
     files = sorted(f for pattern in ("config.json", "*.safetensors", "*.bin") for f in d.glob(pattern))
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
+    return _fingerprint(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint(files: tuple[tuple[str, int, int], ...]) -> str:
+    h = hashlib.sha256()
+    for name, size, _ in files:
+        h.update(f"{Path(name).name}:{size}".encode())
+        with open(name, "rb") as fh:
             for offset in sorted({0, max(0, size // 2 - SAMPLE // 2), max(0, size - SAMPLE)}):
                 fh.seek(offset)
                 h.update(fh.read(SAMPLE))
