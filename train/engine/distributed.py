@@ -55,12 +55,26 @@ def setup(timeout_minutes: float = 60, use_deepspeed: bool = True) -> torch.devi
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:  # a single process: any free port will do
         os.environ["MASTER_PORT"] = str(free_port())
-    if not use_deepspeed:  # eval and sample: nothing trains, so no DeepSpeed (its CPU op needs a compiler)
-        if not dist.is_initialized():
-            dist.init_process_group("gloo" if on_cpu() else "nccl",
-                                    timeout=datetime.timedelta(minutes=timeout_minutes))
-            atexit.register(_shutdown)
-        return _device()
+    deepspeed = _import_deepspeed() if use_deepspeed else None  # eval, sample: nothing trains, no DeepSpeed
+    if not dist.is_initialized():
+        backend = "gloo" if on_cpu() else "nccl"
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if deepspeed is None:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            if on_cpu():  # its CPU op is built here, under a lock a killed build cannot leave behind
+                from train.engine.op_build import build_cpu_comm_op
+
+                build_cpu_comm_op(announce=launch_rank() == 0)
+            deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
+            _clone_world_group(timeout)
+        atexit.register(_shutdown)  # on every way out: return, error exit, uncaught exception
+    return _device()
+
+
+def _import_deepspeed():
+    """DeepSpeed, on DeepSpeed's CPU accelerator where there is no GPU, with its per-step deprecation warnings
+    silenced."""
     if on_cpu():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
@@ -69,16 +83,7 @@ def setup(timeout_minutes: float = 60, use_deepspeed: bool = True) -> torch.devi
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+. is deprecated", category=FutureWarning)
     # peft reads model.is_gradient_checkpointing, which transformers 5 deprecates: once per rank and load
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing. is deprecated", category=FutureWarning)
-    if not dist.is_initialized():
-        if on_cpu():  # its CPU op is built here, under a lock a killed build cannot leave behind
-            from train.engine.op_build import build_cpu_comm_op
-
-            build_cpu_comm_op(announce=launch_rank() == 0)
-        timeout = datetime.timedelta(minutes=timeout_minutes)
-        deepspeed.init_distributed(dist_backend="gloo" if on_cpu() else "nccl", verbose=False, timeout=timeout)
-        _clone_world_group(timeout)
-        atexit.register(_shutdown)  # on every way out: return, error exit, uncaught exception
-    return _device()
+    return deepspeed
 
 
 def _device() -> torch.device:
@@ -96,7 +101,10 @@ def _clone_world_group(timeout: datetime.timedelta) -> None:
     (10 min for NCCL), not the world group's: a rank-0 save longer than that failed the others' wait."""
     from deepspeed.utils import groups
 
-    if groups._WORLD_GROUP is None:
+    if not hasattr(groups, "_WORLD_GROUP"):  # a private name: a DeepSpeed that renamed it keeps its own timeout
+        warnings.warn("this DeepSpeed has no groups._WORLD_GROUP: its data-parallel group keeps torch's default "
+                      "collective timeout, not engine.dist_timeout_minutes", stacklevel=2)
+    elif groups._WORLD_GROUP is None:
         groups._WORLD_GROUP = dist.new_group(ranks=list(range(dist.get_world_size())), timeout=timeout)
 
 
