@@ -4,7 +4,8 @@ A named error (bad input, a damaged file, wrong wiring) is usually found by ever
 the others wait in a collective and then die of gloo's "Connection closed by peer". Either way the user used
 to read the same message once per rank, between tracebacks. Here the first process on a node to report a
 message prints it; a rank that lost its peers after another rank of the run failed exits quietly.
-Markers are empty files in the temp dir, keyed by the launch (node-local: each node prints once).
+Markers are empty files in the temp dir, keyed by the launch (node-local: each node prints once); each new
+marker sweeps away those older than a day, so failed runs do not pile files up in /tmp.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 
 PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket Timeout")
+STALE_SECONDS = 24 * 3600  # far beyond any collective's timeout: every rank of that launch has reported
 
 
 def _run_key() -> str | None:
@@ -44,11 +47,23 @@ def _first(marker: Path | None) -> bool:
         return True
     try:
         os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        _sweep(marker.parent)
         return True
     except FileExistsError:
         return False
     except OSError:
         return True  # no temp dir to coordinate through: print rather than lose the message
+
+
+def _sweep(directory: Path) -> None:
+    """Remove this module's markers older than STALE_SECONDS (another user's, or one just removed, are skipped)."""
+    cutoff = time.time() - STALE_SECONDS
+    for old in (*directory.glob("tdg-failed-*"), *directory.glob("tdg-reported-*")):
+        try:
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
+        except OSError:
+            pass
 
 
 def mark_failed() -> None:
