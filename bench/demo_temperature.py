@@ -2,11 +2,14 @@
 
 A weak model's samples at a low temperature repeat its greedy answer; at a high one they scatter
 and votes rarely agree. This runs stage eval (the real path: 2 processes, math-verify grading)
-on the first `--questions` test questions of a finished `tdg demo` at each temperature and prints
-greedy, SC@n, ASC@n and pass@n with 95% bootstrap CIs over questions, then records one row per
-temperature (baseline: the shipped configs/tiny/eval.yaml temperature).
+on the demo's **validation split** (its own seed; the test split is never read for a choice) at each
+temperature and prints greedy, SC@n, ASC@n and pass@n with 95% bootstrap CIs over questions, and each
+temperature's paired SC@n difference from the shipped one; then records one row per temperature.
 
-    python bench/demo_temperature.py --demo demo_out --temperatures 0.3,0.5,0.7,1.0 --questions 300
+The rule, fixed before the run: keep the shipped temperature unless another one's SC@n is higher with the
+paired 95% CI above 0; among several such, the highest SC@n. The chosen value is printed.
+
+    python bench/demo_temperature.py --demo demo_out --temperatures 0.3,0.5,0.7,1.0
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", default="demo_out", help="a finished tdg demo output dir")
     ap.add_argument("--temperatures", default="0.3,0.5,0.7,1.0")
-    ap.add_argument("--questions", type=int, default=300, help="first N test questions")
+    ap.add_argument("--split", default="valid", choices=["valid", "test"],
+                    help="the demo's split to evaluate on (valid: choose on it; test: only to report)")
+    ap.add_argument("--questions", type=int, default=0, help="first N questions of the split (0: all)")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--work", default="/tmp/tdg_temperature")
     ap.add_argument("--no-record", action="store_true")
@@ -42,35 +47,46 @@ def main() -> None:
     for t in (float(x) for x in args.temperatures.split(",")):
         out = work / f"T{t}"
         launch_stage("eval", CONFIGS / "eval.yaml",
-                     [f"eval.model={demo / 'export'}", f"eval.test={demo / 'raw' / 'test'}",
+                     [f"eval.model={demo / 'export'}", f"eval.test={demo / 'raw' / args.split}",
                       f"eval.ranker={demo / 'ranker'}", f"eval.temperature={t}",
                       f"eval.max_questions={args.questions}", f"engine.output_dir={out}"], args.nproc,
                      f"temperature {t}", "rerun to resume")
         scores = per_question(out)
-        row = {"temperature": t, "questions": len(scores)}
+        row = {"temperature": t, "questions": len(scores), "per_question_sc": {q: s["sc"] for q, s in scores.items()}}
         for key in ("greedy", "sc", "asc_score", "pass_at_n"):
             v = 100 * np.array([s[key] for s in scores.values()])
             row[key] = (float(v.mean()), *bootstrap_ci(v))
         rows.append(row)
-    print(f"\n| temperature | greedy | SC | ASC | pass@n |  ({rows[0]['questions']} questions, 95% CI)\n"
-          "| --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['temperature']} | " + " | ".join(f"{m:.1f} [{lo:.1f}, {hi:.1f}]" for m, lo, hi in
-                                                     (r[k] for k in ("greedy", "sc", "asc_score", "pass_at_n")))
-              + " |")
-    (work / "temperature.json").write_text(json.dumps(rows, indent=1))
-    if args.no_record:
-        return
     import yaml
 
     shipped = yaml.safe_load((CONFIGS / "eval.yaml").read_text())["eval"]["temperature"]
     base = next((r for r in rows if r["temperature"] == shipped), rows[0])
     for r in rows:
-        record("demo student: SC@8 against sampling temperature (bench/demo_temperature.py)",
+        diff = 100 * np.array([r["per_question_sc"][q] - base["per_question_sc"][q] for q in base["per_question_sc"]])
+        r["sc_diff"] = (float(diff.mean()), *bootstrap_ci(diff))
+    better = [r for r in rows if r["sc_diff"][1] > 0]
+    chosen = max(better, key=lambda r: r["sc"][0]) if better else base
+    print(f"\n| temperature | greedy | SC | ASC | pass@n | SC - SC at T {base['temperature']} |  "
+          f"({rows[0]['questions']} {args.split} questions, 95% CI)\n| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['temperature']} | " + " | ".join(f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]" if k == "sc_diff" else
+                                                     f"{m:.1f} [{lo:.1f}, {hi:.1f}]" for k, (m, lo, hi) in
+                                                     ((k, r[k]) for k in ("greedy", "sc", "asc_score", "pass_at_n",
+                                                                          "sc_diff")))
+              + " |")
+    print(f"chosen (rule: keep T {base['temperature']} unless another's SC is higher with the paired CI above 0): "
+          f"T {chosen['temperature']}")
+    (work / "temperature.json").write_text(json.dumps(
+        [{k: v for k, v in r.items() if k != "per_question_sc"} for r in rows], indent=1))
+    if args.no_record:
+        return
+    for r in rows:
+        record(f"demo student: SC@8 against sampling temperature, {args.split} split (bench/demo_temperature.py)",
                f"T {base['temperature']}: SC {base['sc'][0]:.1f}", f"T {r['temperature']}: SC {r['sc'][0]:.1f} "
                f"[{r['sc'][1]:.1f}, {r['sc'][2]:.1f}], ASC {r['asc_score'][0]:.1f}, greedy {r['greedy'][0]:.1f}, "
                f"pass@8 {r['pass_at_n'][0]:.1f} ({r['questions']} questions)",
-               f"{r['sc'][0] - base['sc'][0]:+.1f} points", "choose eval.temperature: SC@8 >= greedy")
+               f"{r['sc_diff'][0]:+.1f} [{r['sc_diff'][1]:+.1f}, {r['sc_diff'][2]:+.1f}] points (paired)",
+               f"keep T {base['temperature']} unless SC higher with paired CI > 0: chose T {chosen['temperature']}")
 
 
 if __name__ == "__main__":
