@@ -64,6 +64,61 @@ def test_online_with_fixed_beta_runs_the_teacher_once_and_matches_stored(full_vo
     torch.testing.assert_close(loss_off, loss_on, rtol=1e-4, atol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def top8_scores(tmp_path_factory, teacher, prepared_dir):
+    out = tmp_path_factory.mktemp("scores") / "top8"
+    cfg = load_config(ScoreConfig, None, [f"score.nat_dir={teacher}", f"data.path={prepared_dir}",
+                                          "data.max_len=384", "data.max_tokens=2048", "score.top_k=8",
+                                          "score.logprob_dtype=float32", f"engine.output_dir={out}",
+                                          "engine.progress=false"])
+    dist_.setup()
+    assert score.main(cfg) == 0
+    return out
+
+
+def test_online_top_k_equals_the_stored_top_k(top8_scores, teacher, prepared_dir, base_model_dir, tmp_path):
+    """distill.top_k > 0 online: the teacher's top k + tail bin computed per step (in score's chunks) give the
+    loss that the same k stored by stage score gives."""
+    offline = _task(prepared_dir, base_model_dir, tmp_path / "a", f"distill.scores={top8_scores}")
+    online = _task(prepared_dir, base_model_dir, tmp_path / "b", "distill.mode=online", f"distill.nat_dir={teacher}",
+                   "distill.top_k=8")
+    idx = list(range(8))
+    with torch.no_grad():
+        loss_off, terms_off = offline.loss_fn(offline.model, offline.collate_fn(idx))
+        loss_on, terms_on = online.loss_fn(online.model, collate(online.data, idx, online.pad_id, packing=False))
+    assert terms_off["kd"] > 0.1
+    torch.testing.assert_close(terms_off["kd_weighted"], terms_on["kd_weighted"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss_off, loss_on, rtol=1e-4, atol=1e-4)
+
+
+def test_online_whole_vocabulary_kd_runs_the_teacher_head_in_the_students_chunks(teacher, prepared_dir,
+                                                                                  base_model_dir, tmp_path,
+                                                                                  monkeypatch):
+    """top_k 0 online with model.loss_chunk_tokens: the teacher's log-probs exist one student chunk at a time
+    (never [targets, vocab] whole), and the loss and gradients are those of the unchunked loss."""
+    rows = []
+    full_kd = distill.full_kd
+    monkeypatch.setattr(distill, "full_kd", lambda s, t, temp: (rows.append(t.shape[0]), full_kd(s, t, temp))[1])
+    idx = list(range(8))
+    results = {}
+    for chunk in (0, 64):
+        task = _task(prepared_dir, base_model_dir, tmp_path / str(chunk), "distill.mode=online",
+                     f"distill.nat_dir={teacher}", f"model.loss_chunk_tokens={chunk}")
+        batch = collate(task.data, idx, task.pad_id, packing=False)
+        rows.clear()
+        loss, _ = task.loss_fn(task.model, batch)
+        targets = int((batch["labels"][:, 1:] != -100).sum())
+        forward_rows = list(rows)
+        loss.backward()
+        results[chunk] = (loss.detach(), {n: p.grad.clone() for n, p in task.model.named_parameters()
+                                          if p.grad is not None})
+        assert sum(forward_rows) == targets and max(forward_rows) == min(chunk or targets, targets), forward_rows
+    torch.testing.assert_close(results[64][0], results[0][0], rtol=1e-5, atol=1e-5)
+    assert results[0][1]
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[64][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_beta_weights_reach_the_gradient(full_vocab_scores, prepared_dir, base_model_dir, tmp_path):
     norms = {}
     for beta in (0.0, 1.0):

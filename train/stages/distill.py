@@ -250,7 +250,8 @@ def _online_loss(cfg: DistillConfig, tok):
                                                                                  device=mask.device)
         weight = (0.5 + beta)[:, None].expand_as(mask)[mask]
         if k > 0:
-            ce, kd = student_terms(module, batch, chunk, lambda lg, *r: sparse_kd(lg, *r, temp), *stats[:3])
+            values, ids, tail = stats[:3]
+            ce, kd = student_terms(module, batch, chunk, lambda lg, *r: sparse_kd(lg, *r, temp), ids, values, tail)
         else:
             def whole_kd(logits: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
                 with torch.no_grad():
