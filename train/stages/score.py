@@ -139,7 +139,10 @@ def teacher_stats(h_nat: torch.Tensor, h_neg: torch.Tensor | None, head: torch.n
                   chunk: int = SCORE_CHUNK) -> tuple[torch.Tensor, ...]:
     """Per target position, `chunk` positions at a time (0: all at once), so that no [targets, vocab] fp32 tensor
     exists whole: the NAT teacher's top-k log-probs [N, k], their ids [N, k] and the tail bin [N] when `top_k` > 0,
-    then KL(p_neg || p_nat) [N] when `h_neg` is given."""
+    then KL(p_neg || p_nat) [N] when `h_neg` is given. Nothing asked (top_k 0, no `h_neg`): no head call."""
+    if top_k <= 0 and h_neg is None:
+        return ()
+
     def stats(logits_nat: torch.Tensor, *hidden_neg: torch.Tensor) -> tuple[torch.Tensor, ...]:
         lp_nat = F.log_softmax(logits_nat, -1)
         out: tuple[torch.Tensor, ...] = ()
