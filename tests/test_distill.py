@@ -16,11 +16,11 @@ def _common(prepared, base, out, *extra):
             "engine.progress=false", f"engine.output_dir={out}", *extra]
 
 
-@pytest.fixture(scope="module")
-def full_vocab_scores(tmp_path_factory, teacher, prepared_dir):
-    out = tmp_path_factory.mktemp("scores") / "full"
+def _scores(tmp_path_factory, teacher, prepared_dir, name: str, top_k: int):
+    """Stage score's output with `top_k` fp32 log-probs per rationale token (run in this process)."""
+    out = tmp_path_factory.mktemp("scores") / name
     cfg = load_config(ScoreConfig, None, [f"score.nat_dir={teacher}", f"data.path={prepared_dir}",
-                                          "data.max_len=384", "data.max_tokens=2048", "score.top_k=400",
+                                          "data.max_len=384", "data.max_tokens=2048", f"score.top_k={top_k}",
                                           "score.logprob_dtype=float32", f"engine.output_dir={out}",
                                           "engine.progress=false"])
     dist_.setup()
@@ -28,19 +28,28 @@ def full_vocab_scores(tmp_path_factory, teacher, prepared_dir):
     return out
 
 
+@pytest.fixture(scope="module")
+def full_vocab_scores(tmp_path_factory, teacher, prepared_dir):
+    return _scores(tmp_path_factory, teacher, prepared_dir, "full", 400)
+
+
 def _task(prepared, base, out, *extra):
     cfg = load_config(DistillConfig, None, _common(prepared, base, out, *extra))
     return distill.build(cfg, build_ds_config("zero2", cfg.optim, 1, bf16=False))
+
+
+def _losses(offline, online, idx=tuple(range(8))):
+    """((loss, terms) of the offline task, (loss, terms) of the online one) on the same samples, no gradients."""
+    with torch.no_grad():
+        return (offline.loss_fn(offline.model, offline.collate_fn(list(idx))),
+                online.loss_fn(online.model, collate(online.data, list(idx), online.pad_id, packing=False)))
 
 
 def test_stored_full_vocabulary_loss_equals_the_online_teacher_loss(full_vocab_scores, teacher, prepared_dir,
                                                                      base_model_dir, tmp_path):
     offline = _task(prepared_dir, base_model_dir, tmp_path / "a", f"distill.scores={full_vocab_scores}")
     online = _task(prepared_dir, base_model_dir, tmp_path / "b", "distill.mode=online", f"distill.nat_dir={teacher}")
-    idx = list(range(8))
-    with torch.no_grad():
-        loss_off, terms_off = offline.loss_fn(offline.model, offline.collate_fn(idx))
-        loss_on, terms_on = online.loss_fn(online.model, collate(online.data, idx, online.pad_id, packing=False))
+    (loss_off, terms_off), (loss_on, terms_on) = _losses(offline, online)
     assert terms_off["kd"] > 1.0  # the teacher really differs from the student
     torch.testing.assert_close(terms_off["kd"], terms_on["kd"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(terms_off["kd_weighted"], terms_on["kd_weighted"], rtol=1e-4, atol=1e-4)
@@ -56,24 +65,14 @@ def test_online_with_fixed_beta_runs_the_teacher_once_and_matches_stored(full_vo
                     "distill.fixed_beta=0.25")
     online = _task(prepared_dir, base_model_dir, tmp_path / "b", "distill.mode=online", f"distill.nat_dir={teacher}",
                    "distill.fixed_beta=0.25")
-    idx = list(range(8))
-    with torch.no_grad():
-        loss_off, _ = offline.loss_fn(offline.model, offline.collate_fn(idx))
-        loss_on, _ = online.loss_fn(online.model, collate(online.data, idx, online.pad_id, packing=False))
+    (loss_off, _), (loss_on, _) = _losses(offline, online)
     assert modes == ["nat"]  # beta is fixed, so the neg-mode forward pass (needed only for KL) is skipped
     torch.testing.assert_close(loss_off, loss_on, rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
 def top8_scores(tmp_path_factory, teacher, prepared_dir):
-    out = tmp_path_factory.mktemp("scores") / "top8"
-    cfg = load_config(ScoreConfig, None, [f"score.nat_dir={teacher}", f"data.path={prepared_dir}",
-                                          "data.max_len=384", "data.max_tokens=2048", "score.top_k=8",
-                                          "score.logprob_dtype=float32", f"engine.output_dir={out}",
-                                          "engine.progress=false"])
-    dist_.setup()
-    assert score.main(cfg) == 0
-    return out
+    return _scores(tmp_path_factory, teacher, prepared_dir, "top8", 8)
 
 
 def test_online_top_k_equals_the_stored_top_k(top8_scores, teacher, prepared_dir, base_model_dir, tmp_path):
@@ -82,10 +81,7 @@ def test_online_top_k_equals_the_stored_top_k(top8_scores, teacher, prepared_dir
     offline = _task(prepared_dir, base_model_dir, tmp_path / "a", f"distill.scores={top8_scores}")
     online = _task(prepared_dir, base_model_dir, tmp_path / "b", "distill.mode=online", f"distill.nat_dir={teacher}",
                    "distill.top_k=8")
-    idx = list(range(8))
-    with torch.no_grad():
-        loss_off, terms_off = offline.loss_fn(offline.model, offline.collate_fn(idx))
-        loss_on, terms_on = online.loss_fn(online.model, collate(online.data, idx, online.pad_id, packing=False))
+    (loss_off, terms_off), (loss_on, terms_on) = _losses(offline, online)
     assert terms_off["kd"] > 0.1
     torch.testing.assert_close(terms_off["kd_weighted"], terms_on["kd_weighted"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(loss_off, loss_on, rtol=1e-4, atol=1e-4)
