@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -224,30 +225,100 @@ def test_each_shipped_config_totals_its_hand_arithmetic(family, stage):
     assert plan.total == pytest.approx(_hand_total(family, stage, 8 * nodes), rel=1e-9)
 
 
-# LongLoRA's ds_configs/stage2.json (github.com/dvlab-research/LongLoRA), the config its 7B runs used
-LONGLORA_STAGE2 = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                   "bf16": {"enabled": "auto"},
-                   "zero_optimization": {"stage": 2, "allgather_partitions": True, "allgather_bucket_size": 1e9,
-                                         "reduce_scatter": True, "reduce_bucket_size": 1e9, "overlap_comm": True,
-                                         "contiguous_gradients": True}}
+# Published measured peaks, each with its source's exact setting. The plan is for this trainer (DeepSpeed, fp32
+# masters, bf16); each row is run as the nearest tdg setting, and the plan + 2 GiB of CUDA context must land within
+# +-10% of the figure, read as GB (1e9 bytes). A row that misses stays, as a strict xfail naming why.
+# LongLoRA (Chen et al. 2023, arXiv 2309.12307, the efficiency table; its repository's ds_configs/stage2.json).
+LONGLORA_STAGE2 = {"stage": 2, "allgather_partitions": True, "allgather_bucket_size": 1e9, "reduce_scatter": True,
+                   "reduce_bucket_size": 1e9, "overlap_comm": True, "contiguous_gradients": True}
+# Qwen (github.com/QwenLM/Qwen, README "Profiling of Memory and Speed", Dec 2023): one A100-SXM4-80G per GPU, bf16,
+# FlashAttention-2, batch 1 padded to the sequence length (finetune.py pads to model_max_length), gradient
+# checkpointing (the finetune scripts), LoRA r 64 on c_attn, c_proj, w1, w2. c_attn is q/k/v fused (r x (h + 3h)
+# LoRA parameters, exactly q_proj + k_proj's with h = kv), c_proj is both o_proj and the MLP's down_proj, w1/w2 are
+# gate/up. Multi-GPU cells give the sum over GPUs (139.2G for two 80 GB cards), so the test divides by the count.
+# DeepSpeed configs are the repository's finetune/ds_config_zero{2,3}.json with the "auto" values HF's Trainer fills
+# (reduce_bucket_size h^2, stage3_prefetch_bucket_size 0.9 h^2, stage3_param_persistence_threshold 10 h).
+QWEN_LORA = ["lora.r=64", "lora.target_modules=[q_proj,k_proj,o_proj,gate_proj,up_proj,down_proj]"]
+QWEN_ZERO2 = {"stage": 2, "allgather_partitions": True, "allgather_bucket_size": 2e8, "overlap_comm": True,
+              "reduce_scatter": True, "reduce_bucket_size": 2e8, "contiguous_gradients": True}
 
 
-def test_the_plan_matches_longloras_measured_lora_peak(tmp_path):
-    """LongLoRA (Chen et al. 2023, arXiv 2309.12307, its efficiency table): plain LoRA r 8 on q/k/v/o of
-    Llama-2-7B, bf16, ZeRO-2 on 8 GPUs with the repository's stage2.json, 8,192 tokens per GPU, gradient
-    checkpointing, FlashAttention-2: a measured peak of 25.7 GB per GPU. Required: the plan within +-10%.
-    Without the gradient buckets (2 x 1e9 bf16 elements: 3.7 GiB) the plan was 15% low."""
+def _qwen_zero3(h: int) -> dict:
+    return {"stage": 3, "overlap_comm": True, "contiguous_gradients": True, "sub_group_size": 1e9,
+            "reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
+            "stage3_param_persistence_threshold": 10 * h, "stage3_max_live_parameters": 1e9,
+            "stage3_max_reuse_distance": 1e9}
+
+
+# Shapes from each model's published config.json (Qwen's intermediate_size is twice the width of w1 and w2).
+LLAMA2_7B = {"vocab_size": 32000, "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+             "intermediate_size": 11008}
+QWEN_1_8B = {"vocab_size": 151936, "hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 16,
+             "intermediate_size": 5504}
+QWEN_7B = {"vocab_size": 151936, "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+           "intermediate_size": 11008}
+QWEN_14B = {"vocab_size": 152064, "hidden_size": 5120, "num_hidden_layers": 40, "num_attention_heads": 40,
+            "intermediate_size": 13696}
+QWEN_72B = {"vocab_size": 152064, "hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64,
+            "intermediate_size": 24576}
+LENGTHS = (256, 512, 1024, 2048, 4096, 8192)
+ZERO3_SHORT = ("ZeRO-3 with LoRA on 72B: the plan is 10-12% low at 256-1,024 tokens and within 10% from 2,048 on; the "
+               "missing ~5 GB per GPU is constant in the length. Not explained yet (candidates: the parameters "
+               "ZeRO-3 keeps gathered, up to stage3_max_live_parameters 1e9, and allocator fragmentation)")
+FULL_1_8B = ("a full fine-tune of Qwen-1.8B under ZeRO-3 on one GPU measured 43.5 GB flat from 256 to 2,048 tokens; "
+             "the plan (DeepSpeed's 18 bytes per parameter + activations and logits) is 12-15% low up to 1,024. Not "
+             "explained yet (a candidate: the fp32 gradients of a 1e9 sub_group at the optimizer step, 4 GB)")
+
+
+def _published_rows():
+    rows = [("longlora-lora-7b-8192", LLAMA2_7B, ["lora.target_modules=[q_proj,k_proj,v_proj,o_proj]"], 1, 8,
+             LONGLORA_STAGE2, 8192, 25.7, None)]
+    for table, shape, gpn, nodes, zero, extra, cells, misses in (
+            ("qwen-7b-lora", QWEN_7B, 1, 1, None, QWEN_LORA, (20.1, 20.4, 21.5, 23.8, 29.7, 36.6), {}),
+            ("qwen-14b-lora", QWEN_14B, 1, 1, None, QWEN_LORA, (34.6, 35.1, 35.3, 37.4, 42.5, 55.2), {}),
+            ("qwen-7b-lora-multinode", QWEN_7B, 2, 2, QWEN_ZERO2, QWEN_LORA,
+             (74.7, 77.6, 84.9, 95.1, 121.1, 155.5), {}),
+            ("qwen-72b-lora-zero3", QWEN_72B, 4, 1, _qwen_zero3(8192), QWEN_LORA,
+             (215.4, 217.7, 222.6, 228.8, 249.0, 289.2), {256: ZERO3_SHORT, 512: ZERO3_SHORT, 1024: ZERO3_SHORT}),
+            ("qwen-7b-full", QWEN_7B, 2, 1, _qwen_zero3(4096), ["sft.full=true"], (139.2, 148.0, 162.0), {}),
+            ("qwen-1.8b-full", QWEN_1_8B, 1, 1, _qwen_zero3(2048), ["sft.full=true"],
+             (43.5, 43.5, 43.5, 43.5, 47.1, 48.3), {256: FULL_1_8B, 512: FULL_1_8B, 1024: FULL_1_8B})):
+        for length, summed in zip(LENGTHS[:len(cells)], cells, strict=True):  # "-" past 1,024 for 7B full
+            rows.append((f"{table}-{length}", shape, extra, nodes, gpn, zero, length,
+                         round(summed / (nodes * gpn), 3), misses.get(length)))
+    return [pytest.param(*row[1:-1], id=row[0], marks=[pytest.mark.xfail(strict=True, reason=row[-1])] if row[-1]
+                         else []) for row in rows]
+
+
+@pytest.mark.parametrize("shape,extra,nodes,gpn,zero,tokens,published_gb", _published_rows())
+def test_the_plan_matches_published_measured_peaks(tmp_path, shape, extra, nodes, gpn, zero, tokens, published_gb):
+    """At least six published figures within +-10% (issue 26); the misses are listed, with their reason."""
+    from train.config import SftConfig
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(shape))
+    ds = "none"
+    if zero is not None:
+        ds = str(tmp_path / "ds.json")
+        Path(ds).write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": zero}))
+    cfg = load_config(SftConfig, LLAMA / "sft.yaml", [f"data.max_tokens={tokens}", f"data.max_len={tokens}",
+                                                      "model.gradient_checkpointing=true", "model.loss_chunk_tokens=0",
+                                                      "optim.global_batch_tokens=0", f"engine.ds_config={ds}", *extra])
+    plan = make_plan("sft", cfg, nodes=nodes, gpn=gpn, gpu_mem=80, model=str(tmp_path / "model"))
+    planned_gb = (plan.total + 2 * GIB) / 1e9  # with the CUDA context, as a GPU's own counter reports it
+    assert planned_gb == pytest.approx(published_gb, rel=0.10)
+
+
+def test_longloras_gradient_buckets_are_counted(tmp_path):
+    """The term that closed LongLoRA's gap: without the gradient buckets (2 x 1e9 bf16 elements, 3.7 GiB) the plan
+    was 15% under its measured 25.7 GB."""
     from train.config import SftConfig
 
     ds = tmp_path / "longlora_stage2.json"
-    ds.write_text(json.dumps(LONGLORA_STAGE2))
-    cfg = load_config(SftConfig, LLAMA / "sft.yaml", ["data.max_tokens=8192", "model.gradient_checkpointing=true",
-                                                        "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]",
-                                                        "optim.global_batch_tokens=0", f"engine.ds_config={ds}"])
+    ds.write_text(json.dumps({"zero_optimization": LONGLORA_STAGE2}))
+    cfg = load_config(SftConfig, LLAMA / "sft.yaml", ["data.max_tokens=8192", f"engine.ds_config={ds}"])
     plan = make_plan("sft", cfg, nodes=1, gpn=8, gpu_mem=80, model="llama-2-7b")
     assert _memory(plan)["gradient buckets"] == 2 * 2 * 10**9
-    planned_gb = (plan.total + 2 * GIB) / 1e9  # with the CUDA context, as a GPU's own counter reports it
-    assert planned_gb == pytest.approx(25.7, rel=0.10)
 
 
 def test_gradient_buckets_follow_deepspeeds_defaults_and_refuse_a_bad_config(tmp_path):
