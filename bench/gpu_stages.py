@@ -7,7 +7,8 @@ as its own process (`python -m train STAGE`, a world of one) with the ZeRO stage
 (ZeRO-2 for the LoRA stages; bf16 and SDPA attention on a GPU, which the stages choose by themselves).
 Records: NAT vs LoRA step throughput (goal >= 0.9x), stored vs online distill (>= 2x), the scorer's
 loop against bare teacher forward passes over the same batches (>= 0.9x), the ranker's throughput,
-and the eval batch's time and memory.
+the eval batch's time and memory, and each stage's measured peak memory beside what `tdg plan` predicts
+for the same config and overrides on this device (allocated GiB, without the CUDA context).
 
 Model: random init with the shapes of TinyLlama-1.1B or LLaMA-7B and a 32,000-wide vocabulary (the
 lm head's real cost; the synthetic data's 512-piece tokenizer only uses its first ids). Data: the
@@ -79,6 +80,32 @@ def _summary(name: str, m: dict) -> str:
     return f"{name} " + " ".join(parts)
 
 
+def planned_gib(name: str, overrides: list[str], gpu_mem_gib: float) -> float:
+    """What `tdg plan` predicts for this stage's run on one device, in GiB without the CUDA context (the unit of
+    torch.cuda.max_memory_allocated, which the stages record as peak_memory_gib)."""
+    import importlib
+
+    from train.cli import STAGES
+    from train.config import load_config
+    from train.plan import GIB, make_plan
+
+    file = CONFIGS / f"{name}.yaml"
+    cls = getattr(importlib.import_module(STAGES[name][1]), STAGES[name][2])
+    plan = make_plan(name, load_config(cls, file, overrides), 1, 1, gpu_mem_gib, config_file=str(file),
+                     overrides=tuple(overrides))
+    return plan.total / GIB
+
+
+def plan_vs_measured(rows: list[tuple[str, float, float | None]]) -> str:
+    """The stages' planned and measured peaks as a table, and one line for bench/RESULTS.md."""
+    lines = ["| stage | planned GiB | measured GiB | error |", "| --- | --- | --- | --- |"]
+    for run, planned, measured in rows:
+        error = f"{100 * (planned / measured - 1):+.1f}%" if measured else "-"
+        lines.append(f"| {run} | {planned:.2f} | {measured:.2f} | {error} |" if measured else
+                     f"| {run} | {planned:.2f} | - | - |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=["tiny", *SIZES], default="1b", help="model shape")
@@ -99,15 +126,19 @@ def main() -> None:
                   "engine.progress=false"]
         gate = [] if args.size == "tiny" else ["nat.gate_dim=128"]
         out = work / f"runs-{args.size}"
+        gpu_mem = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 80.0
+        memory_rows: list[tuple[str, float, float | None]] = []
 
         def stage(name: str, extra: list[str], run: str | None = None) -> dict:
             from train.launch import launch_stage
 
             target = out / (run or name)
-            launch_stage(name, CONFIGS / f"{name}.yaml", [*extra, f"engine.output_dir={target}"], 1,
-                         f"bench {run or name}", "rerun to resume", cpu=not torch.cuda.is_available())
+            overrides = [*extra, f"engine.output_dir={target}"]
+            launch_stage(name, CONFIGS / f"{name}.yaml", overrides, 1, f"bench {run or name}", "rerun to resume",
+                         cpu=not torch.cuda.is_available())
             metrics = read_done(target)["metrics"]
             print(f"[bench] {run or name}: {json.dumps(metrics)}", flush=True)
+            memory_rows.append((run or name, planned_gib(name, overrides, gpu_mem), metrics.get("peak_memory_gib")))
             return metrics
 
         neg = stage("neg", common)
@@ -138,6 +169,13 @@ def main() -> None:
            f"{t_bare / t_loop:.2f}x", ">= 0.9x" + gpu_goal, dev=device)
     record(f"ranker (pairs), {what}", "-", _summary("ranker", ranker), "-", "-", dev=device)
     memory = f", peak {evaluation['peak_memory_gib']:.1f} GiB" if "peak_memory_gib" in evaluation else ""
+    table = plan_vs_measured(memory_rows)
+    print(f"[bench] peak memory per stage, tdg plan against measured ({device or 'CPU: not measured'}):\n{table}",
+          flush=True)
+    if device:
+        record(f"peak memory, tdg plan vs measured (allocated GiB, no CUDA context), {what}", "-",
+               "; ".join(f"{run} plan {p:.1f} / measured {m:.1f}" for run, p, m in memory_rows if m), "-",
+               "plan within +-10%", dev=device)
     record(f"eval of one batch: 16 questions x (1 greedy + 16 samples) of up to 512 new tokens "
            f"(configs/llama7b/eval.yaml), ranker scoring, "
            f"{what.split(', random')[0]}", "-", f"{evaluation['seconds']:.0f} s{memory}", "-", "-", dev=device)

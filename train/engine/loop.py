@@ -38,6 +38,7 @@ from train.engine import precision
 from train.engine.ds_config import build_ds_config, effective_optim, zero_stage
 from train.engine.flops import flops_per_token, peak_flops
 from train.engine.loggers import ScalarLoggers
+from train.engine.memory import peak_memory
 from train.engine.resume import check_layout, load_with_fallback, next_intact, recipe_changes
 from train.engine.schedule import warmup_cosine
 from train.engine.signals import EXIT_CHECKPOINTED, StopRequest
@@ -113,9 +114,7 @@ def _throughput(step_seconds: list[float], step_rates: list[float], flops_per_to
            "tokens_per_s_median": float(np.median(rates))}
     if world_peak_flops > 0:
         out["mfu_median"] = float(np.median(rates)) * flops_per_tok / world_peak_flops
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    return out
+    return {**out, **peak_memory()}
 
 
 def check_one_dtype(named: list[tuple[str, torch.nn.Parameter]], want: torch.dtype) -> None:

@@ -41,6 +41,7 @@ from train.data.readers import Question, parse_fields, read_test_questions, repo
 from train.engine import distributed as dist_
 from train.engine import precision
 from train.engine.loggers import check_available
+from train.engine.memory import peak_memory
 from train.engine.signals import EXIT_CHECKPOINTED, StopRequest
 from train.errors import ConfigError
 from train.manifest import check_stage_output, dir_digest, file_digest, write_done
@@ -286,8 +287,7 @@ def _finish(cfg: EvalConfig, out: Path, questions: list[Question], t0: float) ->
     inputs = {"test": file_digest(Path(cfg.eval.test)) if Path(cfg.eval.test).is_file() else dir_digest(cfg.eval.test)}
     write_done(out, stage="eval", config=asdict(cfg), inputs=inputs,
                metrics={**metrics["overall"], "seconds": round(time.time() - t0, 2), "world_size": dist_.world(),
-                        **({"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
-                           if torch.cuda.is_available() and torch.cuda.is_initialized() else {})})
+                        **peak_memory()})
     print(table, flush=True)
     print(f"[eval] {metrics['overall']['unfinished']:.1f}% of the {'sampled' if cfg.eval.n else 'greedy'} "
           f"rationales hit eval.max_new_tokens="

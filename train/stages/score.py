@@ -49,6 +49,7 @@ from train.data.tokenizer import load_tokenizer
 from train.engine import distributed as dist_
 from train.engine import output_lock, precision
 from train.engine.ds_config import build_ds_config
+from train.engine.memory import peak_memory
 from train.engine.signals import EXIT_CHECKPOINTED, StopRequest
 from train.errors import TdgError
 from train.manifest import check_stage_output, dir_digest, file_digest, prepared_digest, write_done
@@ -369,7 +370,8 @@ def _finish(cfg: ScoreConfig, out: Path, nat_dir: Path, data: TokenizedSet, n_sh
     metrics = {"samples": len(expected_ids), "shards": n_shards, "data": data.report(), "beta_mean": float(beta.mean()),
                "beta_std": float(beta.std()), "beta_min": float(beta.min()), "beta_max": float(beta.max()),
                "seconds": round(time.time() - t0, 2), "world_size": dist_.world(),
-               "rank0_scoring_seconds": round(loop_seconds, 2)}  # its shards only: no load, tokenizing or checks
+               "rank0_scoring_seconds": round(loop_seconds, 2),  # its shards only: no load, tokenizing or checks
+               **peak_memory()}
     scored_under = json.loads((out / RECIPE_JSON).read_text())
     write_done(out, stage="score", config=asdict(cfg),
                inputs={"prepared": scored_under["data"], "nat": scored_under["teacher"]},
