@@ -39,10 +39,13 @@ def main() -> None:
                     help="the demo's split to evaluate on (valid: choose on it; test: only to report)")
     ap.add_argument("--questions", type=int, default=0, help="first N questions of the split (0: all)")
     ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--work", default="/tmp/tdg_temperature")
+    ap.add_argument("--work", default=None,
+                    help="where each temperature's eval goes (default DEMO/temperature-SPLIT: a finished eval there is "
+                         "reused, so a shared dir would serve one demo's results for another's student)")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
-    demo, work = Path(args.demo), Path(args.work)
+    demo = Path(args.demo)
+    work = Path(args.work) if args.work else demo / f"temperature-{args.split}"
     rows = []
     for t in (float(x) for x in args.temperatures.split(",")):
         out = work / f"T{t}"
