@@ -83,26 +83,22 @@ def _summary(name: str, m: dict) -> str:
 def planned_gib(name: str, overrides: list[str], gpu_mem_gib: float) -> float:
     """What `tdg plan` predicts for this stage's run on one device, in GiB without the CUDA context (the unit of
     torch.cuda.max_memory_allocated, which the stages record as peak_memory_gib)."""
-    import importlib
-
-    from train.cli import STAGES
     from train.config import load_config
+    from train.pipeline import config_class
     from train.plan import GIB, make_plan
 
     file = CONFIGS / f"{name}.yaml"
-    cls = getattr(importlib.import_module(STAGES[name][1]), STAGES[name][2])
-    plan = make_plan(name, load_config(cls, file, overrides), 1, 1, gpu_mem_gib, config_file=str(file),
+    plan = make_plan(name, load_config(config_class(name), file, overrides), 1, 1, gpu_mem_gib, config_file=str(file),
                      overrides=tuple(overrides))
     return plan.total / GIB
 
 
 def plan_vs_measured(rows: list[tuple[str, float, float | None]]) -> str:
-    """The stages' planned and measured peaks as a table, and one line for bench/RESULTS.md."""
+    """The stages' planned and measured peaks as a table ("-" where nothing was measured: on CPU)."""
     lines = ["| stage | planned GiB | measured GiB | error |", "| --- | --- | --- | --- |"]
     for run, planned, measured in rows:
-        error = f"{100 * (planned / measured - 1):+.1f}%" if measured else "-"
-        lines.append(f"| {run} | {planned:.2f} | {measured:.2f} | {error} |" if measured else
-                     f"| {run} | {planned:.2f} | - | - |")
+        cells = f"{measured:.2f} | {100 * (planned / measured - 1):+.1f}%" if measured else "- | -"
+        lines.append(f"| {run} | {planned:.2f} | {cells} |")
     return "\n".join(lines)
 
 

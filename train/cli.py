@@ -379,10 +379,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    import importlib
     from pathlib import Path
 
     from train import config
+    from train.pipeline import config_class
     from train.plan import make_plan
 
     too_big, used = [], set()
@@ -390,7 +390,7 @@ def _plan(args: argparse.Namespace) -> int:
         stage = args.stage or {"pretrain": "sft"}.get(Path(file).stem, Path(file).stem)
         if stage not in STAGES or stage == "ablation":
             raise TdgError(f"{file}: cannot tell the stage from the file name; pass --stage")
-        cls = getattr(importlib.import_module(STAGES[stage][1]), STAGES[stage][2])
+        cls = config_class(stage)
         mine = [o for o in args.overrides if config.is_override_for(cls, file, o)]  # optim.lr: not for eval
         used.update(mine)
         plan = make_plan(stage, config.load_config(cls, file, mine), args.nodes, args.gpus_per_node,
