@@ -76,6 +76,13 @@ def test_demo_runs_every_stage_end_to_end(tmp_path):
     assert (out / "nat" / "nat.json").is_file() and list((out / "nat" / "tb").glob("events*"))
     assert (out / "export" / "config.json").is_file() and (out / "export" / "README.md").is_file()
     assert json.loads((out / "neg" / "DONE.json").read_text())["metrics"]["world_size"] == 2
+    # its base, published, is the base this demo pre-trains: the recipe DONE.json records is the one it loads
+    from train import demo_base
+    from train.stages.demo import DemoOptions, base_identity
+
+    published = demo_base.publish(out, tmp_path / "base")
+    assert "pre-trained from or under something else" in result.stdout  # not the shipped base's recipe
+    assert demo_base.identity_changes(published, base_identity(DemoOptions(output=str(out)), out)) == []
     again = subprocess.run(cmd, capture_output=True, text=True, env=stage_env(), cwd=REPO, timeout=900)
     # the reduced ablation (1 seed, 2 steps per stage): every variant has a row, a chart exists
     table = (out / "ablation" / "results.md").read_text()

@@ -11,7 +11,7 @@ import os
 import sys
 
 from train.data.prompt import DEFAULT_TEMPLATE
-from train.demo_options import DemoOptions
+from train.demo_options import SHIPPED_BASE, DemoOptions
 from train.engine import rank_errors
 from train.engine.signals import EXIT_CHECKPOINTED
 from train.errors import StageStopped, TdgError
@@ -69,7 +69,9 @@ def _add_demo(sub) -> None:
         "demo", help="run the pipeline on the embedded synthetic data (CPU, minutes)",
         description="Generate the embedded synthetic arithmetic data set (a teacher that is often wrong, most of "
                     "all on long chains, as GPT-3.5 on MATH), train its tokenizer, prepare it (printing the regime "
-                    "table), build a tiny Llama pre-trained on gold solutions of the short chains only, then run "
+                    "table), build a tiny Llama pre-trained on gold solutions of the short chains only (or install "
+                    "the one shipped in configs/tiny/base when it was pre-trained from the same data and recipe), "
+                    "then run "
                     "every stage with torchrun (DeepSpeed on CPU): sft-pos (the plain distillation baseline), neg, "
                     "nat, score, distill, export of the student, ranker, and eval on the held-out test split: the "
                     "base and sft-pos greedy, the student greedy, self-consistency and ASC. Prints the three "
@@ -95,6 +97,13 @@ def _add_demo(sub) -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="grading worker processes")
     p.add_argument("--vocab-size", type=int, default=512, help="sentencepiece vocabulary size")
     p.add_argument("--nproc", type=int, default=2, help="processes per training stage (torchrun)")
+    p.add_argument("--base", default=str(SHIPPED_BASE), metavar="DIR",
+                   help="a pre-trained base (tools/publish_demo_base.py) installed instead of pre-training when it "
+                        "was pre-trained from this demo's data, tokenizer and initial weights under its recipe and "
+                        "world size; otherwise the demo says what differs and pre-trains (default: the base shipped "
+                        "in configs/tiny/base, 15 minutes of pre-training on 2 cores)")
+    p.add_argument("--train-base", action="store_true",
+                   help="pre-train the base here even when the --base one matches (to reproduce it)")
     p.add_argument("--ablation", action="store_true",
                    help="afterwards, run the negative-data ablation (tdg ablation) on the demo's data and print "
                         "its table (95%% CIs over seeds and questions, paired differences from sft-pos); writes "
@@ -331,6 +340,7 @@ def _run(args: argparse.Namespace) -> int:
                              pretrain_levels=_levels(args.pretrain_levels), pretrain_epochs=args.pretrain_epochs,
                              valid_questions=args.valid_questions,
                              seed=args.seed, workers=args.workers, vocab_size=args.vocab_size, nproc=args.nproc,
+                             base=args.base, train_base=args.train_base,
                              ablation=args.ablation, ablation_seeds=args.ablation_seeds,
                              ablation_steps=args.ablation_steps, ablation_questions=args.ablation_questions))
         return 0

@@ -4,8 +4,11 @@ importing torch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from train.data.synthetic import PRETRAIN_LEVELS, PRETRAIN_STYLE, PRETRAIN_WORDING
+
+SHIPPED_BASE = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "base"  # train.demo_base
 
 
 @dataclass
@@ -23,6 +26,8 @@ class DemoOptions:
     workers: int = 2
     vocab_size: int = 512
     nproc: int = 2  # processes per training stage
+    base: str = str(SHIPPED_BASE)  # a pre-trained base installed when it is this demo's (train.demo_base)
+    train_base: bool = False  # pre-train the base here even when the shipped one is this demo's
     ablation: bool = False  # then run `tdg ablation` on the demo's data
     ablation_seeds: int = 3
     ablation_steps: int = 0  # > 0: optim.max_steps for every ablation training stage

@@ -7,7 +7,9 @@ Steps (each skipped when its output is already complete, so a rerun resumes):
   2. a sentencepiece tokenizer trained on the train and pre-training text        -> OUT/tokenizer
   3. prepare: grade every rationale, print the regime table, write the data set  -> OUT/prepared
   4. a tiny Llama (grouped-query attention) from configs/tiny, pre-trained (stage sft, full) on gold
-     solutions of separate questions of Levels 1-2 only (--pretrain-levels): short chains  -> OUT/pretrain
+     solutions of separate questions of Levels 1-2 only (--pretrain-levels): short chains  -> OUT/pretrain;
+     the base shipped in configs/tiny/base is installed instead when it was pre-trained from the same data,
+     tokenizer, initial weights and recipe (train.demo_base), unless --train-base
   5. sft-pos: LoRA on the teacher's positives, the baseline the method must beat  -> OUT/sft-pos
   6. stage neg, then stage nat: 2 processes, DeepSpeed ZeRO-3                      -> OUT/neg, OUT/nat
   7. stage score (teacher sharded, ZeRO-3), stage distill (NCE)                     -> OUT/score, OUT/distill
@@ -23,6 +25,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from train import demo_base
 from train.data.prepare import PrepareOptions, format_regime, format_stats, prepare
 from train.data.synthetic import generate
 from train.data.tokenizer import train_tokenizer
@@ -51,6 +54,16 @@ def raw_texts(raw: Path):
 def prepare_base(opts: DemoOptions, out: Path) -> dict:
     """Steps 1-4: the data splits, the tokenizer, prepare and the pre-trained base (each skipped when done);
     returns prepare's stats of the teacher rationales."""
+    stats = prepare_inputs(opts, out)
+    if read_done(out / "pretrain") is None and not opts.train_base:
+        install_shipped_base(opts, out)
+    if "shipped_from" not in (read_done(out / "pretrain") or {}).get("metrics", {}):
+        _run_stage("pretrain", opts, pretrain_overrides(opts, out), stage="sft")
+    return stats
+
+
+def prepare_inputs(opts: DemoOptions, out: Path) -> dict:
+    """Steps 1-3 and the base's initial weights; returns prepare's stats of the teacher rationales."""
     raw = out / "raw"
     if read_done(raw) is None:
         _log(f"generating {opts.questions} train, {opts.test_questions} test, {opts.valid_questions} validation "
@@ -70,17 +83,51 @@ def prepare_base(opts: DemoOptions, out: Path) -> dict:
     stats = prepare(PrepareOptions(inputs=[str(raw / "train")], output=str(prepared), workers=opts.workers,
                                    tokenizer=str(tok_dir)))
     print(format_stats(stats))
-    pre_data = out / "prepared_pretrain"
-    prepare(PrepareOptions(inputs=[str(raw / "pretrain")], output=str(pre_data), workers=opts.workers,
-                           show_progress=False))
+    prepare(PrepareOptions(inputs=[str(raw / "pretrain")], output=str(out / "prepared_pretrain"),
+                           workers=opts.workers, show_progress=False))
     base_init = out / "base_init"
     if not (base_init / "config.json").is_file():
         _log(f"building a tiny Llama from {CONFIGS / 'model.json'} -> {base_init}")
         build_tiny_model(CONFIGS / "model.json", tok_dir, base_init, seed=opts.seed)
-    _run_stage("pretrain", opts, [f"model.path={base_init}", f"data.path={pre_data}",
-                                  f"optim.epochs={opts.pretrain_epochs}", f"engine.output_dir={out / 'pretrain'}"],
-               stage="sft")
     return stats
+
+
+def pretrain_overrides(opts: DemoOptions, out: Path) -> list[str]:
+    return [f"model.path={out / 'base_init'}", f"data.path={out / 'prepared_pretrain'}",
+            f"optim.epochs={opts.pretrain_epochs}", f"engine.output_dir={out / 'pretrain'}"]
+
+
+def base_identity(opts: DemoOptions, out: Path) -> dict:
+    """What decides the base this demo pre-trains (train.demo_base.identity), from its prepared inputs."""
+    from dataclasses import asdict
+
+    from train.config import load_config
+    from train.pipeline import config_class
+
+    config = asdict(load_config(config_class("sft"), CONFIGS / "pretrain.yaml", pretrain_overrides(opts, out)))
+    return demo_base.identity(out, config, opts.nproc)
+
+
+def install_shipped_base(opts: DemoOptions, out: Path) -> bool:
+    """Install the shipped base (train.demo_base) when this demo would pre-train exactly that base; else say what
+    differs. Returns whether it was installed."""
+    base = Path(opts.base)
+    shipped = demo_base.read_shipped(base)
+    if shipped is None:
+        _log(f"no shipped base in {base}: pre-training here")
+        return False
+    changes = demo_base.identity_changes(shipped, base_identity(opts, out))
+    if changes:
+        _log(f"the base in {base} was pre-trained from or under something else ({'; '.join(changes)}): "
+             "pre-training here")
+        return False
+    demo_base.install(base, shipped, out / "pretrain")
+    m = shipped["done"]["metrics"]
+    _log(f"pretrain: installed the base shipped in {base} -> {out / 'pretrain' / 'model'}: it was pre-trained from "
+         f"this data, tokenizer and initial weights under this recipe ({m['global_step']} steps on "
+         f"{m['world_size']} ranks, {m['seconds']:.0f} s on the machine that trained it); --train-base pre-trains "
+         "it here instead")
+    return True
 
 
 def train_sft_pos(opts: DemoOptions, out: Path) -> Path:
@@ -124,7 +171,8 @@ def run_demo(opts: DemoOptions) -> dict:
     for stage in ("pretrain", "sft-pos", "neg", "nat", "distill", "ranker"):
         m = read_done(out / stage)["metrics"]
         _log(f"{stage}: {m['global_step']} steps on {m['world_size']} ranks in {m['seconds']} s, "
-             f"loss {m['first_loss']:.3f} -> {m['final_loss']:.3f}")
+             f"loss {m['first_loss']:.3f} -> {m['final_loss']:.3f}"
+             + (f" (the run that trained the base shipped in {m['shipped_from']})" if "shipped_from" in m else ""))
     beta = read_done(out / "score")["metrics"]
     _log(f"score: beta mean {beta['beta_mean']:.4f} (min {beta['beta_min']:.4f}, max {beta['beta_max']:.4f})")
     r = read_done(out / "ranker")["metrics"]
