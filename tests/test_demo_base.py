@@ -8,8 +8,9 @@ import pytest
 from train import demo_base
 from train.demo_options import SHIPPED_BASE, DemoOptions
 from train.errors import TdgError
+from train.launch import _finished
 from train.manifest import read_done
-from train.stages.demo import base_identity, prepare_base, prepare_inputs
+from train.stages.demo import CONFIGS, base_identity, prepare_base, prepare_inputs, pretrain_config, pretrain_overrides
 
 STALE = ("the shipped base is not what the default demo pre-trains now; rebuild it: tdg demo --train-base --output "
          "DIR, then python tools/publish_demo_base.py DIR")
@@ -29,6 +30,8 @@ def test_the_default_demo_installs_the_shipped_base_and_names_what_would_change_
     prepare_base(opts, out)  # installs: no pre-training stage runs (it would take 15 minutes)
     done = read_done(out / "pretrain")
     assert done["metrics"]["shipped_from"] == str(SHIPPED_BASE) and not (out / "pretrain" / "checkpoints").exists()
+    assert done["config"] == pretrain_config(opts, out)  # this demo's paths: the stage itself would skip too
+    assert _finished("sft", CONFIGS / "pretrain.yaml", pretrain_overrides(opts, out))
     for name in demo_base.MODEL_FILES:
         assert (out / "pretrain" / "model" / name).read_bytes() == (SHIPPED_BASE / name).read_bytes(), name
     prepare_base(opts, out)  # a rerun keeps the installed base
@@ -42,7 +45,7 @@ def test_the_default_demo_installs_the_shipped_base_and_names_what_would_change_
     data[-1] ^= 0xFF
     (damaged / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(TdgError, match="model.safetensors: its weights differ from those .*base.json records"):
-        demo_base.install(damaged, shipped, tmp_path / "other" / "pretrain")
+        demo_base.install(damaged, shipped, tmp_path / "other" / "pretrain", {})
 
     # what differs is named: recipe keys and world size by value, the inputs in words
     assert demo_base.identity_changes(shipped, base_identity(DemoOptions(output=str(out), pretrain_epochs=1,

@@ -330,6 +330,39 @@ def test_a_dir_finished_by_another_stage_is_not_taken_as_done(finished, capsys):
     assert f"engine.output_dir: {finished} was finished by stage neg, not nat" in err and "Traceback" not in err
 
 
+def test_a_finished_dir_is_done_only_for_the_config_that_finished_it(finished, prepared_dir, base_model_dir,
+                                                                     zero3_partitioned, tmp_path, capsys):
+    """A rerun into a finished output dir skips only when its config is the one DONE.json recorded (where and
+    how a run is watched aside); another config is refused, naming the keys, instead of taking old results."""
+    from dataclasses import asdict
+
+    from train.cli import main as tdg
+    from train.config import EvalConfig, load_config
+    from train.launch import launch_stage
+    from train.manifest import write_done
+
+    args = _neg_args(prepared_dir, base_model_dir, finished, zero3_partitioned)
+    assert tdg(["neg", *args, "engine.save_every=0", "engine.log_every=3", "model.gradient_checkpointing=true"]) == 0
+    assert f"{finished} already has DONE.json: nothing to do" in capsys.readouterr().out
+    assert tdg(["neg", *args, "optim.lr=1e-3", f"model.path={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert f"engine.output_dir: {finished} was finished under another config (model.path: '{base_model_dir}' -> " \
+           f"'{tmp_path}'; optim.lr: 0.005 -> 0.001), so its results are not this config's" in err
+
+    # an eval of another model into a finished eval dir (the case that served a stale result), from the
+    # command line and from the launcher tdg demo and tdg ablation use
+    out = tmp_path / "eval"
+    out.mkdir()
+    overrides = ["eval.model=student-a", "eval.test=questions", f"engine.output_dir={out}"]
+    write_done(out, config=asdict(load_config(EvalConfig, "configs/tiny/eval.yaml", overrides)), inputs={},
+               metrics={}, stage="eval")
+    assert tdg(["eval", "--config", "configs/tiny/eval.yaml", *overrides, "eval.batch_questions=4"]) == 0
+    assert tdg(["eval", "--config", "configs/tiny/eval.yaml", *overrides, "eval.model=student-b"]) == 2
+    assert "eval.model: 'student-a' -> 'student-b'" in capsys.readouterr().err
+    with pytest.raises(TdgError, match=r"eval.temperature: 0.3 -> 0.7"):
+        launch_stage("eval", "configs/tiny/eval.yaml", [*overrides, "eval.temperature=0.7"], 1, "demo eval", "")
+
+
 def test_a_second_run_into_the_same_output_dir_is_refused(tmp_path, prepared_dir, base_model_dir):
     out = tmp_path / "shared"
     args = _neg_args(prepared_dir, base_model_dir, out, "zero2", "optim.max_steps=150", "engine.save_every=0")

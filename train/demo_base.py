@@ -91,9 +91,10 @@ def identity_changes(shipped: dict, now: dict) -> list[str]:
     return [DIGESTS.get(c.split(":")[0], c) for c in changes]
 
 
-def install(base: Path, shipped: dict, dest: Path) -> None:
+def install(base: Path, shipped: dict, dest: Path, config: dict) -> None:
     """Copy the shipped base, checked against its recorded weights, into the demo's pre-training output dir, with
-    a DONE.json that says where it came from (its metrics are those of the run that trained it)."""
+    a DONE.json of this demo's `config` (the shipped recipe with this demo's paths) that says where the base came
+    from; its metrics are those of the run that trained it."""
     if tensors_digest(base) != shipped["weights"]:
         raise TdgError(f"{base / 'model.safetensors'}: its weights differ from those {base / IDENTITY} records "
                        "(damaged or replaced); restore it (git checkout) or run tdg demo --train-base")
@@ -101,7 +102,7 @@ def install(base: Path, shipped: dict, dest: Path) -> None:
     for name in MODEL_FILES:
         shutil.copy2(base / name, dest / "model" / name)
     done = shipped["done"]
-    write_done(dest, config=done["config"], inputs=done["inputs"],
+    write_done(dest, config=config, inputs=done["inputs"],
                metrics={**done["metrics"], "model": str(dest / "model"), "shipped_from": str(base)},
                stage=done["stage"])
 

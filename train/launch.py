@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from train.engine.distributed import free_port
@@ -53,7 +54,7 @@ def _finished(stage: str, config: str | Path, overrides: list[str]) -> bool:
     from train.stages.common import already_done
 
     cfg = configs.load_config(getattr(configs, STAGES[stage][2]), config, overrides)
-    return already_done(stage, Path(cfg.engine.output_dir))
+    return already_done(stage, Path(cfg.engine.output_dir), asdict(cfg))
 
 
 def _run_forwarding_stop(cmd: list[str], env: dict[str, str], to_torchrun: bool) -> tuple[int, bool]:

@@ -83,6 +83,34 @@ def trained_on_other_weights(stage_dir: str | Path, model_dir: str | Path) -> bo
     return bool(trained_on) and Path(model_dir).is_dir() and trained_on != weights_fingerprint(model_dir)
 
 
+# keys that say where a run writes, how it is watched, or how fast it runs or generates: a finished output is still
+# this config's when only they differ (a requeued job on another node may well pick another backend or kernel)
+HOW_NOT_WHAT = ("engine.output_dir", "engine.ds_config", "engine.save_every", "engine.keep_last", "engine.log_every",
+                "engine.peak_tflops", "engine.progress", "engine.dist_timeout_minutes", "engine.resume_changed_config",
+                "engine.report_to", "engine.attn_implementation", "model.gradient_checkpointing",
+                "model.loss_chunk_tokens", "model.attn_implementation", "eval.batch_questions", "eval.max_batch_tokens",
+                "eval.backend", "eval.server", "eval.vllm", "sample.batch_questions", "sample.max_batch_tokens",
+                "sample.backend", "sample.server", "sample.vllm", "score.shard_size", "score.restart")
+
+
+def finished_config_changes(recorded: dict, now: dict, prefix: str = "") -> list[str]:
+    """What differs between the config a finished output recorded and the config now asking for it, as
+    'key: recorded -> now'; HOW_NOT_WHAT keys are left out, and so are hub ids now (the output recorded the
+    cached snapshot dir they resolved to)."""
+    from train.models.hub import is_hub_id
+
+    changes = []
+    for key in sorted(set(recorded) | set(now)):
+        dotted, a, b = prefix + key, recorded.get(key), now.get(key)
+        if dotted in HOW_NOT_WHAT or (isinstance(b, str) and b and is_hub_id(b)):
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += finished_config_changes(a, b, f"{dotted}.")
+        elif a != b:
+            changes.append(f"{dotted}: {a!r} -> {b!r}")
+    return changes
+
+
 def write_done(out_dir: str | Path, config: Any, inputs: dict[str, str], metrics: dict, stage: str) -> Path:
     """Write DONE.json atomically (temp + fsync + rename) so a crash never leaves a half manifest."""
     out = Path(out_dir)

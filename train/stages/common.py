@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from train.engine.ds_config import build_ds_config, effective_optim
 from train.engine.loggers import check_available
 from train.engine.loop import TrainTask, run_training
 from train.errors import ConfigError, InputError
-from train.manifest import prepared_digest, read_done, weights_fingerprint
+from train.manifest import finished_config_changes, prepared_digest, read_done, weights_fingerprint
 from train.models.hub import resolve_model_ref
 from train.models.loading import check_model_dir, tokenizer_dir
 
@@ -197,16 +198,22 @@ def collate_with_values(data: TokenizedSet, values: np.ndarray, key: str, pad_id
     return collate_fn
 
 
-def already_done(name: str, out: Path) -> bool:
-    """True if `out` has this stage's DONE.json (said once, by the launcher's rank 0: no process group exists
-    yet). Another stage's DONE.json is an error naming both: `nat` pointed at a finished `neg` dir exited 0
-    with nothing written."""
+def already_done(name: str, out: Path, config: dict | None = None) -> bool:
+    """True if `out` has this stage's DONE.json, written under `config` (said once, by the launcher's rank 0: no
+    process group exists yet). Another stage's DONE.json, or one written under another config (other than in
+    HOW_NOT_WHAT keys), is an error naming what differs: `nat` pointed at a finished `neg` dir, or an eval of
+    another model into a finished eval dir, would otherwise exit 0 with the old results."""
     done = read_done(out)
     if done is None:
         return False
     if done.get("stage", name) != name:
         raise ConfigError(f"engine.output_dir: {out} was finished by stage {done['stage']}, not {name} "
                           f"({out / 'DONE.json'}); give stage {name} its own output dir")
+    changes = finished_config_changes(done.get("config") or {}, config) if config is not None else []
+    if changes:
+        raise ConfigError(f"engine.output_dir: {out} was finished under another config ({'; '.join(changes)}), so its "
+                          f"results are not this config's; give this run its own engine.output_dir, or delete {out} "
+                          "to run it again")
     if dist_.launch_rank() == 0:
         print(f"[{name}] {out} already has DONE.json: nothing to do", flush=True)
     return True
@@ -216,7 +223,7 @@ def run_stage(name: str, cfg: TrainStageConfig, build: Callable[[TrainStageConfi
               extra_inputs: dict[str, str] | None = None) -> int:
     """Skip if DONE.json exists; otherwise set up distributed, build the task, train. Returns exit code."""
     out = Path(cfg.engine.output_dir)
-    if already_done(name, out):
+    if already_done(name, out, asdict(cfg)):
         return 0
     # hub ids become their cached snapshot dirs here, so config.yaml records the exact revision trained on
     cfg.model.path = resolve_model_ref(cfg.model.path, "model.path")

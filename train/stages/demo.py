@@ -97,15 +97,19 @@ def pretrain_overrides(opts: DemoOptions, out: Path) -> list[str]:
             f"optim.epochs={opts.pretrain_epochs}", f"engine.output_dir={out / 'pretrain'}"]
 
 
-def base_identity(opts: DemoOptions, out: Path) -> dict:
-    """What decides the base this demo pre-trains (train.demo_base.identity), from its prepared inputs."""
+def pretrain_config(opts: DemoOptions, out: Path) -> dict:
+    """The config the demo's pre-training stage runs under."""
     from dataclasses import asdict
 
     from train.config import load_config
     from train.pipeline import config_class
 
-    config = asdict(load_config(config_class("sft"), CONFIGS / "pretrain.yaml", pretrain_overrides(opts, out)))
-    return demo_base.identity(out, config, opts.nproc)
+    return asdict(load_config(config_class("sft"), CONFIGS / "pretrain.yaml", pretrain_overrides(opts, out)))
+
+
+def base_identity(opts: DemoOptions, out: Path) -> dict:
+    """What decides the base this demo pre-trains (train.demo_base.identity), from its prepared inputs."""
+    return demo_base.identity(out, pretrain_config(opts, out), opts.nproc)
 
 
 def install_shipped_base(opts: DemoOptions, out: Path) -> bool:
@@ -121,7 +125,7 @@ def install_shipped_base(opts: DemoOptions, out: Path) -> bool:
         _log(f"the base in {base} was pre-trained from or under something else ({'; '.join(changes)}): "
              "pre-training here")
         return False
-    demo_base.install(base, shipped, out / "pretrain")
+    demo_base.install(base, shipped, out / "pretrain", pretrain_config(opts, out))
     m = shipped["done"]["metrics"]
     _log(f"pretrain: installed the base shipped in {base} -> {out / 'pretrain' / 'model'}: it was pre-trained from "
          f"this data, tokenizer and initial weights under this recipe ({m['global_step']} steps on "

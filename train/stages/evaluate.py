@@ -196,7 +196,7 @@ def main(cfg: EvalConfig) -> int:
     from train.models.reward import load_ranker, read_ranker_spec
 
     out = Path(cfg.engine.output_dir)
-    if already_done("eval", out):
+    if already_done("eval", out, asdict(cfg)):
         return 0
     # every input is checked before any directory is created or model loaded
     repeats: Counter = Counter()

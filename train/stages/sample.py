@@ -112,7 +112,7 @@ def _seed(seed: int, qid: str) -> int:
 
 def main(cfg: SampleConfig) -> int:
     out = Path(cfg.engine.output_dir)
-    if already_done("sample", out):
+    if already_done("sample", out, asdict(cfg)):
         return 0
     s = cfg.sample
     repeats: Counter = Counter()

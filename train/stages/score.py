@@ -242,7 +242,7 @@ def plan_shards(lengths: np.ndarray, shard_size: int, max_tokens: int) -> list[l
 def main(cfg: ScoreConfig) -> int:
     out = Path(cfg.engine.output_dir)
     nat_dir = Path(cfg.score.nat_dir)
-    if already_done("score", out):
+    if already_done("score", out, asdict(cfg)):
         return 0
     check_stage_output(nat_dir, "score.nat_dir", ("nat",), required=False)  # nat.json is checked next
     if not (nat_dir / NAT_JSON).is_file():
