@@ -22,20 +22,11 @@ from pathlib import Path
 
 from train.engine.checkpoint import recipe_changes, recipe_of
 from train.errors import TdgError
-from train.manifest import file_digest, read_done, write_done
+from train.manifest import dir_digest, read_done, write_done
 
 IDENTITY = "base.json"
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                "tokenizer_config.json")
-
-
-def files_digest(root: Path) -> str:
-    """Every file under `root` by relative path and content."""
-    h = hashlib.sha256()
-    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.name != "DONE.json"):
-        h.update(f.relative_to(root).as_posix().encode())
-        h.update(file_digest(f).encode())
-    return h.hexdigest()
 
 
 def vocab_digest(tokenizer_dir: Path) -> str:
@@ -62,7 +53,7 @@ def tensors_digest(model_dir: Path) -> str:
 
 def identity(demo_out: Path, config: dict, world_size: int) -> dict:
     """What decides the base a demo dir pre-trains: its data, tokenizer, initial weights, recipe and ranks."""
-    return {"pretrain_data": files_digest(demo_out / "raw" / "pretrain"),
+    return {"pretrain_data": dir_digest(demo_out / "raw" / "pretrain"),
             "tokenizer_vocab": vocab_digest(demo_out / "tokenizer"),
             "initial_weights": tensors_digest(demo_out / "base_init"),
             "recipe": recipe_of(config, {})["config"], "world_size": world_size}
