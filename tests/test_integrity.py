@@ -216,6 +216,26 @@ def test_every_setting_outside_the_recipe_exists_and_every_other_one_is_guarded(
             assert (diff == []) == (f"{section}.{name}" in RECIPE_EXCLUDED), f"{section}.{name}"
 
 
+def test_every_setting_a_finished_output_may_differ_in_exists_and_every_other_one_is_compared():
+    from dataclasses import asdict
+
+    from train import config as configs
+    from train.manifest import HOW_NOT_WHAT, finished_config_changes
+    from train.stage_table import STAGES
+
+    every = [asdict(getattr(configs, spec[2])()) for spec in STAGES.values()]
+    for key in HOW_NOT_WHAT:  # a misspelt key would let nothing differ
+        section, _, name = key.partition(".")
+        assert any(name in c.get(section, {}) for c in every), key
+    for base in every:
+        for section, values in base.items():
+            for name, value in values.items():
+                changed = json.loads(json.dumps(base))
+                changed[section][name] = ["changed", value]
+                diff = finished_config_changes(base, changed)
+                assert (diff == []) == (f"{section}.{name}" in HOW_NOT_WHAT), f"{section}.{name}"
+
+
 def _catches(pid: int, sig: int) -> bool:
     """Whether process `pid` has a handler for `sig` (its SigCgt mask in /proc)."""
     try:

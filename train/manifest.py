@@ -83,12 +83,15 @@ def trained_on_other_weights(stage_dir: str | Path, model_dir: str | Path) -> bo
     return bool(trained_on) and Path(model_dir).is_dir() and trained_on != weights_fingerprint(model_dir)
 
 
-# keys that say where a run writes, how it is watched, or how fast it runs or generates: a finished output is still
-# this config's when only they differ (a requeued job on another node may well pick another backend or kernel)
-HOW_NOT_WHAT = ("engine.output_dir", "engine.ds_config", "engine.save_every", "engine.keep_last", "engine.log_every",
-                "engine.peak_tflops", "engine.progress", "engine.dist_timeout_minutes", "engine.resume_changed_config",
-                "engine.report_to", "engine.attn_implementation", "model.gradient_checkpointing",
-                "model.loss_chunk_tokens", "model.attn_implementation", "eval.batch_questions", "eval.max_batch_tokens",
+# keys that say where a run writes, how it is watched, or how it trades memory for time: neither a resumed run
+# (train.engine.checkpoint.RECIPE_EXCLUDED) nor a finished output (HOW_NOT_WHAT) must match them
+WATCH_KEYS = ("engine.output_dir", "engine.ds_config", "engine.save_every", "engine.keep_last", "engine.log_every",
+              "engine.peak_tflops", "engine.progress", "engine.dist_timeout_minutes", "engine.resume_changed_config",
+              "engine.report_to", "model.gradient_checkpointing", "model.loss_chunk_tokens",
+              "model.attn_implementation")
+# ... and for a finished output, the settings of how fast a stage generates or scores: a requeued job on another
+# node may well pick another backend, kernel or batch size
+HOW_NOT_WHAT = (*WATCH_KEYS, "engine.attn_implementation", "eval.batch_questions", "eval.max_batch_tokens",
                 "eval.backend", "eval.server", "eval.vllm", "sample.batch_questions", "sample.max_batch_tokens",
                 "sample.backend", "sample.server", "sample.vllm", "score.shard_size", "score.restart")
 

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from train.errors import TdgError
-from train.manifest import file_digest
+from train.manifest import WATCH_KEYS, file_digest
 
 COMPLETE = "COMPLETE.json"
 _TAG = re.compile(r"^step(\d+)$")
@@ -35,11 +35,7 @@ POSITION_KEYS = ("global_step", "epoch", "samples_in_epoch", "world_size", "tag"
 # Not the recipe (what changes the weights), so a resume may change them: where things are (the inputs are
 # compared by content hash), how the run is watched (logging, progress, loggers) and how the same arithmetic
 # is carried out (memory-for-time trades). Every other config key is the recipe.
-RECIPE_EXCLUDED = ("model.path", "data.path", "nat.neg_adapter", "distill.scores", "distill.nat_dir",
-                   "engine.output_dir", "engine.ds_config", "engine.save_every", "engine.keep_last",
-                   "engine.log_every", "engine.peak_tflops", "engine.progress", "engine.dist_timeout_minutes",
-                   "engine.resume_changed_config", "engine.report_to", "model.gradient_checkpointing",
-                   "model.loss_chunk_tokens", "model.attn_implementation")
+RECIPE_EXCLUDED = ("model.path", "data.path", "nat.neg_adapter", "distill.scores", "distill.nat_dir", *WATCH_KEYS)
 
 
 @dataclass
