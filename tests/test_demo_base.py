@@ -36,6 +36,8 @@ def test_the_default_demo_installs_the_shipped_base_and_names_what_would_change_
         assert (out / "pretrain" / "model" / name).read_bytes() == (SHIPPED_BASE / name).read_bytes(), name
     prepare_base(opts, out)  # a rerun keeps the installed base
     assert read_done(out / "pretrain")["finished_at"] == done["finished_at"]
+    with pytest.raises(TdgError, match=r"holds the base installed from .*, and --train-base asks to pre-train one"):
+        prepare_base(DemoOptions(output=str(out), workers=1, train_base=True), out)
     with pytest.raises(TdgError, match="installed from .* not pre-trained here"):
         demo_base.publish(out, tmp_path / "republished")
 

@@ -30,6 +30,7 @@ from train.data.prepare import PrepareOptions, format_regime, format_stats, prep
 from train.data.synthetic import generate
 from train.data.tokenizer import train_tokenizer
 from train.demo_options import DemoOptions
+from train.errors import TdgError
 from train.export import export
 from train.launch import launch_stage
 from train.manifest import read_done, write_done
@@ -57,7 +58,11 @@ def prepare_base(opts: DemoOptions, out: Path) -> dict:
     stats = prepare_inputs(opts, out)
     if read_done(out / "pretrain") is None and not opts.train_base:
         install_shipped_base(opts, out)
-    if "shipped_from" not in (read_done(out / "pretrain") or {}).get("metrics", {}):
+    shipped_from = ((read_done(out / "pretrain") or {}).get("metrics") or {}).get("shipped_from")
+    if shipped_from and opts.train_base:
+        raise TdgError(f"{out / 'pretrain'} holds the base installed from {shipped_from}, and --train-base asks to "
+                       f"pre-train one here: give it a new --output, or delete {out / 'pretrain'}")
+    if not shipped_from:
         _run_stage("pretrain", opts, pretrain_overrides(opts, out), stage="sft")
     return stats
 
