@@ -265,7 +265,8 @@ ZERO3_SHORT = ("ZeRO-3 with LoRA on 72B: the plan is 10-12% low at 256-1,024 tok
                "ZeRO-3 keeps gathered, up to stage3_max_live_parameters 1e9, and allocator fragmentation)")
 FULL_1_8B = ("a full fine-tune of Qwen-1.8B under ZeRO-3 on one GPU measured 43.5 GB flat from 256 to 2,048 tokens; "
              "the plan (DeepSpeed's 18 bytes per parameter + activations and logits) is 12-15% low up to 1,024. Not "
-             "explained yet (a candidate: the fp32 gradients of a 1e9 sub_group at the optimizer step, 4 GB)")
+             "explained yet. Ruled out by reading DeepSpeed's stage3.py: the fp32 gradients of one 1e9 sub_group at "
+             "the optimizer step (16 bytes per parameter + 4 GB is 33.4 GB, the 18 bytes per parameter planned 33.1)")
 
 
 def _published_rows():
