@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,22 +97,29 @@ HOW_NOT_WHAT = (*WATCH_KEYS, "engine.attn_implementation", "eval.batch_questions
                 "sample.backend", "sample.server", "sample.vllm", "score.shard_size", "score.restart")
 
 
-def finished_config_changes(recorded: dict, now: dict, prefix: str = "") -> list[str]:
+def config_changes(a: dict, b: dict, skip: Callable[[str, Any], bool] | None = None, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested configs, as 'key: a -> b'; `skip(key, value in b)` leaves
+    a key (and what is under it) out."""
+    changes = []
+    for key in sorted(set(a) | set(b)):
+        dotted, x, y = prefix + key, a.get(key), b.get(key)
+        if skip is not None and skip(dotted, y):
+            continue
+        if isinstance(x, dict) and isinstance(y, dict):
+            changes += config_changes(x, y, skip, f"{dotted}.")
+        elif x != y:
+            changes.append(f"{dotted}: {x!r} -> {y!r}")
+    return changes
+
+
+def finished_config_changes(recorded: dict, now: dict) -> list[str]:
     """What differs between the config a finished output recorded and the config now asking for it, as
     'key: recorded -> now'; HOW_NOT_WHAT keys are left out, and so are hub ids now (the output recorded the
     cached snapshot dir they resolved to)."""
     from train.models.hub import is_hub_id
 
-    changes = []
-    for key in sorted(set(recorded) | set(now)):
-        dotted, a, b = prefix + key, recorded.get(key), now.get(key)
-        if dotted in HOW_NOT_WHAT or (isinstance(b, str) and b and is_hub_id(b)):
-            continue
-        if isinstance(a, dict) and isinstance(b, dict):
-            changes += finished_config_changes(a, b, f"{dotted}.")
-        elif a != b:
-            changes.append(f"{dotted}: {a!r} -> {b!r}")
-    return changes
+    return config_changes(recorded, now, lambda key, value: key in HOW_NOT_WHAT or (
+        isinstance(value, str) and bool(value) and is_hub_id(value)))
 
 
 def write_done(out_dir: str | Path, config: Any, inputs: dict[str, str], metrics: dict, stage: str) -> Path:

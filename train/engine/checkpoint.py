@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from train.errors import TdgError
-from train.manifest import WATCH_KEYS, file_digest
+from train.manifest import WATCH_KEYS, config_changes, file_digest
 
 COMPLETE = "COMPLETE.json"
 _TAG = re.compile(r"^step(\d+)$")
@@ -144,16 +144,9 @@ def recipe_of(config: dict, inputs: dict[str, str]) -> dict:
     return {"config": recipe, "inputs": inputs}
 
 
-def recipe_changes(saved: dict, now: dict, prefix: str = "") -> list[str]:
+def recipe_changes(saved: dict, now: dict) -> list[str]:
     """Dotted keys whose values differ between two recipes, as 'key: saved -> now'."""
-    changes = []
-    for key in sorted(set(saved) | set(now)):
-        a, b = saved.get(key), now.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changes += recipe_changes(a, b, f"{prefix}{key}.")
-        elif a != b:
-            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return changes
+    return config_changes(saved, now)
 
 
 def prune(root: Path, keep_last: int) -> None:

@@ -125,12 +125,13 @@ def install_shipped_base(opts: DemoOptions, out: Path) -> bool:
     if shipped is None:
         _log(f"no shipped base in {base}: pre-training here")
         return False
-    changes = demo_base.identity_changes(shipped, base_identity(opts, out))
+    config = pretrain_config(opts, out)
+    changes = demo_base.identity_changes(shipped, demo_base.identity(out, config, opts.nproc))
     if changes:
         _log(f"the base in {base} was pre-trained from or under something else ({'; '.join(changes)}): "
              "pre-training here")
         return False
-    demo_base.install(base, shipped, out / "pretrain", pretrain_config(opts, out))
+    demo_base.install(base, shipped, out / "pretrain", config)
     m = shipped["done"]["metrics"]
     _log(f"pretrain: installed the base shipped in {base} -> {out / 'pretrain' / 'model'}: it was pre-trained from "
          f"this data, tokenizer and initial weights under this recipe ({m['global_step']} steps on "
