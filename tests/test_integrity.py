@@ -330,6 +330,23 @@ def test_plan_export_and_score_without_zero_need_no_compiler(finished, teacher, 
     assert (tmp_path / "merged" / "config.json").is_file() and (tmp_path / "score" / "DONE.json").is_file()
 
 
+def test_the_demo_starts_the_op_build_in_the_background_only_where_none_is_built(monkeypatch, tmp_path):
+    """`tdg demo` overlaps the op's build with its data; the builder process runs the guarded build (here it
+    finds no compiler and exits cleanly, leaving the stages to report it), and is not started once an op is
+    built."""
+    from train.engine.op_build import build_in_background
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "/bin/false")
+    monkeypatch.setenv("CC", "/bin/false")
+    builder = build_in_background()
+    assert builder is not None and builder.wait(timeout=120) == 0
+    assert not list(tmp_path.glob("*/*.so")) and not list(tmp_path.glob("*/lock"))
+    (tmp_path / "deepspeed_shm_comm").mkdir(exist_ok=True)
+    (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
+    assert build_in_background() is None
+
+
 def test_jit_ops_build_in_a_dir_of_their_own_environment(monkeypatch):
     from train.engine.op_build import extensions_root
 

@@ -2,7 +2,8 @@
 
 Prompts are built by `train.data.dataset.prompt_ids` with the model's prompt (template, format,
 system prompt), the function and prompt the training stages used, so a model is asked exactly the way it was
-trained. Prompts are left-padded for `generate`.
+trained. Prompts are left-padded and decoded by `train.decoding.decode`: `generate`'s tokens, without the
+forward passes of rows that have ended.
 """
 
 from __future__ import annotations
@@ -140,35 +141,34 @@ def rows_per_call(budget_tokens: int, prompt_tokens: int, max_new_tokens: int) -
 def generate_rationales(model, tok, questions: list[str], prompt, n: int, temperature: float, top_p: float,
                         max_new_tokens: int, seed: int, device: torch.device,
                         budget_tokens: int = 1 << 62, greedy: bool = True) -> Generated:
-    """One greedy rationale and n sampled ones per question, prompted through `prompt` (a Prompt), in as many generate
+    """One greedy rationale and n sampled ones per question, prompted through `prompt` (a Prompt), in as many decode
     calls as the KV-cache budget needs: the greedy rows and the question x n sampled rows are each cut into
     chunks of `rows_per_call` sequences (greedy results do not depend on the chunking)."""
     from train.data.dataset import prompt_ids
+    from train.decoding import decode
 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     ids, mask = left_pad(prompt_ids(tok, questions, prompt), pad)
     ids, mask = ids.to(device), mask.to(device)
     width = ids.shape[1]
     rows = rows_per_call(budget_tokens, width, max_new_tokens)
-    common = {"max_new_tokens": max_new_tokens, "pad_token_id": pad, "eos_token_id": tok.eos_token_id,
-              "use_cache": True}
 
     def chunked(row_ids: torch.Tensor, row_mask: torch.Tensor, **kw) -> torch.Tensor:
-        outs = [model.generate(row_ids[i:i + rows], attention_mask=row_mask[i:i + rows], **common, **kw)[:, width:]
+        outs = [decode(model, row_ids[i:i + rows], row_mask[i:i + rows], max_new_tokens, tok.eos_token_id, pad, **kw)
                 for i in range(0, len(row_ids), rows)]
         longest = max(o.shape[1] for o in outs)  # calls stop at their own longest generation
         return torch.cat([F.pad(o, (0, longest - o.shape[1]), value=pad) for o in outs])
 
     greedy_text, greedy_ended = [""] * len(questions), [True] * len(questions)  # greedy=False: tdg sample
     if greedy:
-        greedy_ids = chunked(ids, mask, do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None)
+        greedy_ids = chunked(ids, mask)
         greedy_text = tok.batch_decode(greedy_ids, skip_special_tokens=True)
         greedy_ended = (greedy_ids == tok.eos_token_id).any(-1).tolist()
     if n == 0:  # greedy only (eval.n=0)
         return Generated(greedy_text, [[] for _ in questions], [[] for _ in questions], greedy_finished=greedy_ended)
     torch.manual_seed(seed)
-    sampled = chunked(ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), do_sample=True,
-                      temperature=temperature, top_p=top_p, top_k=0)
+    sampled = chunked(ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), sample=True,
+                      temperature=temperature, top_p=top_p)
     sampled_text = tok.batch_decode(sampled, skip_special_tokens=True)
     ended = (sampled == tok.eos_token_id).any(-1).tolist()
     return Generated(greedy_text, [sampled_text[i * n:(i + 1) * n] for i in range(len(questions))],

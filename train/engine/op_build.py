@@ -6,6 +6,7 @@ preemption, OOM) leaves it behind, and every later start waits on it forever wit
 (DeepSpeedExamples#302, transformers#26015). Here the build runs under an flock in the extensions dir, so
 the flock's holder is the only live builder: a `lock` file it finds was left by a killed build, and is
 removed and named. Where the op cannot be built (no C++ compiler), collectives run on plain gloo.
+`tdg demo` starts the build in the background while it writes its data, so its first stage finds it built.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -60,3 +62,14 @@ def build_cpu_comm_op(announce: bool = True) -> bool:
                       "collectives run on plain gloo, slower on one node (install a C++ compiler and ninja to "
                       "build it)", file=sys.stderr, flush=True)
             return False
+
+
+def build_in_background() -> subprocess.Popen | None:
+    """Start building the op in a process of its own, to overlap the caller's single-core work (the demo's data
+    and tokenizer): the stages' processes then wait on its flock instead of building. None when an op is
+    already built here. A build that fails here is tried again, and reported, by the stages."""
+    if any(extensions_root().glob("*/*.so")):
+        return None
+    return subprocess.Popen([sys.executable, "-c", "from train.engine.op_build import build_cpu_comm_op as b; "
+                             "b(announce=False)"], env={**os.environ, "DS_ACCELERATOR": "cpu"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

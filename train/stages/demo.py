@@ -30,6 +30,7 @@ from train.data.prepare import PrepareOptions, format_regime, format_stats, prep
 from train.data.synthetic import generate
 from train.data.tokenizer import train_tokenizer
 from train.demo_options import DemoOptions
+from train.engine.op_build import build_in_background
 from train.errors import TdgError
 from train.export import export
 from train.launch import launch_stage
@@ -160,6 +161,7 @@ def run_demo(opts: DemoOptions) -> dict:
     from train.ablation import compare, results_table
 
     out = Path(opts.output)
+    builder = build_in_background()
     stats = prepare_base(opts, out)
     base = out / "pretrain" / "model"
     prepared = out / "prepared"
@@ -202,6 +204,8 @@ def run_demo(opts: DemoOptions) -> dict:
     if opts.ablation:
         run_demo_ablation(opts, out)
     _log(f"done: {out}  (TensorBoard: tensorboard --logdir {out})")
+    if builder is not None:
+        builder.wait()  # long finished: the first stage waited for it
     return stats
 
 
