@@ -8,8 +8,11 @@ same float32 logits, and for sampling the same `torch.multinomial` call on a ful
 tensor (ended rows get a placeholder distribution), so every live row receives the random numbers
 it would have received in `generate`. Rows do not interact in a decoder's forward pass, so the
 tokens match `generate`'s as long as the device's kernels give a row the same result whatever the
-batch size; tests/test_decoding.py checks that on this machine. A model whose forward does not take
-the inputs this needs (some remote-code models) is decoded by `generate` itself.
+batch size; tests/test_decoding.py checks that on this machine. `decode` applies the caller's sampling
+settings only (temperature, top-p, no top-k): a model's generation_config.json (a hub model's repetition
+penalty, say) is not applied, as eval's config must say everything its results depend on. A model whose
+forward does not take the inputs this needs (some remote-code models) is decoded by `generate` itself,
+which reads that file as it always does.
 """
 
 from __future__ import annotations
