@@ -201,7 +201,8 @@ def test_every_setting_outside_the_recipe_exists_and_every_other_one_is_guarded(
     from dataclasses import asdict
 
     from train.config import DistillConfig, NatConfig
-    from train.engine.checkpoint import RECIPE_EXCLUDED, recipe_changes, recipe_of
+    from train.engine.checkpoint import RECIPE_EXCLUDED, recipe_of
+    from train.manifest import config_changes
 
     configs = [asdict(NatConfig()), asdict(DistillConfig())]
     for key in RECIPE_EXCLUDED:  # a misspelt key would guard nothing
@@ -212,7 +213,7 @@ def test_every_setting_outside_the_recipe_exists_and_every_other_one_is_guarded(
         for name, value in values.items():
             changed = json.loads(json.dumps(base))
             changed[section][name] = [value, "changed"] if not isinstance(value, list) else [*value, "changed"]
-            diff = recipe_changes(recipe_of(base, {})["config"], recipe_of(changed, {})["config"])
+            diff = config_changes(recipe_of(base, {})["config"], recipe_of(changed, {})["config"])
             assert (diff == []) == (f"{section}.{name}" in RECIPE_EXCLUDED), f"{section}.{name}"
 
 

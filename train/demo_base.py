@@ -20,9 +20,9 @@ import json
 import shutil
 from pathlib import Path
 
-from train.engine.checkpoint import recipe_changes, recipe_of
+from train.engine.checkpoint import recipe_of
 from train.errors import TdgError
-from train.manifest import dir_digest, read_done, write_done
+from train.manifest import config_changes, dir_digest, read_done, write_done
 
 IDENTITY = "base.json"
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -78,7 +78,7 @@ DIGESTS = {"pretrain_data": "the pre-training data (raw/pretrain) differs",
 def identity_changes(shipped: dict, now: dict) -> list[str]:
     """What differs between the shipped base's identity and this demo's: the digests in words, the recipe and
     world size as 'key: shipped -> now'."""
-    changes = recipe_changes(shipped["identity"], now)
+    changes = config_changes(shipped["identity"], now)
     return [DIGESTS.get(c.split(":")[0], c) for c in changes]
 
 

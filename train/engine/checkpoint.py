@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from train.errors import TdgError
-from train.manifest import WATCH_KEYS, config_changes, file_digest
+from train.manifest import WATCH_KEYS, file_digest
 
 COMPLETE = "COMPLETE.json"
 _TAG = re.compile(r"^step(\d+)$")
@@ -142,11 +142,6 @@ def recipe_of(config: dict, inputs: dict[str, str]) -> dict:
         section, _, name = key.partition(".")
         recipe.get(section, {}).pop(name, None)
     return {"config": recipe, "inputs": inputs}
-
-
-def recipe_changes(saved: dict, now: dict) -> list[str]:
-    """Dotted keys whose values differ between two recipes, as 'key: saved -> now'."""
-    return config_changes(saved, now)
 
 
 def prune(root: Path, keep_last: int) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from train.engine import checkpoint as ckpt
 from train.engine import distributed as dist_
 from train.errors import TdgError
+from train.manifest import config_changes
 
 
 def next_intact(candidates, root: Path, name: str) -> ckpt.Position | None:
@@ -58,8 +59,8 @@ def recipe_changes(root: Path, resume: ckpt.Position | None, recipe: dict, cfg, 
     saved = (ckpt.read_record(root / resume.tag) or {}).get("recipe") or {}
     # inputs are compared where both recorded them (an older version recorded others, by path)
     common = set(saved.get("inputs") or {}) & set(recipe.get("inputs") or {})
-    changes = ckpt.recipe_changes({**saved, "inputs": {k: saved["inputs"][k] for k in common}},
-                                  {**recipe, "inputs": {k: recipe["inputs"][k] for k in common}}) if saved else []
+    changes = config_changes({**saved, "inputs": {k: saved["inputs"][k] for k in common}},
+                             {**recipe, "inputs": {k: recipe["inputs"][k] for k in common}}) if saved else []
     changes = [INPUT_NAMES.get(c.split(":")[0], c.split(":")[0]) + ":" + c.split(":", 1)[1] for c in changes]
     if changes and not cfg.engine.resume_changed_config:
         raise TdgError(f"{root / resume.tag} was trained under another config: {'; '.join(changes)}. Resuming "

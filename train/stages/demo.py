@@ -113,9 +113,10 @@ def pretrain_config(opts: DemoOptions, out: Path) -> dict:
     return asdict(load_config(config_class("sft"), CONFIGS / "pretrain.yaml", pretrain_overrides(opts, out)))
 
 
-def base_identity(opts: DemoOptions, out: Path) -> dict:
-    """What decides the base this demo pre-trains (train.demo_base.identity), from its prepared inputs."""
-    return demo_base.identity(out, pretrain_config(opts, out), opts.nproc)
+def base_identity(opts: DemoOptions, out: Path, config: dict | None = None) -> dict:
+    """What decides the base this demo pre-trains (train.demo_base.identity), from its prepared inputs and its
+    pre-training config (`config`: pretrain_config's, where the caller has loaded it)."""
+    return demo_base.identity(out, config or pretrain_config(opts, out), opts.nproc)
 
 
 def install_shipped_base(opts: DemoOptions, out: Path) -> bool:
@@ -127,7 +128,7 @@ def install_shipped_base(opts: DemoOptions, out: Path) -> bool:
         _log(f"no shipped base in {base}: pre-training here")
         return False
     config = pretrain_config(opts, out)
-    changes = demo_base.identity_changes(shipped, demo_base.identity(out, config, opts.nproc))
+    changes = demo_base.identity_changes(shipped, base_identity(opts, out, config))
     if changes:
         _log(f"the base in {base} was pre-trained from or under something else ({'; '.join(changes)}): "
              "pre-training here")
