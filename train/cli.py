@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import NoReturn
 
 from train.data.prompt import DEFAULT_TEMPLATE
 from train.demo_options import SHIPPED_BASE, DemoOptions
@@ -417,12 +418,14 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def entry() -> int:
-    """The `tdg` command: a stage's process catches stop signals from the start (as `python -m train` does)."""
+def entry() -> NoReturn:
+    """The `tdg` command: a stage's process catches stop signals from the start and ends without interpreter
+    finalisation, as `python -m train` does (train.engine.process_exit says why)."""
+    from train.engine.process_exit import run_then_exit
     from train.engine.signals import catch_stop_signals
 
     catch_stop_signals(sys.argv)
-    return main()
+    run_then_exit(main)
 
 
 def main(argv: list[str] | None = None) -> int:
