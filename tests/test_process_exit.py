@@ -81,3 +81,10 @@ def test_a_non_daemon_thread_finishes_before_the_process_exits(tmp_path):
     """)
     assert r.returncode == 0, r.stderr[-3000:]
     assert marker.read_text() == "done"
+
+
+def test_the_export_tool_ends_like_the_commands():
+    r = _run(f"sys.argv = ['export.py', '--help']\nimport runpy\nrunpy.run_path({str(REPO / 'tools' / 'export.py')!r}, "
+             "run_name='__main__')\n")
+    assert r.returncode == 0 and "terminate called" not in r.stderr, r.stderr[-3000:]
+    assert "usage: tdg export" in r.stdout and "atexit handler ran" in r.stdout
