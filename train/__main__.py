@@ -4,7 +4,6 @@ from train.engine.signals import catch_stop_signals
 
 catch_stop_signals(sys.argv)  # first, before torch loads: a stop while a worker starts up must not kill it
 
-from train.cli import main  # noqa: E402
-from train.engine.process_exit import run_then_exit  # noqa: E402
+from train.cli import entry  # noqa: E402
 
-run_then_exit(main)
+entry()

@@ -419,8 +419,9 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def entry() -> NoReturn:
-    """The `tdg` command: a stage's process catches stop signals from the start and ends without interpreter
-    finalisation, as `python -m train` does (train.engine.process_exit says why)."""
+    """The `tdg` and `python -m train` commands: a stage's process catches stop signals (`python -m train` from its
+    first line, before torch loads) and ends without interpreter finalisation (train.engine.process_exit says
+    why)."""
     from train.engine.process_exit import run_then_exit
     from train.engine.signals import catch_stop_signals
 
